@@ -1,0 +1,105 @@
+"""`fleetserve start | status | infer | load | unload`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from fleetserve.settings import ServerSettings
+
+
+def _start(args: argparse.Namespace) -> int:
+    from fleetserve.server.app import run
+
+    settings = ServerSettings.from_env(
+        model_repository=args.model_repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        max_message_size=args.max_message_size,
+        log_level=args.log_level,
+    )
+    return run(settings)
+
+
+def _client(args: argparse.Namespace):
+    import httpx
+
+    return httpx.Client(base_url=args.url, timeout=args.timeout)
+
+
+def _print_or_fail(response) -> int:
+    try:
+        document = response.json()
+    except ValueError:
+        document = {"error": response.text}
+    print(json.dumps(document, indent=2))
+    return 0 if response.is_success else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        ready = client.get("/v2/health/ready")
+        print(f"server: {'ready' if ready.is_success else 'not ready'} at {args.url}")
+        index = client.post("/v2/repository/index").json()
+    width = max((len(entry["name"]) for entry in index), default=4)
+    for entry in index:
+        version = entry.get("version", "-")
+        reason = f"  {entry['reason']}" if entry.get("reason") else ""
+        print(f"{entry['name']:<{width}}  {version:>4}  {entry['state']:<11}{reason}")
+    return 0 if ready.is_success else 1
+
+
+def _infer(args: argparse.Namespace) -> int:
+    body = sys.stdin.read() if args.data == "-" else args.data
+    path = f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "") + "/infer"
+    with _client(args) as client:
+        return _print_or_fail(client.post(path, content=body, headers={"Content-Type": "application/json"}))
+
+
+def _repository(action: str):
+    def command(args: argparse.Namespace) -> int:
+        with _client(args) as client:
+            return _print_or_fail(client.post(f"/v2/repository/models/{args.model}/{action}"))
+
+    return command
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleetserve", description="A multi-model V2 inference server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    start = commands.add_parser("start", help="serve every model in a repository folder")
+    start.add_argument("model_repository", nargs="?", default=os.environ.get("FLEETSERVE_MODEL_REPOSITORY"))
+    start.add_argument("--host", help="address to bind (default 127.0.0.1; FLEETSERVE_HOST)")
+    start.add_argument("--http-port", type=int, help="REST port (default 8080; FLEETSERVE_HTTP_PORT)")
+    start.add_argument("--grpc-port", type=int, help="gRPC port (default 8081; FLEETSERVE_GRPC_PORT)")
+    start.add_argument("--metrics-port", type=int, help="Prometheus port (default 8082; FLEETSERVE_METRICS_PORT)")
+    start.add_argument("--max-message-size", type=int, help="largest request in bytes (FLEETSERVE_MAX_MESSAGE_SIZE)")
+    start.add_argument("--log-level", help="debug, info, warning, error (FLEETSERVE_LOG_LEVEL)")
+    start.set_defaults(run=_start)
+
+    def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--url", default=os.environ.get("FLEETSERVE_URL", "http://127.0.0.1:8080"))
+        sub.add_argument("--timeout", type=float, default=60.0)
+        sub.set_defaults(run=run)
+        return sub
+
+    client_command("status", "show server readiness and every model's state", _status)
+    infer = client_command("infer", "send a V2 JSON inference request", _infer)
+    infer.add_argument("model")
+    infer.add_argument("data", help="the JSON request body, or - to read it from stdin")
+    infer.add_argument("--version")
+    for action in ("load", "unload"):
+        client_command(action, f"{action} a model through the repository API", _repository(action)).add_argument("model")
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Content-type codecs: how a runtime sees a tensor, and how its Python values become tensors.
+
+Per tensor (`parameters.content_type`): `np` (the array as is), `str` (UTF-8 strings),
+`base64` (bytes sent as base64 text), `datetime` (ISO 8601). Per request: `pd` (a pandas
+DataFrame, one column per input). The wire format itself is handled in `codecs.numpy`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from fleetserve.errors import InvalidInput
+from fleetserve.types import InferenceRequest, Tensor, datatype_of
+
+TENSOR_CONTENT_TYPES = ("np", "str", "base64", "datetime")
+REQUEST_CONTENT_TYPES = ("np", "str", "pd")
+
+
+def _text(tensor: Tensor) -> list[str]:
+    try:
+        return [item.decode() if isinstance(item, bytes) else str(item) for item in tensor.data.flat]
+    except UnicodeDecodeError as error:
+        raise InvalidInput(f"tensor '{tensor.name}' holds invalid UTF-8 where text is needed: {error}") from None
+
+
+def decode_tensor(tensor: Tensor, default: str = "np") -> Any:
+    """The tensor as its content type asks: array, list of str, list of bytes or datetimes."""
+    content_type = tensor.content_type or default
+    if content_type == "np":
+        return tensor.data
+    if content_type == "str":
+        return _text(tensor)
+    if content_type == "base64":
+        try:
+            return [base64.b64decode(item, validate=True) for item in tensor.data.flat]
+        except (binascii.Error, ValueError, TypeError):
+            raise InvalidInput(f"tensor '{tensor.name}' is not valid base64") from None
+    if content_type == "datetime":
+        try:
+            return [datetime.fromisoformat(text) for text in _text(tensor)]
+        except ValueError as error:
+            raise InvalidInput(f"tensor '{tensor.name}': {error}") from None
+    raise InvalidInput(
+        f"tensor '{tensor.name}': unknown content_type '{content_type}'; expected one of {TENSOR_CONTENT_TYPES}"
+    )
+
+
+def encode_tensor(name: str, value: Any, content_type: str | None = None) -> Tensor:
+    """A response tensor from an array, a list of str/bytes/datetime, or a pandas Series."""
+    if hasattr(value, "to_numpy") and not isinstance(value, np.ndarray):
+        value = value.to_numpy()
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "OSU":
+        return Tensor(name, value.shape, datatype_of(value), value, {"content_type": content_type or "np"})
+    items = list(value.flat) if isinstance(value, np.ndarray) else list(value)
+    if content_type is None:
+        content_type = _guess_content_type(items)
+    if content_type == "base64":
+        items = [base64.b64encode(item) for item in items]
+    elif content_type == "datetime":
+        items = [item.isoformat().encode() for item in items]
+    else:
+        items = [item if isinstance(item, bytes) else str(item).encode() for item in items]
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    shape = value.shape if isinstance(value, np.ndarray) else (len(items),)
+    return Tensor(name, shape, "BYTES", array.reshape(shape), {"content_type": content_type})
+
+
+def _guess_content_type(items: list) -> str:
+    if items and all(isinstance(item, datetime) for item in items):
+        return "datetime"
+    if items and all(isinstance(item, bytes) for item in items):
+        return "base64"
+    return "str"
+
+
+def decode_request(request: InferenceRequest, default: str = "np") -> Any:
+    """The whole request as one value: a DataFrame (`pd`), one input's value, or a dict of them."""
+    content_type = request.content_type or default
+    if content_type == "pd":
+        return to_dataframe(request)
+    if content_type not in REQUEST_CONTENT_TYPES:
+        raise InvalidInput(f"unknown request content_type '{content_type}'; expected one of {REQUEST_CONTENT_TYPES}")
+    if len(request.inputs) == 1:
+        return decode_tensor(request.inputs[0], content_type)
+    return {tensor.name: decode_tensor(tensor, content_type) for tensor in request.inputs}
+
+
+def to_dataframe(request: InferenceRequest):
+    import pandas as pd
+
+    columns = {}
+    for tensor in request.inputs:
+        value = decode_tensor(tensor, "str" if tensor.datatype == "BYTES" else "np")
+        if isinstance(value, np.ndarray) and value.ndim > 1:
+            value = list(value)  # one row per first-dimension entry
+        columns[tensor.name] = value
+    try:
+        return pd.DataFrame(columns)
+    except ValueError as error:
+        raise InvalidInput(f"inputs do not form a table: {error}") from None
+
+
+def encode_dataframe(frame) -> list[Tensor]:
+    """One output per column, as MLServer's pandas codec returns them."""
+    outputs = []
+    for column in frame.columns:
+        values = frame[column].to_numpy()
+        tensor = encode_tensor(str(column), values)
+        outputs.append(tensor)
+    return outputs

@@ -1,0 +1,159 @@
+"""Wire data <-> numpy arrays: JSON lists, raw little-endian buffers, length-prefixed BYTES.
+
+Both front doors (REST JSON, REST binary, gRPC typed and raw contents) decode through here, so
+every tensor is checked the same way: datatype known, element count equal to the shape, no
+strings where numbers belong, values inside the datatype's range.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+
+from fleetserve.errors import InvalidInput
+from fleetserve.types import check_datatype, check_shape
+
+# The JSON value kinds each datatype accepts ("b" bool, "i"/"u" integer, "f" float).
+_ACCEPTED_KINDS = {"BOOL": "bi", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
+_INTEGER_KINDS = "iu"
+
+
+def element_count(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def array_from_json(data: Any, datatype: str, shape: Any, name: str) -> np.ndarray:
+    """A JSON `data` value (flat or nested) as an array of the declared datatype and shape."""
+    dtype = check_datatype(datatype, name)
+    shape = check_shape(shape, name)
+    if not isinstance(data, list):
+        data = [data]
+    if datatype == "BYTES":
+        return _bytes_from_json(data, shape, name)
+    try:
+        parsed = np.array(data)
+    except ValueError:
+        raise InvalidInput(f"tensor '{name}': data is ragged; nested lists must be rectangular") from None
+    if parsed.size != element_count(shape):
+        raise InvalidInput(
+            f"tensor '{name}': shape {list(shape)} needs {element_count(shape)} elements, data has {parsed.size}"
+        )
+    if parsed.size and parsed.dtype.kind not in _ACCEPTED_KINDS.get(datatype, _INTEGER_KINDS):
+        raise InvalidInput(f"tensor '{name}': {datatype} data must be {_kind_words(datatype)}, got {_sample(data)}")
+    if dtype.kind in _INTEGER_KINDS and parsed.size:
+        info = np.iinfo(dtype)
+        if parsed.min() < info.min or parsed.max() > info.max:
+            raise InvalidInput(f"tensor '{name}': a value is out of range for {datatype}")
+    return parsed.astype(dtype, copy=False).reshape(shape)
+
+
+def _bytes_from_json(data: list, shape: tuple[int, ...], name: str) -> np.ndarray:
+    flat = _flatten(data)
+    if len(flat) != element_count(shape):
+        raise InvalidInput(
+            f"tensor '{name}': shape {list(shape)} needs {element_count(shape)} elements, data has {len(flat)}"
+        )
+    array = np.empty(len(flat), dtype=object)
+    for index, item in enumerate(flat):
+        if isinstance(item, str):
+            array[index] = item.encode()
+        elif isinstance(item, bytes):
+            array[index] = item
+        else:
+            raise InvalidInput(f"tensor '{name}': BYTES data must be strings, got {item!r}")
+    return array.reshape(shape)
+
+
+def _flatten(data: list) -> list:
+    if not any(isinstance(item, list) for item in data):
+        return data
+    flat: list = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _kind_words(datatype: str) -> str:
+    return {"BOOL": "booleans", "FP16": "numbers", "FP32": "numbers", "FP64": "numbers"}.get(datatype, "integers")
+
+
+def _sample(data: list) -> str:
+    flat = _flatten(data)
+    return repr(flat[0]) if len(flat) == 1 else f"{flat[0]!r}, ..."
+
+
+def array_from_buffer(buffer: bytes | memoryview, datatype: str, shape: Any, name: str) -> np.ndarray:
+    """A raw little-endian buffer as an array, without copying (read-only view)."""
+    dtype = check_datatype(datatype, name)
+    shape = check_shape(shape, name)
+    if datatype == "BYTES":
+        return bytes_from_buffer(buffer, shape, name)
+    expected = element_count(shape) * dtype.itemsize
+    if len(buffer) != expected:
+        raise InvalidInput(
+            f"tensor '{name}': shape {list(shape)} of {datatype} needs {expected} bytes, got {len(buffer)}"
+        )
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def bytes_from_buffer(buffer: bytes | memoryview, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """BYTES elements, each a 4-byte little-endian length then the bytes."""
+    count = element_count(shape)
+    view = memoryview(buffer)
+    array = np.empty(count, dtype=object)
+    offset, end = 0, len(view)
+    for index in range(count):
+        if offset + 4 > end:
+            raise InvalidInput(f"tensor '{name}': BYTES data is truncated at element {index} of {count}")
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidInput(f"tensor '{name}': BYTES element {index} claims {length} bytes past the end")
+        array[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != end:
+        raise InvalidInput(f"tensor '{name}': {end - offset} bytes left over after {count} BYTES elements")
+    return array.reshape(shape)
+
+
+def bytes_to_buffer(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.flat:
+        item = as_bytes(item)
+        parts.append(struct.pack("<I", len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def array_to_buffer(array: np.ndarray) -> bytes | memoryview:
+    if array.dtype.kind in "OSU":
+        return bytes_to_buffer(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def as_bytes(item: Any) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode()
+    return str(item).encode()
+
+
+def bytes_to_text(array: np.ndarray, name: str) -> list[str]:
+    """BYTES as JSON strings: they must be UTF-8 text to travel as JSON."""
+    try:
+        return [item.decode() if isinstance(item, bytes) else str(item) for item in array.flat]
+    except UnicodeDecodeError:
+        raise InvalidInput(f"output '{name}' holds bytes that are not UTF-8 text; ask for it as binary data") from None

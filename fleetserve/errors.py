@@ -1,0 +1,67 @@
+"""One exception family. Each error carries its own status: handlers never invent one."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FleetError(Exception):
+    """Base of every error a client may see; the message is what the client reads."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return STATUS[type(self)][0]
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return STATUS[type(self)][1]
+
+
+class InvalidInput(FleetError):
+    """The request is malformed or does not fit the model."""
+
+
+class NotFound(FleetError):
+    """No such model, version or route."""
+
+
+class ModelUnavailable(FleetError):
+    """The model exists but is not ready (loading, failed, unloaded)."""
+
+
+class PayloadTooLarge(FleetError):
+    """The request body exceeds the configured limit."""
+
+
+class MethodNotAllowed(FleetError):
+    """The route exists but not for this HTTP method."""
+
+
+class ModelLoadError(FleetError):
+    """The model could not be loaded; the reason names what went wrong."""
+
+
+class InferenceError(FleetError):
+    """The model itself failed while predicting."""
+
+
+class ServerUnavailable(FleetError):
+    """The server is shutting down."""
+
+
+# The single table from error to (HTTP status, gRPC code).
+STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
+    FleetError: (500, grpc.StatusCode.INTERNAL),
+    InvalidInput: (400, grpc.StatusCode.INVALID_ARGUMENT),
+    NotFound: (404, grpc.StatusCode.NOT_FOUND),
+    ModelUnavailable: (400, grpc.StatusCode.UNAVAILABLE),
+    PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    MethodNotAllowed: (405, grpc.StatusCode.UNIMPLEMENTED),
+    ModelLoadError: (400, grpc.StatusCode.INVALID_ARGUMENT),
+    InferenceError: (400, grpc.StatusCode.INTERNAL),
+    ServerUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
+}

@@ -1,0 +1,27 @@
+"""Prometheus metrics, recorded by the registry and the data plane and served by server/."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Inference latencies span sub-millisecond tabular models to multi-second transformers.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+INFER_REQUESTS = Counter(
+    "fleetserve_infer_requests",
+    "Inference requests by model, version and outcome (success or error kind).",
+    ["model", "version", "outcome"],
+)
+INFER_LATENCY = Histogram(
+    "fleetserve_infer_duration_seconds",
+    "Time spent in the model's predict, queueing for a worker thread included.",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+MODELS_LOADED = Gauge("fleetserve_models_loaded", "Model versions ready to serve.")
+MODEL_LOAD_DURATION = Histogram(
+    "fleetserve_model_load_duration_seconds",
+    "Time to load a model version, by model and outcome.",
+    ["model", "outcome"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)

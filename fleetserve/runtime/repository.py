@@ -1,0 +1,89 @@
+"""Finds models in a repository folder.
+
+A model is a folder holding `model-settings.json` (MLServer's format), or numbered version
+sub-folders, each with the artifacts of one version and optionally its own
+`model-settings.json` (else the parent's is shared). The folder name is the default model name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetserve.errors import FleetError, ModelLoadError, NotFound
+from fleetserve.settings import ModelSettings, check_model_name
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "model-settings.json"
+
+
+@dataclass
+class Found:
+    """What the repository says about one model name: its versions, or why it cannot load."""
+
+    name: str
+    versions: list[ModelSettings]
+    error: str | None = None
+
+
+class ModelRepository:
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root).resolve() if root else None
+
+    def scan(self) -> dict[str, Found]:
+        """Every model in the repository, keyed by name; broken ones carry their reason."""
+        found: dict[str, Found] = {}
+        if self.root is None:
+            return found
+        for folder in sorted(path for path in self.root.iterdir() if path.is_dir() and not path.name.startswith(".")):
+            if not self._is_model_folder(folder):
+                continue
+            try:
+                versions = self._read(folder)
+            except FleetError as error:
+                found[folder.name] = Found(folder.name, [], error.message)
+                continue
+            name = versions[0].name
+            if name in found:
+                log.warning("model %s in %s is also defined in another folder; using the first", name, folder)
+                continue
+            found[name] = Found(name, versions)
+        return found
+
+    def find(self, name: str) -> Found:
+        check_model_name(name)
+        found = self.scan().get(name)
+        if found is None:
+            raise NotFound(f"model '{name}' is not in the repository {self.root}")
+        return found
+
+    @staticmethod
+    def _version_folders(folder: Path) -> list[Path]:
+        return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+    def _is_model_folder(self, folder: Path) -> bool:
+        return (folder / SETTINGS_FILE).is_file() or any(
+            (version / SETTINGS_FILE).is_file() for version in self._version_folders(folder)
+        )
+
+    def _read(self, folder: Path) -> list[ModelSettings]:
+        shared = folder / SETTINGS_FILE
+        version_folders = self._version_folders(folder)
+        if not version_folders:
+            return [ModelSettings.from_file(shared, folder.name)]
+        versions = []
+        for version_folder in version_folders:
+            own = version_folder / SETTINGS_FILE
+            if own.is_file():
+                settings = ModelSettings.from_file(own, folder.name, version_folder.name)
+            else:
+                settings = ModelSettings.from_file(shared, folder.name, version_folder.name)
+                settings.folder = version_folder
+                settings.version = version_folder.name
+            versions.append(settings)
+        names = {settings.name for settings in versions}
+        if len(names) != 1:
+            raise ModelLoadError(f"{folder}: version folders name different models {sorted(names)}")
+        return versions

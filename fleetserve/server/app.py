@@ -1,0 +1,126 @@
+"""The server process: REST, gRPC and metrics on one event loop, models loaded behind them.
+
+Ports open first (liveness answers at once); readiness turns true once every model in the
+repository has been tried. SIGTERM or SIGINT stop new work, let in-flight requests finish, unload
+the models, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import uvicorn
+from prometheus_client import make_asgi_app
+
+from fleetserve.runtime.dataplane import DataPlane
+from fleetserve.runtime.registry import Registry
+from fleetserve.runtime.repository import ModelRepository
+from fleetserve.runtimes import resolve_runtime
+from fleetserve.server.grpc_service import build_grpc_server, set_serving
+from fleetserve.server.rest import build_rest_app
+from fleetserve.settings import ServerSettings
+
+log = logging.getLogger("fleetserve")
+
+
+class _UvicornServer(uvicorn.Server):
+    """Uvicorn without its own signal handling: the FleetServer decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def _serve_until_exit(server: _UvicornServer) -> None:
+    # Uvicorn calls sys.exit() when it cannot bind; that must end this task, not the event loop.
+    with contextlib.suppress(SystemExit):
+        await server.serve()
+
+
+class FleetServer:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="fleetserve-worker")
+        self.repository = ModelRepository(settings.model_repository)
+        self.registry = Registry(self.repository, resolve_runtime, self.executor)
+        self.dataplane = DataPlane(self.registry, self.executor)
+        self.ready = False
+        self.stopping = False
+        self._stop = asyncio.Event()
+
+    def _uvicorn(self, app, port: int) -> _UvicornServer:
+        config = uvicorn.Config(
+            app,
+            host=self.settings.host,
+            port=port,
+            lifespan="off",
+            access_log=False,
+            log_level=self.settings.log_level,
+            timeout_graceful_shutdown=int(self.settings.shutdown_grace),
+            # Keep-alive connections from load balancers and clients outlive uvicorn's 5 s default.
+            timeout_keep_alive=75,
+        )
+        return _UvicornServer(config)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+
+        http = self._uvicorn(build_rest_app(self), self.settings.http_port)
+        metrics = self._uvicorn(make_asgi_app(), self.settings.metrics_port)
+        grpc_server, health = build_grpc_server(self)
+        await set_serving(health, False)
+        await grpc_server.start()
+        front_doors = [asyncio.create_task(_serve_until_exit(http)), asyncio.create_task(_serve_until_exit(metrics))]
+        log.info(
+            "fleetserve listening: http %s:%d, grpc %s:%d, metrics %s:%d",
+            self.settings.host, self.settings.http_port, self.settings.host, self.settings.grpc_port,
+            self.settings.host, self.settings.metrics_port,
+        )
+
+        loading = asyncio.create_task(self._load_models(health))
+        stop = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait([stop, *front_doors], return_when=asyncio.FIRST_COMPLETED)
+        failed = stop not in done  # a front door ended by itself: it could not bind its port
+        if failed:
+            log.error("a listener failed to start; shutting down")
+
+        log.info("shutting down: draining in-flight requests")
+        self.ready, self.stopping = False, True
+        loading.cancel()
+        await set_serving(health, False)
+        http.should_exit = metrics.should_exit = True
+        await asyncio.gather(grpc_server.stop(self.settings.shutdown_grace), *front_doors, return_exceptions=True)
+        await self.registry.unload_all(self.settings.shutdown_grace)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("fleetserve stopped")
+        return 1 if failed else 0
+
+    async def _load_models(self, health) -> None:
+        await self.registry.load_all()
+        self.ready = True
+        await set_serving(health, True)
+        log.info("ready: %d model version(s) loaded", len(self.registry.ready_versions()))
+
+
+def run(settings: ServerSettings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def main() -> int:
+        return await FleetServer(settings).serve()
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())

@@ -1,0 +1,133 @@
+"""REST bodies: V2 JSON, with Triton's binary tensor data extension in and out.
+
+Whether a body carries binary tensors is decided by the `Inference-Header-Content-Length`
+header alone (tritonclient.http sends binary bodies without a Content-Type). Binary inputs are
+read with `np.frombuffer`, without copying.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer, bytes_to_text
+from fleetserve.errors import InvalidInput
+from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def _parameters(raw: dict, where: str) -> dict[str, Any]:
+    parameters = raw.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"{where}: 'parameters' must be an object")
+    return parameters
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
+    binary: memoryview | None = None
+    header: bytes | memoryview = body
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+        if not 0 <= length <= len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length {length} is outside the body of {len(body)} bytes")
+        view = memoryview(body)
+        header, binary = view[:length], view[length:]
+    try:
+        document = orjson.loads(header)
+    except orjson.JSONDecodeError as error:
+        raise InvalidInput(f"malformed JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise InvalidInput("the request needs 'inputs', a list of tensors")
+    offset = 0
+    inputs = []
+    for raw in raw_inputs:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise InvalidInput(f"each input must be an object with a 'name', got {_short(raw)}")
+        name = raw["name"]
+        parameters = _parameters(raw, f"input '{name}'")
+        datatype, shape = raw.get("datatype"), raw.get("shape")
+        size = parameters.get("binary_data_size")
+        if size is not None:
+            if binary is None:
+                raise InvalidInput(f"input '{name}' has binary_data_size but the request has no Inference-Header-Content-Length")
+            if not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"input '{name}': binary data is truncated: needs {size} bytes at offset {offset}, "
+                    f"the body has {len(binary)} bytes of binary data"
+                )
+            data = array_from_buffer(binary[offset : offset + size], datatype, shape, name)
+            offset += size
+            parameters = {key: value for key, value in parameters.items() if key != "binary_data_size"}
+        elif "data" in raw:
+            data = array_from_json(raw["data"], datatype, shape, name)
+        else:
+            raise InvalidInput(f"input '{name}' has neither 'data' nor binary_data_size")
+        inputs.append(Tensor(name, data.shape, datatype, data, parameters))
+    if binary is not None and offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data are left over after the inputs")
+    outputs = []
+    for raw in document.get("outputs") or []:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise InvalidInput(f"each requested output must be an object with a 'name', got {_short(raw)}")
+        outputs.append(RequestedOutput(raw["name"], _parameters(raw, f"output '{raw['name']}'")))
+    request_id = document.get("id")
+    return InferenceRequest(
+        inputs=inputs,
+        id=None if request_id is None else str(request_id),
+        parameters=_parameters(document, "request"),
+        outputs=outputs,
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def encode_response(response: InferenceResponse, request: InferenceRequest) -> tuple[bytes, int | None]:
+    """The body, and the JSON header's length when binary outputs follow it (else None)."""
+    binary_default = bool(request.parameters.get("binary_data_output", False))
+    asked = {output.name: output.parameters for output in request.outputs}
+    outputs = []
+    blobs = []
+    any_binary = False
+    for tensor in response.outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        parameters = dict(tensor.parameters)
+        if asked.get(tensor.name, {}).get("binary_data", binary_default):
+            blob = array_to_buffer(tensor.data)
+            parameters["binary_data_size"] = len(blob)
+            blobs.append(blob)
+            any_binary = True
+        elif tensor.datatype == "BYTES":
+            entry["data"] = bytes_to_text(tensor.data, tensor.name)
+        else:
+            entry["data"] = np.ascontiguousarray(tensor.data).ravel()
+        if parameters:
+            entry["parameters"] = parameters
+        outputs.append(entry)
+    document: dict[str, Any] = {"model_name": response.model_name}
+    if response.model_version is not None:
+        document["model_version"] = response.model_version
+    if response.id is not None:
+        document["id"] = response.id
+    if response.parameters:
+        document["parameters"] = response.parameters
+    document["outputs"] = outputs
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not any_binary:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

@@ -1,0 +1,96 @@
+"""The V2 documents both front doors serve: server and model metadata, model config, statistics.
+
+They are built once here as plain dicts in their JSON form; gRPC parses the same dicts into
+its messages, so REST and gRPC can never disagree.
+"""
+
+from __future__ import annotations
+
+from fleetserve import __version__
+from fleetserve.runtime.registry import ModelVersion, Registry
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
+
+
+def server_metadata() -> dict:
+    return {"name": "fleetserve", "version": __version__, "extensions": EXTENSIONS}
+
+
+def model_metadata(registry: Registry, model: ModelVersion) -> dict:
+    versions = [v for v in registry.models[model.name].versions if v is not None]
+    runtime = model.runtime
+    return {
+        "name": model.name,
+        "versions": versions,
+        "platform": _platform(model),
+        "inputs": [tensor.as_dict() for tensor in runtime.metadata_inputs()],
+        "outputs": [tensor.as_dict() for tensor in runtime.metadata_outputs()],
+    }
+
+
+def _platform(model: ModelVersion) -> str:
+    settings = model.settings
+    return settings.platform or settings.implementation or ",".join(settings.requirements)
+
+
+def model_config(model: ModelVersion) -> dict:
+    """Triton's model configuration, as far as a V2 model-settings file describes it."""
+    settings = model.settings
+    batched = settings.max_batch_size > 0
+
+    def tensors(declared):
+        out = []
+        for tensor in declared:
+            dims = tensor.shape[1:] if batched and tensor.shape[:1] == [-1] else tensor.shape
+            out.append({"name": tensor.name, "data_type": f"TYPE_{_triton_type(tensor.datatype)}", "dims": dims})
+        return out
+
+    config = {
+        "name": model.name,
+        "platform": _platform(model),
+        "backend": "fleetserve",
+        "max_batch_size": settings.max_batch_size,
+        "input": tensors(settings.inputs),
+        "output": tensors(settings.outputs),
+    }
+    if batched and settings.max_batch_time:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": int(settings.max_batch_time * 1_000_000)}
+    return config
+
+
+def _triton_type(datatype: str) -> str:
+    return "STRING" if datatype == "BYTES" else datatype
+
+
+def model_statistics(registry: Registry, name: str | None, version: str | None) -> dict:
+    if name:
+        model = registry.get(name, version)
+        chosen = [model] if version else [v for v in registry.models[name].versions.values()]
+    else:
+        chosen = [v for m in registry.models.values() for v in m.versions.values()]
+    return {"model_stats": [_statistics(model) for model in chosen]}
+
+
+def _statistics(model: ModelVersion) -> dict:
+    stats = model.stats
+
+    def duration(count: int, ns: int) -> dict:
+        return {"count": count, "ns": ns}
+
+    zero = duration(0, 0)
+    return {
+        "name": model.name,
+        "version": model.version or "",
+        "last_inference": stats.last_inference,
+        "inference_count": stats.success_count,
+        "execution_count": stats.success_count,
+        "inference_stats": {
+            "success": duration(stats.success_count, stats.success_ns),
+            "fail": duration(stats.fail_count, stats.fail_ns),
+            "queue": duration(stats.success_count, stats.queue_ns),
+            "compute_input": zero,
+            "compute_infer": duration(stats.success_count, stats.compute_infer_ns),
+            "compute_output": zero,
+        },
+        "batch_stats": [],
+    }

@@ -1,0 +1,205 @@
+"""The gRPC front door: Triton's `inference.GRPCInferenceService` (a superset of KServe's),
+plus the standard `grpc.health.v1` service.
+
+The protocol messages come from tritonclient's generated modules, so the wire format is the one
+Triton clients are built against. Raw input contents are read with `np.frombuffer`;
+`raw_output_contents` are always filled.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
+from fleetserve.errors import FleetError, InvalidInput
+from fleetserve.server import documents
+from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor, check_datatype
+
+if TYPE_CHECKING:
+    from fleetserve.server.app import FleetServer
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+# Where typed (non-raw) contents live per datatype; FP16 travels only as raw contents.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _parameters(message_parameters) -> dict[str, Any]:
+    return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in message_parameters.items()
+            if value.WhichOneof("parameter_choice")}
+
+
+def _set_parameters(target, parameters: dict[str, Any]) -> None:
+    for key, value in parameters.items():
+        if isinstance(value, bool):
+            target[key].bool_param = value
+        elif isinstance(value, int):
+            target[key].int64_param = value
+        elif isinstance(value, float):
+            target[key].double_param = value
+        else:
+            target[key].string_param = str(value)
+
+
+def decode_infer_request(message: service_pb2.ModelInferRequest) -> InferenceRequest:
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(message.inputs)} inputs; send one per input")
+    inputs = []
+    for index, tensor in enumerate(message.inputs):
+        name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
+        if raw:
+            data = array_from_buffer(raw[index], datatype, shape, name)
+        else:
+            check_datatype(datatype, name)
+            field = _CONTENTS_FIELD.get(datatype)
+            if field is None:
+                raise InvalidInput(f"input '{name}': {datatype} can only be sent in raw_input_contents")
+            data = array_from_json(list(getattr(tensor.contents, field)), datatype, shape, name)
+        inputs.append(Tensor(name, data.shape, datatype, data, _parameters(tensor.parameters)))
+    return InferenceRequest(
+        inputs=inputs,
+        id=message.id or None,
+        parameters=_parameters(message.parameters),
+        outputs=[RequestedOutput(output.name, _parameters(output.parameters)) for output in message.outputs],
+    )
+
+
+def encode_infer_response(response: InferenceResponse) -> service_pb2.ModelInferResponse:
+    message = service_pb2.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version or "", id=response.id or ""
+    )
+    _set_parameters(message.parameters, response.parameters)
+    for tensor in response.outputs:
+        output = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        _set_parameters(output.parameters, tensor.parameters)
+        message.raw_output_contents.append(bytes(array_to_buffer(tensor.data)))
+    return message
+
+
+def _aborts_on_error(method: Callable[..., Awaitable[Any]]):
+    """Turn a FleetError into the gRPC status its table entry names."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except FleetError as error:
+            await context.abort(error.grpc_code, error.message)
+
+    return wrapper
+
+
+class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, server: "FleetServer"):
+        self.server = server
+        self.registry = server.registry
+        self.dataplane = server.dataplane
+
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self.server.ready)
+
+    async def ModelReady(self, request, context):
+        try:
+            ready = self.registry.get(request.name, request.version or None).state == "READY"
+        except FleetError:
+            ready = False
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request, context):
+        return json_format.ParseDict(documents.server_metadata(), service_pb2.ServerMetadataResponse())
+
+    @_aborts_on_error
+    async def ModelMetadata(self, request, context):
+        model = self.registry.get_ready(request.name, request.version or None)
+        document = documents.model_metadata(self.registry, model)
+        return json_format.ParseDict(document, service_pb2.ModelMetadataResponse(), ignore_unknown_fields=True)
+
+    @_aborts_on_error
+    async def ModelInfer(self, request, context):
+        return await self._infer(request)
+
+    async def _infer(self, message: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        request = decode_infer_request(message)
+        response = await self.dataplane.infer(message.model_name, message.model_version or None, request)
+        return encode_infer_response(response)
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        # Errors travel in the stream (as Triton does), so one bad request does not end it.
+        async for message in request_iterator:
+            try:
+                yield service_pb2.ModelStreamInferResponse(infer_response=await self._infer(message))
+            except FleetError as error:
+                yield service_pb2.ModelStreamInferResponse(
+                    error_message=error.message,
+                    infer_response=service_pb2.ModelInferResponse(model_name=message.model_name, id=message.id),
+                )
+
+    @_aborts_on_error
+    async def ModelConfig(self, request, context):
+        config = documents.model_config(self.registry.get(request.name, request.version or None))
+        return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+    @_aborts_on_error
+    async def ModelStatistics(self, request, context):
+        document = documents.model_statistics(self.registry, request.name or None, request.version or None)
+        return json_format.ParseDict(document, service_pb2.ModelStatisticsResponse())
+
+    @_aborts_on_error
+    async def RepositoryIndex(self, request, context):
+        entries = self.registry.index(ready_only=request.ready)
+        return json_format.ParseDict({"models": entries}, service_pb2.RepositoryIndexResponse())
+
+    @_aborts_on_error
+    async def RepositoryModelLoad(self, request, context):
+        await self.registry.load(request.model_name)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    @_aborts_on_error
+    async def RepositoryModelUnload(self, request, context):
+        await self.registry.unload(request.model_name, self.server.settings.shutdown_grace)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+
+def build_grpc_server(server: "FleetServer") -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    limit = server.settings.max_message_size
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(server), grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    grpc_server.add_insecure_port(f"{server.settings.host}:{server.settings.grpc_port}")
+    return grpc_server, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, status)

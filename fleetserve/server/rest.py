@@ -1,0 +1,195 @@
+"""The REST front door: the V2 HTTP API on FastAPI.
+
+Handlers take the raw request and return raw responses: bodies are parsed once with orjson
+into numpy tensors (server/binary.py), never through pydantic models. Every failure answers
+`{"error": "..."}` with the status its exception carries.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from fleetserve.errors import FleetError, InvalidInput, PayloadTooLarge, ServerUnavailable
+from fleetserve.server import documents
+from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response
+
+if TYPE_CHECKING:
+    from fleetserve.server.app import FleetServer
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+def json_response(document: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(document), status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(message: str, status: int, request: Request | None = None) -> Response:
+    headers = None
+    if request is not None and (request_id := request.headers.get("x-request-id")):
+        headers = {"x-request-id": request_id}
+    return json_response({"error": message}, status, headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused past `limit` bytes, inflated if it came compressed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding")
+    if encoding:
+        body = _inflate(body, encoding.lower(), limit)
+    return body
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    try:
+        if encoding == "gzip":
+            inflated = gzip.decompress(body)
+        elif encoding == "deflate":
+            inflated = zlib.decompress(body)
+        elif encoding == "identity":
+            return body
+        else:
+            raise InvalidInput(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
+    except (OSError, EOFError, zlib.error) as error:
+        raise InvalidInput(f"request body is not valid {encoding}: {error}") from None
+    if len(inflated) > limit:
+        raise PayloadTooLarge(f"inflated request body exceeds the limit of {limit} bytes")
+    return inflated
+
+
+def build_rest_app(server: "FleetServer") -> FastAPI:
+    registry = server.registry
+    dataplane = server.dataplane
+    limit = server.settings.max_message_size
+    app = FastAPI(title="fleetserve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(FleetError)
+    async def on_fleet_error(request: Request, error: FleetError) -> Response:
+        return error_response(error.message, error.http_status, request)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, error: HTTPException) -> Response:
+        return error_response(str(error.detail), error.status_code, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> Response:
+        return error_response(f"invalid request: {error.errors()}", 400, request)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, error: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(f"internal error: {type(error).__name__}: {error}", 500, request)
+
+    # Health and metadata.
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return json_response({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        if not server.ready:
+            raise ServerUnavailable("the server is not ready: " + ("shutting down" if server.stopping else "loading models"))
+        return json_response({"ready": True})
+
+    @app.get("/v2")
+    async def metadata() -> Response:
+        return json_response(documents.server_metadata())
+
+    # Before /v2/models/{name}, which would take "stats" for a model name.
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(name: str | None = None, version: str | None = None) -> Response:
+        return json_response(documents.model_statistics(registry, name, version))
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        return json_response(documents.model_metadata(registry, registry.get_ready(name, version)))
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        model = registry.get_ready(name, version)
+        return json_response({"name": model.name, "ready": True})
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None) -> Response:
+        return json_response(documents.model_config(registry.get(name, version)))
+
+    # Inference.
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        headers = request.headers
+        body = await read_body(request, limit)
+        inference = decode_request(body, headers.get(HEADER_LENGTH))
+        response = await dataplane.infer(name, version, inference)
+        content, header_length = encode_response(response, inference)
+        reply_headers = {}
+        if request_id := headers.get("x-request-id"):
+            reply_headers["x-request-id"] = request_id
+        if header_length is None:
+            return Response(content, media_type=JSON, headers=reply_headers)
+        reply_headers[HEADER_LENGTH] = str(header_length)
+        return Response(content, media_type="application/octet-stream", headers=reply_headers)
+
+    # Repository.
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request) -> Response:
+        body = await read_body(request, limit)
+        options = _optional_json(body)
+        return json_response(registry.index(ready_only=bool(options.get("ready", False))))
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def repository_load(name: str) -> Response:
+        await registry.load(name)
+        return json_response({})
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def repository_unload(name: str) -> Response:
+        await registry.unload(name, server.settings.shutdown_grace)
+        return json_response({})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _optional_json(body: bytes) -> dict:
+    """An optional JSON object body: empty means no options."""
+    if not body.strip():
+        return {}
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidInput(f"malformed JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return document

@@ -1,0 +1,174 @@
+"""Server settings (flags and FLEETSERVE_* environment variables) and model settings.
+
+Model settings read MLServer's `model-settings.json` as it is: known fields are typed, every
+other field is kept in `unknown` so nothing a user wrote is silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fleetserve.errors import InvalidInput, ModelLoadError
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    model_repository: str | None = None
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    grpc_port: int = 8081
+    metrics_port: int = 8082
+    # Largest REST body or gRPC message accepted and sent.
+    max_message_size: int = 256 * MIB
+    # Threads that run framework calls off the event loop.
+    inference_threads: int = max(4, os.cpu_count() or 1)
+    # Seconds SIGTERM waits for in-flight requests before the server exits.
+    shutdown_grace: float = 30.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "ServerSettings":
+        """Defaults, then FLEETSERVE_<FIELD> variables, then explicit (non-None) overrides."""
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw = os.environ.get(f"FLEETSERVE_{spec.name.upper()}")
+            if raw is not None:
+                values[spec.name] = _convert(spec.name, raw, type(getattr(cls(), spec.name)))
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+def _convert(name: str, raw: str, kind: type) -> Any:
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            raise SystemExit(f"FLEETSERVE_{name.upper()} must be a number, got {raw!r}") from None
+    return raw
+
+
+_VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def check_model_name(name: Any) -> str:
+    if not isinstance(name, str) or not _VALID_NAME.match(name) or ".." in name:
+        raise InvalidInput(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' and '-', no path separators or '..'"
+        )
+    return name
+
+
+@dataclass
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> "TensorMetadata":
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise ModelLoadError(f"{where}: each tensor needs at least a 'name', got {raw!r}")
+        return cls(
+            name=raw["name"],
+            datatype=raw.get("datatype", "BYTES" if raw.get("parameters", {}).get("content_type") == "str" else "FP32"),
+            shape=list(raw.get("shape", [-1])),
+            parameters=dict(raw.get("parameters") or {}),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+        if self.parameters:
+            out["parameters"] = self.parameters
+        return out
+
+
+@dataclass
+class ModelSettings:
+    """One model version, as described by `model-settings.json` (or defaults)."""
+
+    name: str
+    folder: Path
+    implementation: str | None = None
+    uri: str | None = None
+    version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    content_type: str | None = None
+    inputs: list[TensorMetadata] = field(default_factory=list)
+    outputs: list[TensorMetadata] = field(default_factory=list)
+    platform: str = ""
+    max_batch_size: int = 0
+    max_batch_time: float = 0.0
+    requirements: list[str] = field(default_factory=list)
+    unknown: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN = {"name", "implementation", "parameters", "inputs", "outputs", "platform", "max_batch_size",
+              "max_batch_time", "requirements", "versions"}
+    _KNOWN_PARAMETERS = {"uri", "version", "extra", "content_type"}
+
+    @classmethod
+    def parse(cls, raw: Any, folder: Path, default_name: str, default_version: str | None = None) -> "ModelSettings":
+        where = str(folder)
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{where}: model settings must be a JSON object")
+        parameters = raw.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise ModelLoadError(f"{where}: 'parameters' must be an object")
+        extra = parameters.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise ModelLoadError(f"{where}: 'parameters.extra' must be an object")
+        requirements = raw.get("requirements") or []
+        if not isinstance(requirements, list) or not all(isinstance(item, str) for item in requirements):
+            raise ModelLoadError(f"{where}: 'requirements' must be a list of strings")
+        try:
+            name = check_model_name(raw.get("name") or default_name)
+            max_batch_size = int(raw.get("max_batch_size") or 0)
+            max_batch_time = float(raw.get("max_batch_time") or 0)
+        except (InvalidInput, TypeError, ValueError) as error:
+            raise ModelLoadError(f"{where}: {error}") from None
+        version = parameters.get("version", default_version)
+        unknown = {key: value for key, value in raw.items() if key not in cls._KNOWN}
+        unknown_parameters = {k: v for k, v in parameters.items() if k not in cls._KNOWN_PARAMETERS}
+        if unknown_parameters:
+            unknown["parameters"] = unknown_parameters
+        return cls(
+            name=name,
+            folder=folder,
+            implementation=raw.get("implementation"),
+            uri=parameters.get("uri"),
+            version=None if version is None else str(version),
+            extra=extra,
+            content_type=parameters.get("content_type"),
+            inputs=[TensorMetadata.parse(item, where) for item in raw.get("inputs") or []],
+            outputs=[TensorMetadata.parse(item, where) for item in raw.get("outputs") or []],
+            platform=raw.get("platform") or "",
+            max_batch_size=max_batch_size,
+            max_batch_time=max_batch_time,
+            requirements=requirements,
+            unknown=unknown,
+        )
+
+    @classmethod
+    def from_file(cls, path: Path, default_name: str, default_version: str | None = None) -> "ModelSettings":
+        try:
+            raw = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError as error:
+            raise ModelLoadError(f"{path}: not valid JSON: {error}") from None
+        return cls.parse(raw, path.parent, default_name, default_version)
+
+    @property
+    def artifact_path(self) -> Path:
+        """Where the model's files are: `parameters.uri` relative to the folder, else the folder."""
+        if not self.uri:
+            return self.folder
+        uri = self.uri.removeprefix("file://")
+        path = Path(uri)
+        return path if path.is_absolute() else self.folder / path

@@ -1,0 +1,110 @@
+"""Open Inference Protocol request/response types.
+
+Tensors hold numpy arrays: the front doors decode wire data once into these, runtimes work on
+arrays, and the front doors encode once on the way out. BYTES tensors are object arrays of
+`bytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fleetserve.errors import InvalidInput
+
+# V2 datatype -> numpy dtype (little-endian, as the wire requires). BYTES is variable length.
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("bool"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype("object"),
+}
+DATATYPES = frozenset(NUMPY_DTYPES)
+_DATATYPE_OF_KIND = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The V2 datatype for a numpy array (strings and objects become BYTES)."""
+    dtype = array.dtype
+    if dtype.kind in "OSU":
+        return "BYTES"
+    found = _DATATYPE_OF_KIND.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    if found is None:
+        raise InvalidInput(f"numpy dtype {dtype} has no V2 datatype")
+    return found
+
+
+def check_datatype(datatype: str, tensor: str) -> np.dtype:
+    try:
+        return NUMPY_DTYPES[datatype]
+    except (KeyError, TypeError):
+        raise InvalidInput(
+            f"tensor '{tensor}': unknown datatype '{datatype}'; expected one of {sorted(DATATYPES)}"
+        ) from None
+
+
+def check_shape(shape: Any, tensor: str) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
+    ):
+        raise InvalidInput(f"tensor '{tensor}': shape must be a list of non-negative integers, got {shape!r}")
+    return tuple(shape)
+
+
+@dataclass(slots=True)
+class Tensor:
+    """One named tensor, request input or response output."""
+
+    name: str
+    shape: tuple[int, ...]
+    datatype: str
+    data: np.ndarray
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def content_type(self) -> str | None:
+        return self.parameters.get("content_type")
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    inputs: list[Tensor]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[RequestedOutput] = field(default_factory=list)
+
+    def input(self, name: str) -> Tensor:
+        for tensor in self.inputs:
+            if tensor.name == name:
+                return tensor
+        raise InvalidInput(f"no input named '{name}'; the request has {[t.name for t in self.inputs]}")
+
+    @property
+    def content_type(self) -> str | None:
+        return self.parameters.get("content_type")
+
+
+@dataclass(slots=True)
+class InferenceResponse:
+    model_name: str
+    outputs: list[Tensor]
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)

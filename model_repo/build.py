@@ -1,0 +1,46 @@
+"""Trains the example models into model_repo/ from data that ships with scikit-learn.
+
+Only the artifacts are built here; each model's model-settings.json is committed beside them.
+Run again to rebuild (`--force`); by default existing artifacts are kept.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import joblib
+import xgboost
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+REPO = Path(__file__).resolve().parent
+
+
+def build_iris(path: Path) -> None:
+    features, labels = load_iris(return_X_y=True)
+    joblib.dump(LogisticRegression(max_iter=1000).fit(features, labels), path)
+
+
+def build_iris_xgboost(path: Path) -> None:
+    features, labels = load_iris(return_X_y=True)
+    model = xgboost.XGBClassifier(n_estimators=20, max_depth=3).fit(features, labels)
+    model.save_model(path)
+
+
+ARTIFACTS = {
+    REPO / "iris" / "model.joblib": build_iris,
+    REPO / "iris-xgboost" / "model.json": build_iris_xgboost,
+}
+
+
+def main() -> None:
+    force = "--force" in sys.argv
+    for path, build in ARTIFACTS.items():
+        if force or not path.exists():
+            build(path)
+            print(f"built {path.relative_to(REPO.parent)}")
+
+
+if __name__ == "__main__":
+    main()
