@@ -37,6 +37,9 @@ def array_from_json(data: Any, datatype: str, shape: Any, name: str) -> np.ndarr
         parsed = np.array(data)
     except ValueError:
         raise InvalidInput(f"tensor '{name}': data is ragged; nested lists must be rectangular") from None
+    if dtype.kind in _INTEGER_KINDS and parsed.dtype.kind in "fO" and all(type(v) is int for v in _flatten(data)):
+        # Integers beyond int64 (large UINT64 values) make numpy fall back to float or object.
+        parsed = _big_integers(data, dtype, name)
     if parsed.size != element_count(shape):
         raise InvalidInput(
             f"tensor '{name}': shape {list(shape)} needs {element_count(shape)} elements, data has {parsed.size}"
@@ -48,6 +51,13 @@ def array_from_json(data: Any, datatype: str, shape: Any, name: str) -> np.ndarr
         if parsed.min() < info.min or parsed.max() > info.max:
             raise InvalidInput(f"tensor '{name}': a value is out of range for {datatype}")
     return parsed.astype(dtype, copy=False).reshape(shape)
+
+
+def _big_integers(data: list, dtype: np.dtype, name: str) -> np.ndarray:
+    try:
+        return np.array(data, dtype=dtype)
+    except (OverflowError, ValueError, TypeError):
+        raise InvalidInput(f"tensor '{name}': a value is not an integer in range for {dtype.name.upper()}") from None
 
 
 def _bytes_from_json(data: list, shape: tuple[int, ...], name: str) -> np.ndarray:

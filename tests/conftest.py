@@ -1,0 +1,193 @@
+"""The server under test runs as a real process on loopback, over a repository of real models:
+the README's examples plus models trained here for the cases they do not cover."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import joblib
+import numpy as np
+import pytest
+import xgboost
+from sklearn.datasets import load_diabetes, load_iris
+from sklearn.linear_model import LinearRegression, LogisticRegression
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 1024 * 1024
+# Small enough that the oversized-body test is quick, large enough for a >4 MiB gRPC message.
+MAX_MESSAGE_SIZE = 16 * MIB
+
+ECHO_MODEL = '''
+from fleetserve.runtime.base import Runtime
+from fleetserve.types import Tensor
+
+
+class Echo(Runtime):
+    """Returns every input unchanged, renamed output-N."""
+
+    def predict(self, request):
+        outputs = [Tensor(f"output-{i}", t.shape, t.datatype, t.data, {}) for i, t in enumerate(request.inputs)]
+        return self.response(outputs, request)
+'''
+
+FAILING_MODEL = '''
+from fleetserve.runtime.base import Runtime
+
+
+class Failing(Runtime):
+    def predict(self, request):
+        raise RuntimeError("this model always fails")
+'''
+
+BROKEN_LOAD_MODEL = '''
+from fleetserve.runtime.base import Runtime
+
+
+class BrokenLoad(Runtime):
+    def load(self):
+        raise OSError("weights file is corrupt")
+'''
+
+
+def write_settings(folder: Path, settings: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model-settings.json").write_text(json.dumps(settings))
+
+
+def build_repository(repo: Path) -> Path:
+    """The README's example models, plus models trained here for the cases they leave out."""
+    subprocess.run([sys.executable, str(ROOT / "model_repo" / "build.py")], check=True)
+    for example in ("iris", "iris-xgboost", "text-stats"):
+        shutil.copytree(ROOT / "model_repo" / example, repo / example, ignore=shutil.ignore_patterns("__pycache__"))
+
+    features, labels = load_iris(return_X_y=True)
+    diabetes_x, diabetes_y = load_diabetes(return_X_y=True)
+
+    # A regressor: it has no predict_proba.
+    write_settings(repo / "diabetes", {"implementation": "mlserver_sklearn.SKLearnModel"})
+    joblib.dump(LinearRegression().fit(diabetes_x, diabetes_y), repo / "diabetes" / "model.joblib")
+
+    # predict_proba as the default output, pickled rather than joblib'd.
+    write_settings(repo / "iris-proba", {"implementation": "sklearn", "parameters": {"extra": {"predict_fn": "predict_proba"}}})
+    joblib.dump(LogisticRegression(max_iter=1000).fit(features, labels), repo / "iris-proba" / "model.pkl")
+
+    # Two versions sharing one model-settings.json; version 2 is the default.
+    write_settings(repo / "versioned", {"implementation": "sklearn", "keep_me": {"unknown": True}})
+    for version, model in ((1, LogisticRegression(max_iter=1000)), (2, LinearRegression())):
+        (repo / "versioned" / str(version)).mkdir()
+        joblib.dump(model.fit(features, labels), repo / "versioned" / str(version) / "model.joblib")
+
+    # An xgboost regressor in UBJSON, and a classifier under a .bst name, picked by `requirements`.
+    write_settings(repo / "diabetes-xgb", {"implementation": "xgboost", "parameters": {"uri": "./model.ubj"}})
+    xgboost.XGBRegressor(n_estimators=10).fit(diabetes_x, diabetes_y).save_model(repo / "diabetes-xgb" / "model.ubj")
+    write_settings(repo / "iris-xgb-bst", {"requirements": ["xgboost"]})
+    booster = xgboost.XGBClassifier(n_estimators=10).fit(features, labels).get_booster()
+    (repo / "iris-xgb-bst" / "model.bst").write_bytes(booster.save_raw("ubj"))
+
+    write_settings(repo / "echo", {"implementation": "echo_model.Echo"})
+    (repo / "echo" / "echo_model.py").write_text(ECHO_MODEL)
+    write_settings(repo / "failing", {"implementation": "failing_model.Failing"})
+    (repo / "failing" / "failing_model.py").write_text(FAILING_MODEL)
+
+    # Models that cannot load: the server must keep serving the others and say why.
+    (repo / "bad-json").mkdir()
+    (repo / "bad-json" / "model-settings.json").write_text("{not json")
+    write_settings(repo / "bad-load", {"implementation": "broken_model.BrokenLoad"})
+    (repo / "bad-load" / "broken_model.py").write_text(BROKEN_LOAD_MODEL)
+    write_settings(repo / "needs-gpu", {"requirements": ["sklearn", "tensorrt"]})
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    repository: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 30) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> Server:
+    ports = [free_port() for _ in range(3)]
+    env = {**os.environ, "FLEETSERVE_MAX_MESSAGE_SIZE": str(MAX_MESSAGE_SIZE), **(extra_env or {})}
+    log_file = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fleetserve.cli", "start", str(repository),
+         "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
+        stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    )
+    server = Server(process, *ports, repository, log_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/v2/health/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"server did not become ready:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("model_repo"))
+
+
+@pytest.fixture(scope="session")
+def server(repository, tmp_path_factory):
+    server = start_server(repository, tmp_path_factory.mktemp("logs") / "server.log")
+    yield server
+    if server.process.poll() is None:
+        assert server.stop() == 0, server.log()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+IRIS_ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)
+
+
+def iris_json(rows: np.ndarray = IRIS_ROWS, **extra) -> dict:
+    return {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": list(rows.shape), "data": rows.tolist()}], **extra}

@@ -1,0 +1,235 @@
+"""The REST API through tritonclient.http (binary by default, and JSON) and httpx."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from conftest import IRIS_ROWS, iris_json
+
+
+@pytest.fixture
+def client(server):
+    client = triton_http.InferenceServerClient(server.http_address)
+    yield client
+    client.close()
+
+
+def iris_input(rows: np.ndarray = IRIS_ROWS, binary: bool = True) -> triton_http.InferInput:
+    tensor = triton_http.InferInput("input-0", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows, binary_data=binary)
+    return tensor
+
+
+def test_health_and_server_metadata(client, http):
+    assert client.is_server_live() and client.is_server_ready()
+    metadata = client.get_server_metadata()
+    assert metadata["name"] == "fleetserve"
+    assert "binary_tensor_data" in metadata["extensions"]
+    assert http.get("/v2/health/live").json() == {"live": True}
+    assert http.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_model_metadata_and_readiness(client, http):
+    assert client.is_model_ready("iris")
+    assert client.is_model_ready("iris", "1")
+    metadata = client.get_model_metadata("iris")
+    assert metadata["name"] == "iris" and metadata["versions"] == ["1"]
+    assert metadata["inputs"] == [{"name": "input-0", "datatype": "FP32", "shape": [-1, 4]}]
+    assert http.get("/v2/models/iris/versions/1").json() == metadata
+    assert http.get("/v2/models/iris/ready").json() == {"name": "iris", "ready": True}
+    assert not client.is_model_ready("bad-load")
+
+
+def test_model_config(client):
+    config = client.get_model_config("iris")
+    assert config["name"] == "iris"
+    assert config["input"] == [{"name": "input-0", "data_type": "TYPE_FP32", "dims": [-1, 4]}]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_sklearn_infer(client, binary):
+    output = triton_http.InferRequestedOutput("predict", binary_data=binary)
+    result = client.infer("iris", [iris_input(binary=binary)], outputs=[output], request_id="req-7")
+    assert result.as_numpy("predict").tolist() == [0, 2]
+    response = result.get_response()
+    assert response["id"] == "req-7"
+    assert response["model_name"] == "iris" and response["model_version"] == "1"
+    assert ("binary_data_size" in response["outputs"][0]["parameters"]) is binary
+
+
+def test_binary_default_without_named_outputs(client):
+    """tritonclient asks for binary outputs with `binary_data_output` when it names none."""
+    result = client.infer("iris", [iris_input()])
+    assert result.as_numpy("predict").tolist() == [0, 2]
+    assert "data" not in result.get_response()["outputs"][0]
+
+
+def test_output_selection(client):
+    outputs = [triton_http.InferRequestedOutput("predict_proba"), triton_http.InferRequestedOutput("predict")]
+    result = client.infer("iris", [iris_input()], outputs=outputs)
+    proba = result.as_numpy("predict_proba")
+    assert proba.shape == (2, 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    assert proba.argmax(axis=1).tolist() == result.as_numpy("predict").tolist() == [0, 2]
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["predict_proba", "predict"]
+
+
+def test_predict_fn_default(client):
+    tensor = triton_http.InferInput("x", [1, 4], "FP64")
+    tensor.set_data_from_numpy(IRIS_ROWS[:1].astype(np.float64))
+    proba = client.infer("iris-proba", [tensor]).as_numpy("predict_proba")
+    assert proba.shape == (1, 3) and proba.argmax() == 0
+
+
+def test_regressor_has_no_predict_proba(client):
+    tensor = triton_http.InferInput("x", [1, 10], "FP64")
+    tensor.set_data_from_numpy(np.zeros((1, 10)))
+    assert client.infer("diabetes", [tensor]).as_numpy("predict").shape == (1,)
+    with pytest.raises(InferenceServerException, match="predict_proba"):
+        client.infer("diabetes", [tensor], outputs=[triton_http.InferRequestedOutput("predict_proba")])
+
+
+@pytest.mark.parametrize("model", ["iris-xgboost", "iris-xgb-bst"])
+def test_xgboost_classifier(client, model):
+    tensor = triton_http.InferInput("x", [2, 4], "FP32")
+    tensor.set_data_from_numpy(IRIS_ROWS)
+    assert client.infer(model, [tensor]).as_numpy("predict").tolist() == [0, 2]
+    proba = client.infer(model, [tensor], outputs=[triton_http.InferRequestedOutput("predict_proba")])
+    assert proba.as_numpy("predict_proba").shape == (2, 3)
+
+
+def test_xgboost_regressor(client):
+    tensor = triton_http.InferInput("x", [3, 10], "FP64")
+    tensor.set_data_from_numpy(np.zeros((3, 10)))
+    prediction = client.infer("diabetes-xgb", [tensor]).as_numpy("predict")
+    assert prediction.shape == (3,) and np.all(prediction > 0)
+
+
+def test_custom_model_bytes_round_trip(client):
+    text = triton_http.InferInput("text", [3], "BYTES")
+    text.set_data_from_numpy(np.array(["hello", "grüße", ""], dtype=object))
+    result = client.infer("text-stats", [text])
+    assert result.as_numpy("upper").tolist() == [b"HELLO", "GRÜSSE".encode(), b""]
+    assert result.as_numpy("length").tolist() == [5, 5, 0]
+
+
+@pytest.mark.parametrize(
+    "datatype, values",
+    [
+        ("BOOL", [True, False, True]),
+        ("INT8", [-128, 0, 127]),
+        ("UINT8", [0, 1, 255]),
+        ("INT16", [-5, 0, 5]),
+        ("UINT16", [0, 65535, 1]),
+        ("INT32", [-(2**31), 0, 2**31 - 1]),
+        ("UINT32", [0, 2**32 - 1, 7]),
+        ("INT64", [-(2**63), 0, 2**63 - 1]),
+        ("UINT64", [0, 2**64 - 1, 3]),
+        ("FP16", [0.5, -1.25, 2048.0]),
+        ("FP32", [1.5, -2.25, 3.0]),
+        ("FP64", [1e-300, -2.5, 1e300]),
+        ("BYTES", [b"a", b"\x00\xff", b""]),
+    ],
+)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_every_datatype_round_trips(client, datatype, values, binary):
+    if datatype == "BYTES" and not binary:
+        values = [b"a", "é".encode(), b""]  # JSON carries BYTES as text
+    dtype = object if datatype == "BYTES" else triton_http.triton_to_np_dtype(datatype)
+    array = np.array(values, dtype=dtype).reshape(3, 1)
+    tensor = triton_http.InferInput("x", [3, 1], datatype)
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    result = client.infer("echo", [tensor], outputs=[triton_http.InferRequestedOutput("output-0", binary_data=binary)])
+    echoed = result.as_numpy("output-0")
+    assert echoed.shape == (3, 1)
+    if datatype == "BYTES" and not binary:
+        echoed = np.vectorize(str.encode, otypes=[object])(echoed)  # tritonclient returns JSON text as str
+    assert echoed.tolist() == array.tolist()
+    assert result.get_response()["outputs"][0]["datatype"] == datatype
+
+
+def test_versions(client, http):
+    """The default version is the highest; each version answers on its own route."""
+    tensor = triton_http.InferInput("x", [1, 4], "FP64")
+    tensor.set_data_from_numpy(IRIS_ROWS[1:].astype(np.float64))
+    classifier = client.infer("versioned", [tensor], model_version="1")
+    regressor = client.infer("versioned", [tensor], model_version="2")
+    default = client.infer("versioned", [tensor])
+    assert classifier.as_numpy("predict").dtype == np.int64
+    assert regressor.as_numpy("predict").dtype == np.float64
+    assert default.get_response()["model_version"] == "2"
+    assert sorted(client.get_model_metadata("versioned")["versions"]) == ["1", "2"]
+
+
+def test_json_nested_and_flat_data(http):
+    nested = http.post("/v2/models/iris/infer", json=iris_json())
+    flat = iris_json()
+    flat["inputs"][0]["data"] = IRIS_ROWS.ravel().tolist()
+    flat_response = http.post("/v2/models/iris/infer", json=flat)
+    assert nested.status_code == flat_response.status_code == 200
+    assert nested.json()["outputs"][0]["data"] == flat_response.json()["outputs"][0]["data"] == [0, 2]
+
+
+def test_request_id_and_header_echoed(http):
+    response = http.post("/v2/models/iris/infer", json=iris_json(id="abc-1"), headers={"x-request-id": "trace-9"})
+    assert response.json()["id"] == "abc-1"
+    assert response.headers["x-request-id"] == "trace-9"
+
+
+def test_pandas_request_codec(http):
+    """`content_type: pd` hands the runtime a DataFrame, one column per input."""
+    body = {
+        "parameters": {"content_type": "pd"},
+        "inputs": [
+            {"name": name, "datatype": "FP64", "shape": [2], "data": IRIS_ROWS[:, i].tolist()}
+            for i, name in enumerate(["sepal_length", "sepal_width", "petal_length", "petal_width"])
+        ],
+    }
+    response = http.post("/v2/models/iris-proba/infer", json=body)
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    assert output["shape"] == [2, 3] and output["parameters"]["content_type"] == "np"
+
+
+def test_content_type_round_trips(http):
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["abc"], "parameters": {"content_type": "str"}}]}
+    outputs = http.post("/v2/models/text-stats/infer", json=body).json()["outputs"]
+    assert outputs[0]["parameters"] == {"content_type": "str"} and outputs[0]["data"] == ["ABC"]
+    assert outputs[1]["parameters"] == {"content_type": "np"}
+
+
+def test_statistics(client, http):
+    before = client.get_inference_statistics("iris")["model_stats"][0]["inference_stats"]["success"]["count"]
+    client.infer("iris", [iris_input()])
+    stats = client.get_inference_statistics("iris", "1")["model_stats"][0]
+    assert stats["name"] == "iris" and stats["version"] == "1"
+    assert stats["inference_stats"]["success"]["count"] == before + 1
+    assert stats["inference_stats"]["compute_infer"]["ns"] > 0 and stats["last_inference"] > 0
+    everything = http.get("/v2/models/stats").json()["model_stats"]
+    assert {"iris", "iris-xgboost", "text-stats"} <= {entry["name"] for entry in everything}
+    failing_before = http.get("/v2/models/failing/stats").json()["model_stats"][0]["inference_stats"]["fail"]["count"]
+    http.post("/v2/models/failing/infer", json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})
+    failing = http.get("/v2/models/failing/stats").json()["model_stats"][0]["inference_stats"]["fail"]["count"]
+    assert failing == failing_before + 1
+
+
+def test_metrics_on_both_ports(server, http):
+    http.post("/v2/models/iris/infer", json=iris_json())
+    import httpx
+
+    for url in (f"{server.url}/metrics", f"http://127.0.0.1:{server.metrics_port}/metrics"):
+        text = httpx.get(url).text
+        assert 'fleetserve_infer_requests_total{model="iris",outcome="success",version="1"}' in text
+        assert 'fleetserve_infer_duration_seconds_bucket{le="0.005",model="iris",version="1"}' in text
+        assert "fleetserve_models_loaded " in text
+        assert 'fleetserve_model_load_duration_seconds_count{model="iris",outcome="success"}' in text
+        assert 'fleetserve_model_load_duration_seconds_count{model="bad-load",outcome="error"}' in text
+
+
+def test_compressed_request(client):
+    for algorithm in ("gzip", "deflate"):
+        result = client.infer("iris", [iris_input()], request_compression_algorithm=algorithm)
+        assert result.as_numpy("predict").tolist() == [0, 2]

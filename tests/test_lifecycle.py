@@ -1,0 +1,204 @@
+"""Model lifecycle through the repository API, start-up with broken models, and graceful shutdown.
+
+These tests change what is loaded, so they run their own server over their own repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from conftest import ROOT, build_repository, free_port, iris_json, start_server, write_settings
+
+SLOW_MODEL = '''
+import time
+
+from fleetserve.runtime.base import Runtime
+from fleetserve.types import Tensor
+
+
+class Slow(Runtime):
+    """Sleeps in load() for parameters.extra.load_seconds, and in predict() for its input's value."""
+
+    def load(self):
+        time.sleep(float(self.settings.extra.get("load_seconds", 0)))
+
+    def predict(self, request):
+        seconds = request.inputs[0].data.reshape(1)
+        time.sleep(float(seconds[0]))
+        return self.response([Tensor("slept", (1,), "FP32", seconds, {})], request)
+'''
+
+
+def sleep_request(seconds: float) -> dict:
+    return {"inputs": [{"name": "seconds", "datatype": "FP32", "shape": [1], "data": [seconds]}]}
+
+
+def add_slow_model(repository, name: str, load_seconds: float = 0) -> None:
+    write_settings(repository / name, {"implementation": "slow_model.Slow", "parameters": {"extra": {"load_seconds": load_seconds}}})
+    (repository / name / "slow_model.py").write_text(SLOW_MODEL)
+
+
+@pytest.fixture(scope="module")
+def lifecycle_server(tmp_path_factory):
+    repository = build_repository(tmp_path_factory.mktemp("lifecycle_repo"))
+    add_slow_model(repository, "slow")
+    server = start_server(repository, tmp_path_factory.mktemp("lifecycle_logs") / "server.log")
+    yield server
+    if server.process.poll() is None:
+        assert server.stop() == 0, server.log()
+
+
+@pytest.fixture
+def http(lifecycle_server):
+    with httpx.Client(base_url=lifecycle_server.url, timeout=30) as client:
+        yield client
+
+
+def index_of(http: httpx.Client) -> dict[str, dict]:
+    return {entry["name"]: entry for entry in http.post("/v2/repository/index").json()}
+
+
+def test_broken_models_are_unavailable_with_reasons(lifecycle_server, http):
+    index = index_of(http)
+    assert index["iris"]["state"] == "READY"
+    assert index["bad-json"]["state"] == "UNAVAILABLE" and "not valid JSON" in index["bad-json"]["reason"]
+    assert index["bad-load"]["state"] == "UNAVAILABLE" and "weights file is corrupt" in index["bad-load"]["reason"]
+    needs_gpu = index["needs-gpu"]["reason"]
+    assert "['sklearn', 'tensorrt']" in needs_gpu and "'xgboost'" in needs_gpu  # both lists named
+    assert "weights file is corrupt" in lifecycle_server.log()
+    assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+
+
+def test_index_ready_filter_and_empty_body(http):
+    everything = http.post("/v2/repository/index", content=b"").json()
+    ready = http.post("/v2/repository/index", json={"ready": True}).json()
+    assert {entry["state"] for entry in ready} == {"READY"}
+    assert len(ready) < len(everything)
+
+
+def test_unload_then_load_over_http(http):
+    assert http.post("/v2/repository/models/iris/unload").status_code == 200
+    assert index_of(http)["iris"] == {"name": "iris", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
+    refused = http.post("/v2/models/iris/infer", json=iris_json())
+    assert refused.status_code == 400 and "unloaded" in refused.json()["error"]
+    assert http.get("/v2/models/iris/ready").status_code == 400
+    assert http.post("/v2/repository/models/iris/unload").status_code == 404
+
+    assert http.post("/v2/repository/models/iris/load").status_code == 200
+    assert index_of(http)["iris"]["state"] == "READY"
+    assert http.post("/v2/models/iris/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
+
+
+def test_unload_then_load_over_grpc(lifecycle_server):
+    client = triton_grpc.InferenceServerClient(lifecycle_server.grpc_address)
+    client.unload_model("iris-xgboost")
+    assert not client.is_model_ready("iris-xgboost")
+    client.load_model("iris-xgboost")
+    assert client.is_model_ready("iris-xgboost")
+    client.close()
+
+
+def test_load_a_folder_added_after_start(lifecycle_server, http):
+    shutil.copytree(lifecycle_server.repository / "iris", lifecycle_server.repository / "iris-late")
+    (lifecycle_server.repository / "iris-late" / "model-settings.json").write_text(
+        (lifecycle_server.repository / "iris" / "model-settings.json").read_text().replace('"iris"', '"iris-late"')
+    )
+    assert index_of(http)["iris-late"] == {"name": "iris-late", "state": "UNAVAILABLE", "reason": "not loaded"}
+    assert http.post("/v2/repository/models/iris-late/load").status_code == 200
+    assert http.post("/v2/models/iris-late/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
+
+
+def test_load_errors(http):
+    missing = http.post("/v2/repository/models/nowhere/load")
+    assert missing.status_code == 404 and "nowhere" in missing.json()["error"]
+    bad_name = http.post("/v2/repository/models/..%2Fetc/load")
+    assert bad_name.status_code in (400, 404) and "error" in bad_name.json()
+    broken = http.post("/v2/repository/models/bad-load/load")
+    assert broken.status_code == 400 and "corrupt" in broken.json()["error"]
+
+
+def test_loading_state_is_visible(lifecycle_server, http):
+    add_slow_model(lifecycle_server.repository, "slow-load", load_seconds=1.5)
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(http.post, "/v2/repository/models/slow-load/load")
+        states = set()
+        while not loading.done():
+            states.add(index_of(http).get("slow-load", {}).get("state"))
+        assert loading.result().status_code == 200
+    assert "LOADING" in states
+    assert index_of(http)["slow-load"]["state"] == "READY"
+
+
+def test_unload_waits_for_in_flight_requests(http):
+    """A model is never unloaded under a request: UNLOADING is visible, the request completes."""
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = pool.submit(http.post, "/v2/models/slow/infer", json=sleep_request(1.5))
+        time.sleep(0.3)  # the request is now inside the model
+        unloading = pool.submit(http.post, "/v2/repository/models/slow/unload")
+        states = set()
+        while not unloading.done():
+            states.add(index_of(http)["slow"]["state"])
+        assert in_flight.result().status_code == 200
+        assert unloading.result().status_code == 200
+    assert "UNLOADING" in states
+    assert http.post("/v2/repository/models/slow/load").status_code == 200
+
+
+def test_slow_model_does_not_stall_others(http):
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(http.post, "/v2/models/slow/infer", json=sleep_request(2.0))
+        for _ in range(5):
+            assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+        assert not slow.done(), "fast requests waited for the slow model"
+        assert slow.result().status_code == 200
+
+
+def test_settings_from_environment_and_sigterm_drains(tmp_path):
+    """Ports come from FLEETSERVE_* variables; SIGTERM lets the in-flight request finish, then exits 0."""
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    add_slow_model(repository, "slow")
+    ports = {"FLEETSERVE_HTTP_PORT": free_port(), "FLEETSERVE_GRPC_PORT": free_port(), "FLEETSERVE_METRICS_PORT": free_port()}
+    log = (tmp_path / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fleetserve.cli", "start", str(repository)],
+        env={**os.environ, **{key: str(value) for key, value in ports.items()}},
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{ports['FLEETSERVE_HTTP_PORT']}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{ports['FLEETSERVE_METRICS_PORT']}/metrics").status_code == 200
+        result: dict = {}
+
+        def slow_request():
+            result["response"] = httpx.post(f"{url}/v2/models/slow/infer", json=sleep_request(1.5), timeout=30)
+
+        caller = threading.Thread(target=slow_request)
+        caller.start()
+        time.sleep(0.5)  # the request is now inside the model
+        process.terminate()
+        caller.join(30)
+        assert result["response"].status_code == 200
+        assert result["response"].json()["outputs"][0]["data"] == [1.5]
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "fleetserve stopped" in (tmp_path / "server.log").read_text()
