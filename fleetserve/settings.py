@@ -119,13 +119,16 @@ class ModelSettings:
         where = str(folder)
         if not isinstance(raw, dict):
             raise ModelLoadError(f"{where}: model settings must be a JSON object")
-        parameters = raw.get("parameters") or {}
+        parameters = raw.get("parameters")
+        parameters = {} if parameters is None else parameters
         if not isinstance(parameters, dict):
             raise ModelLoadError(f"{where}: 'parameters' must be an object")
-        extra = parameters.get("extra") or {}
+        extra = parameters.get("extra")
+        extra = {} if extra is None else extra
         if not isinstance(extra, dict):
             raise ModelLoadError(f"{where}: 'parameters.extra' must be an object")
-        requirements = raw.get("requirements") or []
+        requirements = raw.get("requirements")
+        requirements = [] if requirements is None else requirements
         if not isinstance(requirements, list) or not all(isinstance(item, str) for item in requirements):
             raise ModelLoadError(f"{where}: 'requirements' must be a list of strings")
         try:

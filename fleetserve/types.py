@@ -7,6 +7,7 @@ arrays, and the front doors encode once on the way out. BYTES tensors are object
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "BYTES": np.dtype("object"),
 }
 DATATYPES = frozenset(NUMPY_DTYPES)
+_LARGEST_ITEMSIZE = max(dtype.itemsize for dtype in NUMPY_DTYPES.values())
+_MAX_BYTES = int(np.iinfo(np.intp).max)
 _DATATYPE_OF_KIND = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 
 
@@ -59,6 +62,9 @@ def check_shape(shape: Any, tensor: str) -> tuple[int, ...]:
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
     ):
         raise InvalidInput(f"tensor '{tensor}': shape must be a list of non-negative integers, got {shape!r}")
+    # numpy refuses (ValueError) any shape whose nonzero dimensions, times the item size, overflow intp.
+    if math.prod(dim for dim in shape if dim) * _LARGEST_ITEMSIZE > _MAX_BYTES:
+        raise InvalidInput(f"tensor '{tensor}': shape {list(shape)} is too large for any array")
     return tuple(shape)
 
 

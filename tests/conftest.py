@@ -49,6 +49,24 @@ class Failing(Runtime):
         raise RuntimeError("this model always fails")
 '''
 
+CODEC_MODEL = '''
+from fleetserve.codecs import decode_tensor, encode_tensor
+from fleetserve.runtime.base import Runtime
+
+
+class CodecProbe(Runtime):
+    """Decodes each input by its content type, re-encodes it, and says what Python type it saw."""
+
+    def predict(self, request):
+        outputs = []
+        for tensor in request.inputs:
+            value = decode_tensor(tensor)
+            outputs.append(encode_tensor(tensor.name, value))
+            first = value[0] if len(value) else None
+            outputs.append(encode_tensor(f"{tensor.name}-type", [type(first).__name__]))
+        return self.response(outputs, request)
+'''
+
 BROKEN_LOAD_MODEL = '''
 from fleetserve.runtime.base import Runtime
 
@@ -96,6 +114,8 @@ def build_repository(repo: Path) -> Path:
 
     write_settings(repo / "echo", {"implementation": "echo_model.Echo"})
     (repo / "echo" / "echo_model.py").write_text(ECHO_MODEL)
+    write_settings(repo / "codec", {"implementation": "codec_model.CodecProbe"})
+    (repo / "codec" / "codec_model.py").write_text(CODEC_MODEL)
     write_settings(repo / "failing", {"implementation": "failing_model.Failing"})
     (repo / "failing" / "failing_model.py").write_text(FAILING_MODEL)
 

@@ -233,3 +233,30 @@ def test_compressed_request(client):
     for algorithm in ("gzip", "deflate"):
         result = client.infer("iris", [iris_input()], request_compression_algorithm=algorithm)
         assert result.as_numpy("predict").tolist() == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "content_type, data, python_type",
+    [
+        ("str", ["grüße"], "str"),
+        ("base64", ["aGVsbG8="], "bytes"),
+        ("datetime", ["2026-11-21T10:30:00"], "datetime"),
+        ("np", ["raw"], "bytes"),
+    ],
+)
+def test_tensor_content_types(http, content_type, data, python_type):
+    """A runtime sees each input as its content type says, and outputs say how they were encoded."""
+    body = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": data, "parameters": {"content_type": content_type}}]}
+    response = http.post("/v2/models/codec/infer", json=body)
+    assert response.status_code == 200, response.text
+    value, kind = response.json()["outputs"]
+    assert kind["data"] == [python_type]
+    assert value["data"] == data
+    assert value["parameters"]["content_type"] == content_type
+
+
+def test_bad_base64_and_datetime(http):
+    for content_type, data in (("base64", "not base64!"), ("datetime", "yesterday")):
+        body = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": [data], "parameters": {"content_type": content_type}}]}
+        response = http.post("/v2/models/codec/infer", json=body)
+        assert response.status_code == 400 and "'x'" in response.json()["error"]

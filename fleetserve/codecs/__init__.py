@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fleetserve.codecs.numpy import as_bytes
 from fleetserve.errors import InvalidInput
 from fleetserve.types import InferenceRequest, Tensor, datatype_of
 
@@ -51,24 +52,29 @@ def decode_tensor(tensor: Tensor, default: str = "np") -> Any:
 
 
 def encode_tensor(name: str, value: Any, content_type: str | None = None) -> Tensor:
-    """A response tensor from an array, a list of str/bytes/datetime, or a pandas Series."""
+    """A response tensor from an array (kept as it is, content type `np`), a pandas Series, or a
+    list of str, bytes or datetimes (content type `str`, `base64` or `datetime`, guessed if not given)."""
     if hasattr(value, "to_numpy") and not isinstance(value, np.ndarray):
         value = value.to_numpy()
-    if isinstance(value, np.ndarray) and value.dtype.kind not in "OSU":
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "OSU":
+            value = _object_array([as_bytes(item) for item in value.flat], value.shape)
         return Tensor(name, value.shape, datatype_of(value), value, {"content_type": content_type or "np"})
-    items = list(value.flat) if isinstance(value, np.ndarray) else list(value)
-    if content_type is None:
-        content_type = _guess_content_type(items)
+    items = list(value)
+    content_type = content_type or _guess_content_type(items)
     if content_type == "base64":
-        items = [base64.b64encode(item) for item in items]
+        items = [base64.b64encode(as_bytes(item)) for item in items]
     elif content_type == "datetime":
         items = [item.isoformat().encode() for item in items]
     else:
-        items = [item if isinstance(item, bytes) else str(item).encode() for item in items]
+        items = [as_bytes(item) for item in items]
+    return Tensor(name, (len(items),), "BYTES", _object_array(items, (len(items),)), {"content_type": content_type})
+
+
+def _object_array(items: list, shape: tuple[int, ...]) -> np.ndarray:
     array = np.empty(len(items), dtype=object)
     array[:] = items
-    shape = value.shape if isinstance(value, np.ndarray) else (len(items),)
-    return Tensor(name, shape, "BYTES", array.reshape(shape), {"content_type": content_type})
+    return array.reshape(shape)
 
 
 def _guess_content_type(items: list) -> str:

@@ -120,8 +120,14 @@ def bytes_from_buffer(buffer: bytes | memoryview, shape: tuple[int, ...], name: 
     """BYTES elements, each a 4-byte little-endian length then the bytes."""
     count = element_count(shape)
     view = memoryview(buffer)
-    array = np.empty(count, dtype=object)
     offset, end = 0, len(view)
+    # Each element needs at least its length prefix: refuse before allocating `count` slots.
+    if count * 4 > end:
+        raise InvalidInput(
+            f"tensor '{name}': BYTES data is truncated: shape {list(shape)} needs at least {count * 4} bytes "
+            f"of length prefixes, got {end}"
+        )
+    array = np.empty(count, dtype=object)
     for index in range(count):
         if offset + 4 > end:
             raise InvalidInput(f"tensor '{name}': BYTES data is truncated at element {index} of {count}")

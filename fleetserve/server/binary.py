@@ -78,8 +78,13 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
         inputs.append(Tensor(name, data.shape, datatype, data, parameters))
     if binary is not None and offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data are left over after the inputs")
+    raw_outputs = document.get("outputs")
+    if raw_outputs is None:
+        raw_outputs = []
+    elif not isinstance(raw_outputs, list):
+        raise InvalidInput(f"'outputs' must be a list of requested outputs, got {_short(raw_outputs)}")
     outputs = []
-    for raw in document.get("outputs") or []:
+    for raw in raw_outputs:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise InvalidInput(f"each requested output must be an object with a 'name', got {_short(raw)}")
         outputs.append(RequestedOutput(raw["name"], _parameters(raw, f"output '{raw['name']}'")))

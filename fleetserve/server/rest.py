@@ -7,7 +7,6 @@ into numpy tensors (server/binary.py), never through pydantic models. Every fail
 
 from __future__ import annotations
 
-import gzip
 import logging
 import zlib
 from typing import TYPE_CHECKING, Any
@@ -61,20 +60,30 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    if encoding == "identity":
+        return body
+    if encoding not in _WBITS:
+        raise InvalidInput(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
+    # Inflate at most limit + 1 bytes: a small compressed body must not expand without bound.
+    inflated = bytearray()
+    remaining = body
     try:
-        if encoding == "gzip":
-            inflated = gzip.decompress(body)
-        elif encoding == "deflate":
-            inflated = zlib.decompress(body)
-        elif encoding == "identity":
-            return body
-        else:
-            raise InvalidInput(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
-    except (OSError, EOFError, zlib.error) as error:
+        while True:
+            stream = zlib.decompressobj(_WBITS[encoding])
+            inflated += stream.decompress(remaining, limit + 1 - len(inflated))
+            if len(inflated) > limit:
+                raise PayloadTooLarge(f"inflated request body exceeds the limit of {limit} bytes")
+            if not stream.eof:
+                raise zlib.error("the compressed stream is truncated")
+            remaining = stream.unused_data
+            if encoding != "gzip" or not remaining:  # gzip bodies may hold several members
+                return bytes(inflated)
+    except zlib.error as error:
         raise InvalidInput(f"request body is not valid {encoding}: {error}") from None
-    if len(inflated) > limit:
-        raise PayloadTooLarge(f"inflated request body exceeds the limit of {limit} bytes")
-    return inflated
+
+
+# zlib window bits: 31 reads the gzip wrapper, 15 the zlib wrapper HTTP's "deflate" means.
+_WBITS = {"gzip": 31, "deflate": 15}
 
 
 def build_rest_app(server: "FleetServer") -> FastAPI:

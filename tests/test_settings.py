@@ -1,0 +1,73 @@
+"""model-settings.json parsing: MLServer's format as written, unknown fields kept, clear reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetserve.errors import InvalidInput, ModelLoadError
+from fleetserve.runtime.repository import ModelRepository
+from fleetserve.settings import ModelSettings, ServerSettings, check_model_name
+
+
+def test_mlserver_settings_and_unknown_fields_kept(tmp_path):
+    raw = {
+        "name": "m",
+        "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": "./artifacts/model.joblib", "version": "3", "extra": {"predict_fn": "predict_proba"}, "environment_tarball": "x.tar.gz"},
+        "max_batch_size": 8,
+        "max_batch_time": 0.01,
+        "parallel_workers": 2,
+        "inputs": [{"name": "a", "datatype": "FP32", "shape": [-1, 2]}],
+    }
+    settings = ModelSettings.parse(raw, tmp_path, "folder")
+    assert (settings.name, settings.version, settings.max_batch_size) == ("m", "3", 8)
+    assert settings.extra == {"predict_fn": "predict_proba"}
+    assert settings.artifact_path == tmp_path / "artifacts" / "model.joblib"
+    assert settings.unknown == {"parallel_workers": 2, "parameters": {"environment_tarball": "x.tar.gz"}}
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ([], "must be a JSON object"),
+        ({"parameters": []}, "'parameters' must be an object"),
+        ({"parameters": {"extra": 1}}, "'parameters.extra' must be an object"),
+        ({"requirements": "sklearn"}, "'requirements' must be a list"),
+        ({"name": "../x"}, "invalid model name"),
+        ({"max_batch_size": "lots"}, "lots"),
+        ({"inputs": [{"datatype": "FP32"}]}, "needs at least a 'name'"),
+    ],
+)
+def test_broken_settings_give_reasons(tmp_path, raw, fragment):
+    with pytest.raises(ModelLoadError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        ModelSettings.parse(raw, tmp_path, "folder")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "..", ".hidden", "", "a\\b"])
+def test_model_names_are_validated(name):
+    with pytest.raises(InvalidInput):
+        check_model_name(name)
+
+
+def test_repository_versions_and_folder_names(tmp_path: Path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model-settings.json").write_text('{"implementation": "sklearn"}')
+    (tmp_path / "multi" / "1").mkdir(parents=True)
+    (tmp_path / "multi" / "2").mkdir()
+    (tmp_path / "multi" / "model-settings.json").write_text('{"implementation": "sklearn"}')
+    (tmp_path / "multi" / "2" / "model-settings.json").write_text('{"implementation": "xgboost"}')
+    (tmp_path / "not-a-model").mkdir()
+    found = ModelRepository(tmp_path).scan()
+    assert sorted(found) == ["multi", "plain"]
+    versions = {v.version: v for v in found["multi"].versions}
+    assert versions["1"].implementation == "sklearn" and versions["1"].folder == tmp_path / "multi" / "1"
+    assert versions["2"].implementation == "xgboost"
+
+
+def test_server_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("FLEETSERVE_HTTP_PORT", "9000")
+    monkeypatch.setenv("FLEETSERVE_HOST", "0.0.0.0")
+    settings = ServerSettings.from_env(grpc_port=9001, metrics_port=None)
+    assert (settings.host, settings.http_port, settings.grpc_port, settings.metrics_port) == ("0.0.0.0", 9000, 9001, 8082)
