@@ -3,6 +3,7 @@ the README's examples plus models trained here for the cases they do not cover."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -192,17 +193,32 @@ def repository(tmp_path_factory) -> Path:
     return build_repository(tmp_path_factory.mktemp("model_repo"))
 
 
+@contextlib.contextmanager
+def running_server(repository: Path, log_path: Path):
+    """A server for the block; it must stop cleanly (exit 0) on SIGTERM afterwards."""
+    server = start_server(repository, log_path)
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            assert server.stop() == 0, server.log()
+
+
+@contextlib.contextmanager
+def http_client(server: Server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
 @pytest.fixture(scope="session")
 def server(repository, tmp_path_factory):
-    server = start_server(repository, tmp_path_factory.mktemp("logs") / "server.log")
-    yield server
-    if server.process.poll() is None:
-        assert server.stop() == 0, server.log()
+    with running_server(repository, tmp_path_factory.mktemp("logs") / "server.log") as server:
+        yield server
 
 
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with http_client(server) as client:
         yield client
 
 

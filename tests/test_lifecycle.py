@@ -17,7 +17,7 @@ import httpx
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from conftest import ROOT, build_repository, free_port, iris_json, start_server, write_settings
+from conftest import ROOT, build_repository, free_port, http_client, iris_json, running_server, write_settings
 
 SLOW_MODEL = '''
 import time
@@ -52,15 +52,13 @@ def add_slow_model(repository, name: str, load_seconds: float = 0) -> None:
 def lifecycle_server(tmp_path_factory):
     repository = build_repository(tmp_path_factory.mktemp("lifecycle_repo"))
     add_slow_model(repository, "slow")
-    server = start_server(repository, tmp_path_factory.mktemp("lifecycle_logs") / "server.log")
-    yield server
-    if server.process.poll() is None:
-        assert server.stop() == 0, server.log()
+    with running_server(repository, tmp_path_factory.mktemp("lifecycle_logs") / "server.log") as server:
+        yield server
 
 
 @pytest.fixture
 def http(lifecycle_server):
-    with httpx.Client(base_url=lifecycle_server.url, timeout=30) as client:
+    with http_client(lifecycle_server) as client:
         yield client
 
 

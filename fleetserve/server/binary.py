@@ -28,6 +28,16 @@ def _parameters(raw: dict, where: str) -> dict[str, Any]:
     return parameters
 
 
+def parse_json_object(body: bytes | memoryview) -> dict:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidInput(f"malformed JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return document
+
+
 def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
     binary: memoryview | None = None
     header: bytes | memoryview = body
@@ -40,12 +50,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
             raise InvalidInput(f"Inference-Header-Content-Length {length} is outside the body of {len(body)} bytes")
         view = memoryview(body)
         header, binary = view[:length], view[length:]
-    try:
-        document = orjson.loads(header)
-    except orjson.JSONDecodeError as error:
-        raise InvalidInput(f"malformed JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise InvalidInput("the request body must be a JSON object")
+    document = parse_json_object(header)
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list):
         raise InvalidInput("the request needs 'inputs', a list of tensors")

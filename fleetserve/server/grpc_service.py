@@ -12,7 +12,6 @@ import functools
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import grpc
-import numpy as np
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc

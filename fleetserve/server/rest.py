@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from fleetserve.errors import FleetError, InvalidInput, PayloadTooLarge, ServerUnavailable
 from fleetserve.server import documents
-from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response
+from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object
 
 if TYPE_CHECKING:
     from fleetserve.server.app import FleetServer
@@ -171,7 +171,7 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> Response:
         body = await read_body(request, limit)
-        options = _optional_json(body)
+        options = parse_json_object(body) if body.strip() else {}  # an empty body means no options
         return json_response(registry.index(ready_only=bool(options.get("ready", False))))
 
     @app.post("/v2/repository/models/{name}/load")
@@ -189,16 +189,3 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _optional_json(body: bytes) -> dict:
-    """An optional JSON object body: empty means no options."""
-    if not body.strip():
-        return {}
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise InvalidInput(f"malformed JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise InvalidInput("the request body must be a JSON object")
-    return document
