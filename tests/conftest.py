@@ -68,6 +68,27 @@ class CodecProbe(Runtime):
         return self.response(outputs, request)
 '''
 
+MISBEHAVING_MODEL = '''
+import numpy as np
+
+from fleetserve.runtime.base import Runtime
+from fleetserve.types import Tensor
+
+
+class Misbehaving(Runtime):
+    """Misbehaves as its input's name says."""
+
+    def predict(self, request):
+        how = request.inputs[0].name
+        if how == "exit":
+            raise SystemExit("the model called exit()")
+        if how == "list":
+            return self.response([Tensor("out", (1,), "FP32", [1.0], {})], request)
+        if how == "objects":  # claims FP32 but holds objects no encoder can write
+            return self.response([Tensor("out", (1,), "FP32", np.array([object()]), {})], request)
+        return None
+'''
+
 BROKEN_LOAD_MODEL = '''
 from fleetserve.runtime.base import Runtime
 
@@ -117,6 +138,8 @@ def build_repository(repo: Path) -> Path:
     (repo / "echo" / "echo_model.py").write_text(ECHO_MODEL)
     write_settings(repo / "codec", {"implementation": "codec_model.CodecProbe"})
     (repo / "codec" / "codec_model.py").write_text(CODEC_MODEL)
+    write_settings(repo / "misbehaving", {"implementation": "misbehaving_model.Misbehaving"})
+    (repo / "misbehaving" / "misbehaving_model.py").write_text(MISBEHAVING_MODEL)
     write_settings(repo / "failing", {"implementation": "failing_model.Failing"})
     (repo / "failing" / "failing_model.py").write_text(FAILING_MODEL)
 

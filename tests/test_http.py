@@ -260,3 +260,24 @@ def test_bad_base64_and_datetime(http):
         body = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": [data], "parameters": {"content_type": content_type}}]}
         response = http.post("/v2/models/codec/infer", json=body)
         assert response.status_code == 400 and "'x'" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "how, fragment",
+    [("exit", "SystemExit: the model called exit()"), ("none", "returned NoneType"), ("list", "numpy arrays")],
+)
+def test_misbehaving_model_code_is_contained(http, how, fragment):
+    """Whatever a model's own code does (even SystemExit), the client gets an error and the server lives."""
+    body = {"inputs": [{"name": how, "datatype": "FP32", "shape": [1], "data": [1]}]}
+    response = http.post("/v2/models/misbehaving/infer", json=body)
+    assert response.status_code == 400 and fragment in response.json()["error"]
+    assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+
+
+def test_unexpected_error_answers_500_and_keeps_the_connection(http):
+    body = {"inputs": [{"name": "objects", "datatype": "FP32", "shape": [1], "data": [1]}]}
+    response = http.post("/v2/models/misbehaving/infer", json=body, headers={"x-request-id": "r-500"})
+    assert response.status_code == 500 and response.json()["error"].startswith("internal error")
+    assert response.headers["x-request-id"] == "r-500"
+    # The same keep-alive connection serves the next request.
+    assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200

@@ -11,6 +11,8 @@ import logging
 import time
 from concurrent.futures import Executor
 
+import numpy as np
+
 from fleetserve.errors import FleetError, InferenceError, InvalidInput
 from fleetserve.runtime import metrics
 from fleetserve.runtime.registry import ModelVersion, Registry
@@ -43,7 +45,9 @@ class DataPlane:
         except FleetError as error:
             self._record_failure(model, started, type(error).__name__)
             raise
-        except Exception as error:  # a model's own code may raise anything; the client gets the reason
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # a model's code may raise anything, even SystemExit; the client gets the reason
             self._record_failure(model, started, "InferenceError")
             log.warning("model %s failed: %s: %s", name, type(error).__name__, error)
             raise InferenceError(f"model '{name}' failed: {type(error).__name__}: {error}") from error
@@ -110,6 +114,13 @@ def _shape_fits(expected: TensorMetadata, shape: tuple[int, ...]) -> bool:
 
 def _select_outputs(model: ModelVersion, request: InferenceRequest, response: InferenceResponse) -> InferenceResponse:
     """Keep only the outputs the request names, in its order; a missing one is an error."""
+    if not isinstance(response, InferenceResponse) or not all(
+        isinstance(tensor, Tensor) and isinstance(tensor.data, np.ndarray) for tensor in response.outputs
+    ):
+        raise InferenceError(
+            f"model '{model.name}' returned {type(response).__name__}; predict() must return an InferenceResponse "
+            "whose outputs are Tensors holding numpy arrays"
+        )
     if not request.outputs:
         return response
     produced: dict[str, Tensor] = {tensor.name: tensor for tensor in response.outputs}

@@ -191,7 +191,9 @@ class Registry:
                 await runtime.load()
             else:
                 await loop.run_in_executor(self.executor, runtime.load)
-        except Exception as error:  # a model's own code may raise anything; it must not stop the server
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
             reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
             version.state, version.reason = UNAVAILABLE, reason
             metrics.MODEL_LOAD_DURATION.labels(version.name, "error").observe(time.perf_counter() - started)

@@ -86,6 +86,36 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
 _WBITS = {"gzip": 31, "deflate": 15}
 
 
+class _AnswerUnexpectedErrors:
+    """Answers a bug's exception with a 500 `{"error"}` and keeps the connection.
+
+    Starlette's own catch-all handler re-raises after answering, and uvicorn then closes the
+    connection, failing the next request a keep-alive client sends on it.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracking_start(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking_start)
+        except Exception as error:
+            if started:
+                raise
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            request = Request(scope)
+            await error_response(f"internal error: {type(error).__name__}: {error}", 500, request)(scope, receive, send)
+
+
 def build_rest_app(server: "FleetServer") -> FastAPI:
     registry = server.registry
     dataplane = server.dataplane
@@ -104,10 +134,7 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
     async def on_validation_error(request: Request, error: RequestValidationError) -> Response:
         return error_response(f"invalid request: {error.errors()}", 400, request)
 
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, error: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(f"internal error: {type(error).__name__}: {error}", 500, request)
+    app.add_middleware(_AnswerUnexpectedErrors)
 
     # Health and metadata.
 
