@@ -7,6 +7,7 @@ under a request: unload waits for in-flight requests to finish first.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import time
@@ -73,6 +74,17 @@ class Model:
         ordered = sorted(self.versions.values(), key=lambda v: _version_order(v.version))
         ready = [version for version in ordered if version.state == READY]
         return (ready or ordered)[-1]
+
+
+def _freeze_long_lived_objects() -> None:
+    """Move what loading created (the model, framework modules) out of the collector's reach.
+
+    Full collections traverse every tracked object; with a framework or two imported they take
+    tens of milliseconds and show up as the p99 of every request. Garbage is collected first so
+    only live objects are frozen; refcounting still frees a model's objects when it is unloaded.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _version_order(version: str | None) -> tuple[int, str]:
@@ -191,6 +203,7 @@ class Registry:
                 await runtime.load()
             else:
                 await loop.run_in_executor(self.executor, runtime.load)
+            await loop.run_in_executor(self.executor, _freeze_long_lived_objects)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
