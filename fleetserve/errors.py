@@ -37,10 +37,6 @@ class PayloadTooLarge(FleetError):
     """The request body exceeds the configured limit."""
 
 
-class MethodNotAllowed(FleetError):
-    """The route exists but not for this HTTP method."""
-
-
 class ModelLoadError(FleetError):
     """The model could not be loaded; the reason names what went wrong."""
 
@@ -60,7 +56,6 @@ STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     NotFound: (404, grpc.StatusCode.NOT_FOUND),
     ModelUnavailable: (400, grpc.StatusCode.UNAVAILABLE),
     PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    MethodNotAllowed: (405, grpc.StatusCode.UNIMPLEMENTED),
     ModelLoadError: (400, grpc.StatusCode.INVALID_ARGUMENT),
     InferenceError: (400, grpc.StatusCode.INTERNAL),
     ServerUnavailable: (503, grpc.StatusCode.UNAVAILABLE),

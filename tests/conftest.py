@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import xgboost
 from sklearn.datasets import load_diabetes, load_iris
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,10 @@ def build_repository(repo: Path) -> Path:
     # predict_proba as the default output, pickled rather than joblib'd.
     write_settings(repo / "iris-proba", {"implementation": "sklearn", "parameters": {"extra": {"predict_fn": "predict_proba"}}})
     joblib.dump(LogisticRegression(max_iter=1000).fit(features, labels), repo / "iris-proba" / "model.pkl")
+
+    # A transformer: no predict, so its one method is its default output.
+    write_settings(repo / "iris-pca", {"implementation": "sklearn"})
+    joblib.dump(PCA(n_components=2).fit(features), repo / "iris-pca" / "model.joblib")
 
     # Two versions sharing one model-settings.json; version 2 is the default.
     write_settings(repo / "versioned", {"implementation": "sklearn", "keep_me": {"unknown": True}})

@@ -281,3 +281,11 @@ def test_unexpected_error_answers_500_and_keeps_the_connection(http):
     assert response.headers["x-request-id"] == "r-500"
     # The same keep-alive connection serves the next request.
     assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+
+
+def test_transformer_serves_transform(client):
+    tensor = triton_http.InferInput("x", [2, 4], "FP32")
+    tensor.set_data_from_numpy(IRIS_ROWS)
+    result = client.infer("iris-pca", [tensor])
+    assert result.get_response()["outputs"][0]["name"] == "transform"
+    assert result.as_numpy("transform").shape == (2, 2)

@@ -110,13 +110,3 @@ def to_dataframe(request: InferenceRequest):
         return pd.DataFrame(columns)
     except ValueError as error:
         raise InvalidInput(f"inputs do not form a table: {error}") from None
-
-
-def encode_dataframe(frame) -> list[Tensor]:
-    """One output per column, as MLServer's pandas codec returns them."""
-    outputs = []
-    for column in frame.columns:
-        values = frame[column].to_numpy()
-        tensor = encode_tensor(str(column), values)
-        outputs.append(tensor)
-    return outputs

@@ -80,7 +80,8 @@ class MethodRuntime(Runtime):
     """A model object whose methods are its outputs (`predict`, `predict_proba`, ...).
 
     Subclasses load `self.model` and set `self.methods`, the methods it offers; the request's
-    `outputs` pick methods by name, else `parameters.extra.predict_fn`, else `predict`.
+    `outputs` pick methods by name, else `parameters.extra.predict_fn`, else `predict`, else
+    the first method offered (`transform` for a transformer).
     """
 
     model: Any
@@ -88,7 +89,10 @@ class MethodRuntime(Runtime):
 
     @property
     def default_method(self) -> str:
-        return self.settings.extra.get("predict_fn", "predict")
+        chosen = self.settings.extra.get("predict_fn")
+        if chosen:
+            return chosen
+        return "predict" if "predict" in self.methods or not self.methods else self.methods[0]
 
     def check_methods(self) -> None:
         if self.default_method not in self.methods:
