@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetserve.errors import InvalidInput
+from fleetserve.errors import InferenceError, InvalidInput
 
 # V2 datatype -> numpy dtype (little-endian, as the wire requires). BYTES is variable length.
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -34,7 +34,7 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 DATATYPES = frozenset(NUMPY_DTYPES)
 _LARGEST_ITEMSIZE = max(dtype.itemsize for dtype in NUMPY_DTYPES.values())
 _MAX_BYTES = int(np.iinfo(np.intp).max)
-_DATATYPE_OF_KIND = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+_DATATYPE_OF_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -42,9 +42,9 @@ def datatype_of(array: np.ndarray) -> str:
     dtype = array.dtype
     if dtype.kind in "OSU":
         return "BYTES"
-    found = _DATATYPE_OF_KIND.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    found = _DATATYPE_OF_DTYPE.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
     if found is None:
-        raise InvalidInput(f"numpy dtype {dtype} has no V2 datatype")
+        raise InferenceError(f"numpy dtype {dtype} has no V2 datatype; convert the output to one that has")
     return found
 
 
@@ -70,13 +70,20 @@ def check_shape(shape: Any, tensor: str) -> tuple[int, ...]:
 
 @dataclass(slots=True)
 class Tensor:
-    """One named tensor, request input or response output."""
+    """One named tensor, request input or response output. Its shape and datatype are the
+    array's own, so they can never disagree with the data."""
 
     name: str
-    shape: tuple[int, ...]
-    datatype: str
     data: np.ndarray
     parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def datatype(self) -> str:
+        return datatype_of(self.data)
 
     @property
     def content_type(self) -> str | None:

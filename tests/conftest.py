@@ -38,7 +38,7 @@ class Echo(Runtime):
     """Returns every input unchanged, renamed output-N."""
 
     def predict(self, request):
-        outputs = [Tensor(f"output-{i}", t.shape, t.datatype, t.data, {}) for i, t in enumerate(request.inputs)]
+        outputs = [Tensor(f"output-{i}", t.data) for i, t in enumerate(request.inputs)]
         return self.response(outputs, request)
 '''
 
@@ -84,9 +84,15 @@ class Misbehaving(Runtime):
         if how == "exit":
             raise SystemExit("the model called exit()")
         if how == "list":
-            return self.response([Tensor("out", (1,), "FP32", [1.0], {})], request)
-        if how == "objects":  # claims FP32 but holds objects no encoder can write
-            return self.response([Tensor("out", (1,), "FP32", np.array([object()]), {})], request)
+            return self.response([Tensor("out", [1.0])], request)
+        if how == "parameters":  # a response parameter no encoder can write
+            response = self.response([Tensor("out", np.ones(1))], request)
+            response.parameters["when"] = object()
+            return response
+        if how == "complex":
+            return self.response([Tensor("out", np.ones(1, dtype=complex))], request)
+        if how == "big-endian":
+            return self.response([Tensor("out", np.array([1.5, -2.5], dtype=">f8"))], request)
         return None
 '''
 

@@ -264,7 +264,12 @@ def test_bad_base64_and_datetime(http):
 
 @pytest.mark.parametrize(
     "how, fragment",
-    [("exit", "SystemExit: the model called exit()"), ("none", "returned NoneType"), ("list", "numpy arrays")],
+    [
+        ("exit", "SystemExit: the model called exit()"),
+        ("none", "returned NoneType"),
+        ("list", "numpy arrays"),
+        ("complex", "complex128 has no V2 datatype"),
+    ],
 )
 def test_misbehaving_model_code_is_contained(http, how, fragment):
     """Whatever a model's own code does (even SystemExit), the client gets an error and the server lives."""
@@ -275,7 +280,7 @@ def test_misbehaving_model_code_is_contained(http, how, fragment):
 
 
 def test_unexpected_error_answers_500_and_keeps_the_connection(http):
-    body = {"inputs": [{"name": "objects", "datatype": "FP32", "shape": [1], "data": [1]}]}
+    body = {"inputs": [{"name": "parameters", "datatype": "FP32", "shape": [1], "data": [1]}]}
     response = http.post("/v2/models/misbehaving/infer", json=body, headers={"x-request-id": "r-500"})
     assert response.status_code == 500 and response.json()["error"].startswith("internal error")
     assert response.headers["x-request-id"] == "r-500"
@@ -289,3 +294,11 @@ def test_transformer_serves_transform(client):
     result = client.infer("iris-pca", [tensor])
     assert result.get_response()["outputs"][0]["name"] == "transform"
     assert result.as_numpy("transform").shape == (2, 2)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_big_endian_outputs_are_sent_little_endian(client, binary):
+    tensor = triton_http.InferInput("big-endian", [1], "FP32")
+    tensor.set_data_from_numpy(np.ones(1, dtype=np.float32), binary_data=binary)
+    result = client.infer("misbehaving", [tensor], outputs=[triton_http.InferRequestedOutput("out", binary_data=binary)])
+    assert result.as_numpy("out").tolist() == [1.5, -2.5]

@@ -35,7 +35,7 @@ class Slow(Runtime):
     def predict(self, request):
         seconds = request.inputs[0].data.reshape(1)
         time.sleep(float(seconds[0]))
-        return self.response([Tensor("slept", (1,), "FP32", seconds, {})], request)
+        return self.response([Tensor("slept", seconds)], request)
 '''
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from fleetserve.codecs.numpy import as_bytes
 from fleetserve.errors import InvalidInput
-from fleetserve.types import InferenceRequest, Tensor, datatype_of
+from fleetserve.types import InferenceRequest, Tensor
 
 TENSOR_CONTENT_TYPES = ("np", "str", "base64", "datetime")
 REQUEST_CONTENT_TYPES = ("np", "str", "pd")
@@ -59,7 +59,7 @@ def encode_tensor(name: str, value: Any, content_type: str | None = None) -> Ten
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "OSU":
             value = _object_array([as_bytes(item) for item in value.flat], value.shape)
-        return Tensor(name, value.shape, datatype_of(value), value, {"content_type": content_type or "np"})
+        return Tensor(name, value, {"content_type": content_type or "np"})
     items = list(value)
     content_type = content_type or _guess_content_type(items)
     if content_type == "base64":
@@ -68,7 +68,7 @@ def encode_tensor(name: str, value: Any, content_type: str | None = None) -> Ten
         items = [item.isoformat().encode() for item in items]
     else:
         items = [as_bytes(item) for item in items]
-    return Tensor(name, (len(items),), "BYTES", _object_array(items, (len(items),)), {"content_type": content_type})
+    return Tensor(name, _object_array(items, (len(items),)), {"content_type": content_type})
 
 
 def _object_array(items: list, shape: tuple[int, ...]) -> np.ndarray:

@@ -151,12 +151,17 @@ def bytes_to_buffer(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def little_endian(array: np.ndarray) -> np.ndarray:
+    """The array contiguous and little-endian, as the wire (and orjson) want it; no copy if it already is."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
 def array_to_buffer(array: np.ndarray) -> bytes | memoryview:
     if array.dtype.kind in "OSU":
         return bytes_to_buffer(array)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return memoryview(np.ascontiguousarray(array)).cast("B")
+    return memoryview(little_endian(array)).cast("B")
 
 
 def as_bytes(item: Any) -> bytes:

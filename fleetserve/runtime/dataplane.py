@@ -121,6 +121,8 @@ def _select_outputs(model: ModelVersion, request: InferenceRequest, response: In
             f"model '{model.name}' returned {type(response).__name__}; predict() must return an InferenceResponse "
             "whose outputs are Tensors holding numpy arrays"
         )
+    for tensor in response.outputs:
+        tensor.datatype  # raises for a dtype the protocol cannot carry (complex, datetime64, ...)
     if not request.outputs:
         return response
     produced: dict[str, Tensor] = {tensor.name: tensor for tensor in response.outputs}

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import orjson
 
-from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer, bytes_to_text
+from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer, bytes_to_text, little_endian
 from fleetserve.errors import InvalidInput
 from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
@@ -80,7 +79,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
             data = array_from_json(raw["data"], datatype, shape, name)
         else:
             raise InvalidInput(f"input '{name}' has neither 'data' nor binary_data_size")
-        inputs.append(Tensor(name, data.shape, datatype, data, parameters))
+        inputs.append(Tensor(name, data, parameters))
     if binary is not None and offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data are left over after the inputs")
     raw_outputs = document.get("outputs")
@@ -125,7 +124,7 @@ def encode_response(response: InferenceResponse, request: InferenceRequest) -> t
         elif tensor.datatype == "BYTES":
             entry["data"] = bytes_to_text(tensor.data, tensor.name)
         else:
-            entry["data"] = np.ascontiguousarray(tensor.data).ravel()
+            entry["data"] = little_endian(tensor.data).ravel()
         if parameters:
             entry["parameters"] = parameters
         outputs.append(entry)

@@ -75,7 +75,7 @@ def decode_infer_request(message: service_pb2.ModelInferRequest) -> InferenceReq
             if field is None:
                 raise InvalidInput(f"input '{name}': {datatype} can only be sent in raw_input_contents")
             data = array_from_json(list(getattr(tensor.contents, field)), datatype, shape, name)
-        inputs.append(Tensor(name, data.shape, datatype, data, _parameters(tensor.parameters)))
+        inputs.append(Tensor(name, data, _parameters(tensor.parameters)))
     return InferenceRequest(
         inputs=inputs,
         id=message.id or None,
