@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from fleetserve.errors import InvalidInput, ModelLoadError
+from fleetserve.types import DATATYPES
 
 MIB = 1024 * 1024
 
@@ -28,8 +29,9 @@ class ServerSettings:
     metrics_port: int = 8082
     # Largest REST body or gRPC message accepted and sent.
     max_message_size: int = 256 * MIB
-    # Threads that run framework calls off the event loop.
-    inference_threads: int = max(4, os.cpu_count() or 1)
+    # Threads that run framework calls off the event loop; one model may hold at most half.
+    # Most wait on the GIL or I/O, so there are more of them than cores.
+    inference_threads: int = 16
     # Seconds SIGTERM waits for in-flight requests before the server exits.
     shutdown_grace: float = 30.0
     log_level: str = "info"
@@ -70,25 +72,42 @@ def check_model_name(name: Any) -> str:
 class TensorMetadata:
     name: str
     datatype: str
-    shape: list[int]
+    shape: list[int] | None  # None: not declared, so not checked
     parameters: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> "TensorMetadata":
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise ModelLoadError(f"{where}: each tensor needs at least a 'name', got {raw!r}")
-        return cls(
-            name=raw["name"],
-            datatype=raw.get("datatype", "BYTES" if raw.get("parameters", {}).get("content_type") == "str" else "FP32"),
-            shape=list(raw.get("shape", [-1])),
-            parameters=dict(raw.get("parameters") or {}),
-        )
+        where = f"{where}: tensor '{raw['name']}'"
+        parameters = raw.get("parameters")
+        parameters = {} if parameters is None else parameters
+        if not isinstance(parameters, dict):
+            raise ModelLoadError(f"{where}: 'parameters' must be an object")
+        datatype = raw.get("datatype", "BYTES" if parameters.get("content_type") == "str" else "FP32")
+        if datatype not in DATATYPES:
+            raise ModelLoadError(f"{where}: unknown datatype {datatype!r}; expected one of {sorted(DATATYPES)}")
+        shape = raw.get("shape")
+        if shape is not None and not (
+            isinstance(shape, list) and all(type(dim) is int and dim >= -1 for dim in shape)
+        ):
+            raise ModelLoadError(f"{where}: shape must be a list of integers (-1 for any size), got {shape!r}")
+        return cls(name=raw["name"], datatype=datatype, shape=shape, parameters=parameters)
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+        out: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": self.shape or [-1]}
         if self.parameters:
             out["parameters"] = self.parameters
         return out
+
+
+def _tensor_list(raw: dict, key: str, where: str) -> list[TensorMetadata]:
+    tensors = raw.get(key)
+    if tensors is None:
+        return []
+    if not isinstance(tensors, list):
+        raise ModelLoadError(f"{where}: '{key}' must be a list of tensors")
+    return [TensorMetadata.parse(item, where) for item in tensors]
 
 
 @dataclass
@@ -150,8 +169,8 @@ class ModelSettings:
             version=None if version is None else str(version),
             extra=extra,
             content_type=parameters.get("content_type"),
-            inputs=[TensorMetadata.parse(item, where) for item in raw.get("inputs") or []],
-            outputs=[TensorMetadata.parse(item, where) for item in raw.get("outputs") or []],
+            inputs=_tensor_list(raw, "inputs", where),
+            outputs=_tensor_list(raw, "outputs", where),
             platform=raw.get("platform") or "",
             max_batch_size=max_batch_size,
             max_batch_time=max_batch_time,

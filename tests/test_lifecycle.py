@@ -14,8 +14,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
 
 from conftest import ROOT, build_repository, free_port, http_client, iris_json, running_server, write_settings
 
@@ -39,6 +41,46 @@ class Slow(Runtime):
 '''
 
 
+FLAKY_MODEL = '''
+from fleetserve.runtime.base import Runtime
+
+
+class Flaky(Runtime):
+    """Fails to load while a file named `break` is in its folder; echoes its input otherwise."""
+
+    def load(self):
+        if (self.settings.folder / "break").exists():
+            raise RuntimeError("artifact broken")
+
+    def predict(self, request):
+        return self.response(request.inputs, request)
+'''
+
+CYCLIC_MODEL = '''
+import weakref
+
+from fleetserve.runtime.base import Runtime
+
+
+class Payload:
+    pass
+
+
+class Cyclic(Runtime):
+    """Holds a reference cycle; touches `collected` in its folder when the garbage collector frees it."""
+
+    def load(self):
+        self.payload = Payload()
+        self.payload.owner = self
+        weakref.finalize(self.payload, (self.settings.folder / "collected").touch)
+'''
+
+
+def add_model(repository, name: str, module: str, source: str, class_name: str) -> None:
+    write_settings(repository / name, {"implementation": f"{module}.{class_name}"})
+    (repository / name / f"{module}.py").write_text(source)
+
+
 def sleep_request(seconds: float) -> dict:
     return {"inputs": [{"name": "seconds", "datatype": "FP32", "shape": [1], "data": [seconds]}]}
 
@@ -52,6 +94,17 @@ def add_slow_model(repository, name: str, load_seconds: float = 0) -> None:
 def lifecycle_server(tmp_path_factory):
     repository = build_repository(tmp_path_factory.mktemp("lifecycle_repo"))
     add_slow_model(repository, "slow")
+    add_model(repository, "flaky", "flaky_model", FLAKY_MODEL, "Flaky")
+    add_model(repository, "cyclic", "cyclic_model", CYCLIC_MODEL, "Cyclic")
+    # Settings that are valid JSON but wrong in shape: each must fail alone, never the whole start.
+    write_settings(repository / "bad-parameters", {"inputs": [{"name": "x", "parameters": 5}]})
+    write_settings(repository / "scalar-shape", {"inputs": [{"name": "x", "shape": 3}]})
+    write_settings(repository / "inputs-not-list", {"inputs": 5})
+    write_settings(repository / "typo-datatype", {"inputs": [{"name": "x", "datatype": "FLOAT32", "shape": [-1]}]})
+    write_settings(repository / "no-shared" / "1", {"implementation": "sklearn"})
+    (repository / "no-shared" / "2").mkdir()
+    write_settings(repository / "same-version" / "1", {"implementation": "sklearn", "parameters": {"version": "1"}})
+    write_settings(repository / "same-version" / "2", {"implementation": "sklearn", "parameters": {"version": "1"}})
     with running_server(repository, tmp_path_factory.mktemp("lifecycle_logs") / "server.log") as server:
         yield server
 
@@ -75,6 +128,22 @@ def test_broken_models_are_unavailable_with_reasons(lifecycle_server, http):
     assert "['sklearn', 'tensorrt']" in needs_gpu and "'xgboost'" in needs_gpu  # both lists named
     assert "weights file is corrupt" in lifecycle_server.log()
     assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("bad-parameters", "'parameters' must be an object"),
+        ("scalar-shape", "shape must be a list of integers"),
+        ("inputs-not-list", "'inputs' must be a list"),
+        ("typo-datatype", "unknown datatype 'FLOAT32'"),
+        ("no-shared", "no model-settings.json in it or in"),
+        ("same-version", "1/ and 2/ both declare version 1"),
+    ],
+)
+def test_wrong_settings_fail_alone(http, name, fragment):
+    entry = index_of(http)[name]
+    assert entry["state"] == "UNAVAILABLE" and fragment in entry["reason"], entry
 
 
 def test_index_ready_filter_and_empty_body(http):
@@ -200,3 +269,68 @@ def test_settings_from_environment_and_sigterm_drains(tmp_path):
         if process.poll() is None:
             process.kill()
     assert "fleetserve stopped" in (tmp_path / "server.log").read_text()
+
+
+def test_failed_reload_keeps_the_serving_version(lifecycle_server, http):
+    body = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [7]}]}
+    assert http.post("/v2/models/flaky/infer", json=body).status_code == 200
+    marker = lifecycle_server.repository / "flaky" / "break"
+    marker.touch()
+    try:
+        refused = http.post("/v2/repository/models/flaky/load")
+        assert refused.status_code == 400
+        assert "artifact broken" in refused.json()["error"] and "go on serving" in refused.json()["error"]
+        assert index_of(http)["flaky"]["state"] == "READY"
+        assert http.post("/v2/models/flaky/infer", json=body).json()["outputs"][0]["data"] == [7]
+    finally:
+        marker.unlink()
+    assert http.post("/v2/repository/models/flaky/load").status_code == 200
+
+
+def test_unload_during_first_load_waits_for_it(lifecycle_server, http):
+    add_slow_model(lifecycle_server.repository, "slow-first", load_seconds=1.0)
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(http.post, "/v2/repository/models/slow-first/load")
+        while index_of(http).get("slow-first", {}).get("state") != "LOADING":
+            assert not loading.done()
+        unloaded = http.post("/v2/repository/models/slow-first/unload")
+        assert loading.result().status_code == 200
+    assert unloaded.status_code == 200, unloaded.text
+    assert index_of(http)["slow-first"]["reason"] == "unloaded"
+
+
+def test_one_busy_model_cannot_take_every_worker(http):
+    """Ten slow requests at once (more than a model may run together) still leave threads for others."""
+    with ThreadPoolExecutor(10) as pool:
+        slow = [pool.submit(http.post, "/v2/models/slow/infer", json=sleep_request(2.0)) for _ in range(10)]
+        time.sleep(0.3)  # the slow requests now hold their worker threads
+        echo = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1]}]}
+        assert http.post("/v2/models/echo/infer", json=echo).status_code == 200
+        assert not any(request.done() for request in slow), "the echo request waited for the slow model"
+        assert all(request.result().status_code == 200 for request in slow)
+
+
+def test_cancelled_request_keeps_the_model_pinned(lifecycle_server, http):
+    """A gRPC deadline cancels the call, not the predict running on its worker: unload waits for it."""
+    client = triton_grpc.InferenceServerClient(lifecycle_server.grpc_address)
+    seconds = triton_grpc.InferInput("seconds", [1], "FP32")
+    seconds.set_data_from_numpy(np.array([2.0], dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        client.infer("slow", [seconds], client_timeout=0.5)
+    client.close()
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        unloading = pool.submit(http.post, "/v2/repository/models/slow/unload")
+        states = set()
+        while not unloading.done():
+            states.add(index_of(http)["slow"]["state"])
+        assert unloading.result().status_code == 200
+    assert "UNLOADING" in states and time.monotonic() - started > 0.5
+    assert http.post("/v2/repository/models/slow/load").status_code == 200
+
+
+def test_unload_frees_reference_cycles(lifecycle_server, http):
+    marker = lifecycle_server.repository / "cyclic" / "collected"
+    assert not marker.exists()
+    assert http.post("/v2/repository/models/cyclic/unload").status_code == 200
+    assert marker.exists(), "the unloaded model's reference cycle was never collected"

@@ -30,29 +30,42 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, request: InferenceRequest) -> InferenceResponse:
         model = self.registry.get_ready(name, version)
         _check_inputs(model, request)
-        runtime = model.runtime
         started = time.perf_counter_ns()
         model.in_flight += 1
+        still_running = None  # a worker thread whose caller was cancelled: the model stays pinned
         try:
             if model.predict_is_async:
-                response = await runtime.predict(request)
+                response = await model.runtime.predict(request)
                 computed = started
             else:
-                response, computed = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, _timed_predict, runtime.predict, request
+                await model.slots.acquire()
+                future = asyncio.get_running_loop().run_in_executor(
+                    self.executor, _timed_predict, model.runtime.predict, request
                 )
+                try:
+                    response, computed = await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    still_running = future
+                    raise
+                finally:
+                    if still_running is None:
+                        model.slots.release()
             response = _select_outputs(model, request, response)
+        except asyncio.CancelledError:  # the client went away or hit its deadline
+            self._record_failure(model, started, "Cancelled")
+            raise
         except FleetError as error:
             self._record_failure(model, started, type(error).__name__)
-            raise
-        except asyncio.CancelledError:
             raise
         except BaseException as error:  # a model's code may raise anything, even SystemExit; the client gets the reason
             self._record_failure(model, started, "InferenceError")
             log.warning("model %s failed: %s: %s", name, type(error).__name__, error)
             raise InferenceError(f"model '{name}' failed: {type(error).__name__}: {error}") from error
         finally:
-            model.in_flight -= 1
+            if still_running is None:
+                model.in_flight -= 1
+            else:
+                _release_when_done(still_running, model)
         elapsed = time.perf_counter_ns() - started
         stats = model.stats
         stats.success_count += 1
@@ -74,6 +87,16 @@ class DataPlane:
         model.stats.fail_count += 1
         model.stats.fail_ns += elapsed
         metrics.INFER_REQUESTS.labels(model.name, model.version or "", outcome).inc()
+
+
+def _release_when_done(future: asyncio.Future, model: ModelVersion) -> None:
+    def release(done: asyncio.Future) -> None:
+        if not done.cancelled():
+            done.exception()  # retrieved, so asyncio does not warn about it
+        model.slots.release()
+        model.in_flight -= 1
+
+    future.add_done_callback(release)
 
 
 def _timed_predict(predict, request: InferenceRequest) -> tuple[InferenceResponse, int]:
@@ -107,6 +130,8 @@ def _check_inputs(model: ModelVersion, request: InferenceRequest) -> None:
 
 
 def _shape_fits(expected: TensorMetadata, shape: tuple[int, ...]) -> bool:
+    if expected.shape is None:
+        return True
     if len(expected.shape) != len(shape):
         return False
     return all(want == -1 or want == got for want, got in zip(expected.shape, shape))

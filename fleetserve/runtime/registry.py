@@ -1,7 +1,8 @@
 """Model states and versions: what is loaded, what is loading, and why a model is unavailable.
 
-Every call into a model goes through `acquire()`/`release()`, so a model is never unloaded
-under a request: unload waits for in-flight requests to finish first.
+The data plane counts every request into a version (`in_flight`), so a model is never unloaded
+under a request: unload waits for in-flight requests to finish first. A reload that fails
+leaves the versions that were serving in place.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import gc
 import inspect
 import logging
 import time
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 from fleetserve.errors import FleetError, ModelLoadError, ModelUnavailable, NotFound
 from fleetserve.runtime import metrics
 from fleetserve.runtime.base import Runtime
-from fleetserve.runtime.repository import ModelRepository
+from fleetserve.runtime.repository import Found, ModelRepository, is_version_number
 from fleetserve.settings import ModelSettings, check_model_name
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Statistics:
 @dataclass(eq=False)
 class ModelVersion:
     settings: ModelSettings
+    # Caps the worker threads one version may hold, so one slow model cannot take them all.
+    slots: asyncio.Semaphore
     state: str = LOADING
     reason: str = ""
     runtime: Runtime | None = None
@@ -69,6 +72,8 @@ class Model:
 
     def default_version(self) -> ModelVersion | None:
         """The highest ready version, else the highest version (to report its state)."""
+        if len(self.versions) == 1:
+            return next(iter(self.versions.values()))
         if not self.versions:
             return None
         ordered = sorted(self.versions.values(), key=lambda v: _version_order(v.version))
@@ -76,13 +81,14 @@ class Model:
         return (ready or ordered)[-1]
 
 
-def _freeze_long_lived_objects() -> None:
-    """Move what loading created (the model, framework modules) out of the collector's reach.
+def _refreeze_heap() -> None:
+    """Move live long-lived objects (models, framework modules) out of the collector's reach.
 
     Full collections traverse every tracked object; with a framework or two imported they take
-    tens of milliseconds and show up as the p99 of every request. Garbage is collected first so
-    only live objects are frozen; refcounting still frees a model's objects when it is unloaded.
+    tens of milliseconds and show up as the p99 of every request. Called after each load and
+    unload: unfreezing first lets an unloaded model's reference cycles be collected.
     """
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
@@ -90,14 +96,16 @@ def _freeze_long_lived_objects() -> None:
 def _version_order(version: str | None) -> tuple[int, str]:
     if version is None:
         return (-1, "")
-    return (int(version), version) if version.isdigit() else (0, version)
+    return (int(version), version) if is_version_number(version) else (0, version)
 
 
 class Registry:
-    def __init__(self, repository: ModelRepository, resolve_runtime: RuntimeResolver, executor: Executor):
+    def __init__(self, repository: ModelRepository, resolve_runtime: RuntimeResolver, max_concurrency: int = 8):
         self.repository = repository
         self.resolve_runtime = resolve_runtime
-        self.executor = executor
+        self.max_concurrency = max_concurrency
+        # Loads read files and import frameworks: their own threads, never the inference ones.
+        self.executor = ThreadPoolExecutor(4, thread_name_prefix="fleetserve-load")
         self.models: dict[str, Model] = {}
 
     # Lookups on the request path: plain dict reads, no awaits.
@@ -126,7 +134,7 @@ class Registry:
     def ready_versions(self) -> list[ModelVersion]:
         return [v for model in self.models.values() for v in model.versions.values() if v.state == READY]
 
-    def index(self, ready_only: bool = False) -> list[dict]:
+    async def index(self, ready_only: bool = False) -> list[dict]:
         """Every model the server knows or the repository holds, with its state and reason."""
         entries = []
         for model in self.models.values():
@@ -137,7 +145,7 @@ class Registry:
                 if version.version is not None:
                     entry["version"] = version.version
                 entries.append(entry)
-        for name, found in self.repository.scan().items():
+        for name, found in (await self._in_thread(self.repository.scan)).items():
             if name not in self.models:
                 entries.append({"name": name, "state": UNAVAILABLE, "reason": found.error or "not loaded"})
         if ready_only:
@@ -146,71 +154,84 @@ class Registry:
 
     # Lifecycle.
 
+    async def _in_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
     async def load_all(self) -> None:
         """Load every model in the repository concurrently; failures are recorded, not raised."""
-        names = list(self.repository.scan())
-        results = await asyncio.gather(*(self.load(name) for name in names), return_exceptions=True)
-        for name, result in zip(names, results):
+        found = await self._in_thread(self.repository.scan)
+        results = await asyncio.gather(*(self.load(name, entry) for name, entry in found.items()), return_exceptions=True)
+        for name, result in zip(found, results):
             if isinstance(result, BaseException):
                 log.error("model %s is unavailable: %s", name, getattr(result, "message", result))
 
-    async def load(self, name: str) -> None:
-        """Load (or reload) a model from the repository. The old versions serve until the new ones are ready."""
+    async def load(self, name: str, found: Found | None = None) -> None:
+        """Load (or reload) a model from the repository.
+
+        The versions serving go on serving until the new ones are all ready; if any new version
+        fails, the old ones stay and the load answers with the reasons.
+        """
         check_model_name(name)
-        found = self.repository.find(name)
+        if found is None:
+            found = await self._in_thread(self.repository.find, name)
         model = self.models.setdefault(name, Model(name))
         async with model.lock:
+            serving = any(version.state == READY for version in model.versions.values())
             if found.error:
-                model.reason = found.error
+                if not serving:
+                    model.versions, model.reason = {}, found.error
                 raise ModelLoadError(f"model '{name}' failed to load: {found.error}")
-            loading = [ModelVersion(settings) for settings in found.versions]
-            if not any(version.state == READY for version in model.versions.values()):
-                model.versions = {version.version: version for version in loading}
+            loading = [
+                ModelVersion(settings, asyncio.Semaphore(self.max_concurrency)) for settings in found.versions
+            ]
+            if not serving:
+                model.versions = {version.version: version for version in loading}  # visible as LOADING
             await asyncio.gather(*(self._load_version(version) for version in loading))
+            failed = [version for version in loading if version.state != READY]
+            reasons = "; ".join(f"{_label(version)}: {version.reason}" for version in failed)
+            if serving and failed:
+                await asyncio.gather(*(self._unload_version(version) for version in loading))
+                raise ModelLoadError(f"model '{name}' failed to reload ({reasons}); the loaded versions go on serving")
             previous = model.versions
             model.versions = {version.version: version for version in loading}
             model.reason = ""
-            for version in previous.values():
-                if version not in loading and version.runtime is not None:
-                    await self._unload_version(version)
-            failures = [v for v in loading if v.state != READY]
-            if failures and len(failures) == len(loading):
-                raise ModelLoadError(f"model '{name}' failed to load: " + "; ".join(v.reason for v in failures))
+            await asyncio.gather(*(self._unload_version(v) for v in previous.values() if v not in loading))
+            if failed and len(failed) == len(loading):
+                raise ModelLoadError(f"model '{name}' failed to load: {reasons}")
 
     async def unload(self, name: str, grace: float = 30.0) -> None:
         check_model_name(name)
         model = self.models.get(name)
-        if model is None or not any(v.runtime for v in model.versions.values()):
+        if model is None:
             raise NotFound(f"model '{name}' is not loaded")
         async with model.lock:
-            await asyncio.gather(*(self._unload_version(version, grace) for version in model.versions.values()))
+            loaded = [version for version in model.versions.values() if version.runtime is not None]
+            if not loaded:
+                raise NotFound(f"model '{name}' is not loaded")
+            await asyncio.gather(*(self._unload_version(version, grace) for version in loaded))
 
     async def unload_all(self, grace: float) -> None:
-        await asyncio.gather(
-            *(self.unload(name, grace) for name, model in self.models.items() if any(v.runtime for v in model.versions.values())),
-            return_exceptions=True,
-        )
+        await asyncio.gather(*(self.unload(name, grace) for name in list(self.models)), return_exceptions=True)
+        self.executor.shutdown(wait=False)
 
     async def _load_version(self, version: ModelVersion) -> None:
-        label = f"{version.name}" + (f" version {version.version}" if version.version else "")
         started = time.perf_counter()
         version.state = LOADING
         try:
-            loop = asyncio.get_running_loop()
-            # Resolving imports the framework (seconds for some): keep it off the event loop too.
-            runtime = await loop.run_in_executor(self.executor, self._build_runtime, version.settings)
+            # Resolving imports the framework (seconds for some): off the event loop too.
+            runtime = await self._in_thread(self._build_runtime, version.settings)
             if inspect.iscoroutinefunction(runtime.load):
                 await runtime.load()
             else:
-                await loop.run_in_executor(self.executor, runtime.load)
-            await loop.run_in_executor(self.executor, _freeze_long_lived_objects)
+                await self._in_thread(runtime.load)
+            await self._in_thread(_refreeze_heap)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
             reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
             version.state, version.reason = UNAVAILABLE, reason
             metrics.MODEL_LOAD_DURATION.labels(version.name, "error").observe(time.perf_counter() - started)
-            log.error("model %s failed to load: %s", label, reason)
+            log.error("model %s failed to load: %s", _label(version), reason)
             return
         version.runtime = runtime
         version.predict_is_async = inspect.iscoroutinefunction(runtime.predict)
@@ -218,7 +239,7 @@ class Registry:
         elapsed = time.perf_counter() - started
         metrics.MODEL_LOAD_DURATION.labels(version.name, "success").observe(elapsed)
         metrics.MODELS_LOADED.inc()
-        log.info("model %s loaded in %.2fs (%s)", label, elapsed, type(runtime).__name__)
+        log.info("model %s loaded in %.2fs (%s)", _label(version), elapsed, type(runtime).__name__)
 
     def _build_runtime(self, settings: ModelSettings) -> Runtime:
         return self.resolve_runtime(settings)(settings)
@@ -238,7 +259,13 @@ class Registry:
             if inspect.iscoroutinefunction(runtime.unload):
                 await runtime.unload()
             else:
-                await asyncio.get_running_loop().run_in_executor(self.executor, runtime.unload)
+                await self._in_thread(runtime.unload)
         except Exception:
-            log.exception("model %s raised while unloading", version.name)
-        log.info("model %s unloaded", version.name)
+            log.exception("model %s raised while unloading", _label(version))
+        del runtime
+        await self._in_thread(_refreeze_heap)
+        log.info("model %s unloaded", _label(version))
+
+
+def _label(version: ModelVersion) -> str:
+    return version.name + (f" version {version.version}" if version.version else "")

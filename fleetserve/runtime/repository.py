@@ -3,6 +3,7 @@
 A model is a folder holding `model-settings.json` (MLServer's format), or numbered version
 sub-folders, each with the artifacts of one version and optionally its own
 `model-settings.json` (else the parent's is shared). The folder name is the default model name.
+A folder that cannot be read becomes an entry with its reason: it never hides the others.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetserve.errors import FleetError, ModelLoadError, NotFound
+from fleetserve.errors import ModelLoadError, NotFound
 from fleetserve.settings import ModelSettings, check_model_name
 
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "model-settings.json"
+
+
+def is_version_number(name: str) -> bool:
+    return name.isascii() and name.isdecimal()
 
 
 @dataclass
@@ -40,48 +45,64 @@ class ModelRepository:
         for folder in sorted(path for path in self.root.iterdir() if path.is_dir() and not path.name.startswith(".")):
             if not self._is_model_folder(folder):
                 continue
-            try:
-                versions = self._read(folder)
-            except FleetError as error:
-                found[folder.name] = Found(folder.name, [], error.message)
+            entry = self._read_folder(folder)
+            if entry.name in found:
+                log.warning("model %s in %s is also defined in another folder; using the first", entry.name, folder)
                 continue
-            name = versions[0].name
-            if name in found:
-                log.warning("model %s in %s is also defined in another folder; using the first", name, folder)
-                continue
-            found[name] = Found(name, versions)
+            found[entry.name] = entry
         return found
 
     def find(self, name: str) -> Found:
+        """One model: its own folder first (one read), else a full scan for a name set in settings."""
         check_model_name(name)
-        found = self.scan().get(name)
-        if found is None:
+        if self.root is not None:
+            folder = self.root / name
+            if folder.is_dir() and self._is_model_folder(folder):
+                entry = self._read_folder(folder)
+                if entry.name == name:
+                    return entry
+        entry = self.scan().get(name)
+        if entry is None:
             raise NotFound(f"model '{name}' is not in the repository {self.root}")
-        return found
+        return entry
 
     @staticmethod
     def _version_folders(folder: Path) -> list[Path]:
-        return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        return sorted((p for p in folder.iterdir() if p.is_dir() and is_version_number(p.name)), key=lambda p: int(p.name))
 
     def _is_model_folder(self, folder: Path) -> bool:
         return (folder / SETTINGS_FILE).is_file() or any(
             (version / SETTINGS_FILE).is_file() for version in self._version_folders(folder)
         )
 
+    def _read_folder(self, folder: Path) -> Found:
+        try:
+            versions = self._read(folder)
+        except ModelLoadError as error:
+            return Found(folder.name, [], error.message)
+        except Exception as error:  # an unreadable file: the reason belongs to this model only
+            return Found(folder.name, [], f"{folder}: {type(error).__name__}: {error}")
+        return Found(versions[0].name, versions)
+
     def _read(self, folder: Path) -> list[ModelSettings]:
         shared = folder / SETTINGS_FILE
         version_folders = self._version_folders(folder)
         if not version_folders:
             return [ModelSettings.from_file(shared, folder.name)]
-        versions = []
+        versions: list[ModelSettings] = []
         for version_folder in version_folders:
             own = version_folder / SETTINGS_FILE
             if own.is_file():
                 settings = ModelSettings.from_file(own, folder.name, version_folder.name)
-            else:
+            elif shared.is_file():
                 settings = ModelSettings.from_file(shared, folder.name, version_folder.name)
                 settings.folder = version_folder
                 settings.version = version_folder.name
+            else:
+                raise ModelLoadError(f"{version_folder}: no {SETTINGS_FILE} in it or in {folder}")
+            clash = next((other for other in versions if other.version == settings.version), None)
+            if clash is not None:
+                raise ModelLoadError(f"{folder}: {clash.folder.name}/ and {version_folder.name}/ both declare version {settings.version}")
             versions.append(settings)
         names = {settings.name for settings in versions}
         if len(names) != 1:

@@ -46,7 +46,7 @@ class FleetServer:
         self.settings = settings
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="fleetserve-worker")
         self.repository = ModelRepository(settings.model_repository)
-        self.registry = Registry(self.repository, resolve_runtime, self.executor)
+        self.registry = Registry(self.repository, resolve_runtime, max(1, settings.inference_threads // 2))
         self.dataplane = DataPlane(self.registry, self.executor)
         self.ready = False
         self.stopping = False

@@ -41,7 +41,8 @@ def model_config(model: ModelVersion) -> dict:
     def tensors(declared):
         out = []
         for tensor in declared:
-            dims = tensor.shape[1:] if batched and tensor.shape[:1] == [-1] else tensor.shape
+            shape = tensor.shape or [-1]
+            dims = shape[1:] if batched and shape[:1] == [-1] else shape
             out.append({"name": tensor.name, "data_type": f"TYPE_{_triton_type(tensor.datatype)}", "dims": dims})
         return out
 

@@ -169,7 +169,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_aborts_on_error
     async def RepositoryIndex(self, request, context):
-        entries = self.registry.index(ready_only=request.ready)
+        entries = await self.registry.index(ready_only=request.ready)
         return json_format.ParseDict({"models": entries}, service_pb2.RepositoryIndexResponse())
 
     @_aborts_on_error

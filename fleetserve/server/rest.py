@@ -199,7 +199,7 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
     async def repository_index(request: Request) -> Response:
         body = await read_body(request, limit)
         options = parse_json_object(body) if body.strip() else {}  # an empty body means no options
-        return json_response(registry.index(ready_only=bool(options.get("ready", False))))
+        return json_response(await registry.index(ready_only=bool(options.get("ready", False))))
 
     @app.post("/v2/repository/models/{name}/load")
     async def repository_load(name: str) -> Response:
