@@ -63,7 +63,7 @@ class CodecProbe(Runtime):
         outputs = []
         for tensor in request.inputs:
             value = decode_tensor(tensor)
-            outputs.append(encode_tensor(tensor.name, value))
+            outputs.append(encode_tensor(tensor.name, value, tensor.content_type))
             first = value[0] if len(value) else None
             outputs.append(encode_tensor(f"{tensor.name}-type", [type(first).__name__]))
         return self.response(outputs, request)
@@ -94,6 +94,29 @@ class Misbehaving(Runtime):
         if how == "big-endian":
             return self.response([Tensor("out", np.array([1.5, -2.5], dtype=">f8"))], request)
         return None
+'''
+
+PACKAGED_MODEL = '''
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fleetserve.codecs import encode_tensor
+from fleetserve.runtime.base import Runtime
+
+from . import helpers
+
+
+@dataclass
+class Answer:  # a dataclass in a model module needs the module registered in sys.modules
+    value: str
+
+
+class Packaged(Runtime):
+    def predict(self, request):
+        return self.response([encode_tensor("which", [Answer(helpers.WHICH).value])], request)
 '''
 
 BROKEN_LOAD_MODEL = '''
@@ -151,6 +174,11 @@ def build_repository(repo: Path) -> Path:
     (repo / "codec" / "codec_model.py").write_text(CODEC_MODEL)
     write_settings(repo / "misbehaving", {"implementation": "misbehaving_model.Misbehaving"})
     (repo / "misbehaving" / "misbehaving_model.py").write_text(MISBEHAVING_MODEL)
+    # Two models, each with its own `helpers.py`: each must see its own.
+    for which in ("a", "b"):
+        write_settings(repo / f"packaged-{which}", {"implementation": "model.Packaged"})
+        (repo / f"packaged-{which}" / "model.py").write_text(PACKAGED_MODEL)
+        (repo / f"packaged-{which}" / "helpers.py").write_text(f"WHICH = {which!r}\n")
     write_settings(repo / "failing", {"implementation": "failing_model.Failing"})
     (repo / "failing" / "failing_model.py").write_text(FAILING_MODEL)
 
@@ -198,33 +226,36 @@ class Server:
         return self.process.wait(timeout)
 
 
-def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> Server:
-    ports = [free_port() for _ in range(3)]
+def spawn_server(repository: Path, log_path: Path, ports: list[int], extra_env: dict[str, str] | None = None,
+                 ports_in_env: bool = False) -> Server:
+    """Starts `fleetserve start` without waiting; ports as flags, or as FLEETSERVE_* variables."""
     env = {**os.environ, "FLEETSERVE_MAX_MESSAGE_SIZE": str(MAX_MESSAGE_SIZE), **(extra_env or {})}
-    log_file = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fleetserve.cli", "start", str(repository),
-         "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
-        stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-    )
-    server = Server(process, *ports, repository, log_path)
+    command = [sys.executable, "-m", "fleetserve.cli", "start", str(repository)]
+    names = ("http-port", "grpc-port", "metrics-port")
+    if ports_in_env:
+        env.update({f"FLEETSERVE_{name.replace('-', '_').upper()}": str(port) for name, port in zip(names, ports)})
+    else:
+        command += [item for name, port in zip(names, ports) for item in (f"--{name}", str(port))]
+    process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return Server(process, *ports, repository, log_path)
+
+
+def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None,
+                 ports_in_env: bool = False) -> Server:
+    """A server that answers ready, on fresh ports."""
+    server = spawn_server(repository, log_path, [free_port() for _ in range(3)], extra_env, ports_in_env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
         try:
             if httpx.get(f"{server.url}/v2/health/ready", timeout=1).status_code == 200:
                 return server
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    process.kill()
+    server.process.kill()
     raise RuntimeError(f"server did not become ready:\n{server.log()}")
-
-
-@pytest.fixture(scope="session")
-def repository(tmp_path_factory) -> Path:
-    return build_repository(tmp_path_factory.mktemp("model_repo"))
 
 
 @contextlib.contextmanager
@@ -242,6 +273,11 @@ def running_server(repository: Path, log_path: Path):
 def http_client(server: Server):
     with httpx.Client(base_url=server.url, timeout=30) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("model_repo"))
 
 
 @pytest.fixture(scope="session")

@@ -302,3 +302,49 @@ def test_big_endian_outputs_are_sent_little_endian(client, binary):
     tensor.set_data_from_numpy(np.ones(1, dtype=np.float32), binary_data=binary)
     result = client.infer("misbehaving", [tensor], outputs=[triton_http.InferRequestedOutput("out", binary_data=binary)])
     assert result.as_numpy("out").tolist() == [1.5, -2.5]
+
+
+def test_models_with_same_module_names_stay_apart(http):
+    body = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [0]}]}
+    for which in ("a", "b"):
+        response = http.post(f"/v2/models/packaged-{which}/infer", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0]["data"] == [which]
+
+
+def test_non_finite_floats_over_json(client):
+    """tritonclient's JSON carries NaN and Infinity as Python's json writes them; they come back the same."""
+    values = np.array([[np.nan], [np.inf], [-np.inf], [1.5]], dtype=np.float32)
+    tensor = triton_http.InferInput("x", [4, 1], "FP32")
+    tensor.set_data_from_numpy(values, binary_data=False)
+    result = client.infer("echo", [tensor], outputs=[triton_http.InferRequestedOutput("output-0", binary_data=False)])
+    echoed = result.as_numpy("output-0")
+    assert np.isnan(echoed[0, 0]) and echoed[1:].ravel().tolist() == [np.inf, -np.inf, 1.5]
+
+
+@pytest.mark.parametrize("datatype, value", [("FP32", 1e300), ("FP16", 1e6)])
+def test_float_overflow_is_refused(http, datatype, value):
+    body = {"inputs": [{"name": "x", "datatype": datatype, "shape": [1], "data": [value]}]}
+    response = http.post("/v2/models/echo/infer", json=body)
+    assert response.status_code == 400 and f"out of range for {datatype}" in response.json()["error"]
+
+
+def test_large_json_body(http):
+    """Bodies over 1 MiB are parsed and written off the event loop; the answer is the same."""
+    values = np.arange(300_000, dtype=np.float64)
+    body = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [300_000], "data": values.tolist()}]}
+    response = http.post("/v2/models/echo/infer", json=body)
+    assert response.status_code == 200
+    assert response.json()["outputs"][0]["data"] == values.tolist()
+
+
+def test_load_overrides_are_refused(client, server):
+    with pytest.raises(InferenceServerException, match="not supported"):
+        client.load_model("iris", config='{"max_batch_size": 8}')
+    import tritonclient.grpc as triton_grpc
+
+    grpc_client = triton_grpc.InferenceServerClient(server.grpc_address)
+    with pytest.raises(InferenceServerException, match="not supported"):
+        grpc_client.load_model("iris", config='{"max_batch_size": 8}')
+    grpc_client.close()
+    assert client.is_model_ready("iris")

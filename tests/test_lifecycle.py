@@ -5,11 +5,7 @@ These tests change what is loaded, so they run their own server over their own r
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +15,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, build_repository, free_port, http_client, iris_json, running_server, write_settings
+from conftest import build_repository, http_client, iris_json, running_server, write_settings
 
 SLOW_MODEL = '''
 import time
@@ -230,47 +226,6 @@ def test_slow_model_does_not_stall_others(http):
         assert slow.result().status_code == 200
 
 
-def test_settings_from_environment_and_sigterm_drains(tmp_path):
-    """Ports come from FLEETSERVE_* variables; SIGTERM lets the in-flight request finish, then exits 0."""
-    repository = tmp_path / "repo"
-    repository.mkdir()
-    add_slow_model(repository, "slow")
-    ports = {"FLEETSERVE_HTTP_PORT": free_port(), "FLEETSERVE_GRPC_PORT": free_port(), "FLEETSERVE_METRICS_PORT": free_port()}
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fleetserve.cli", "start", str(repository)],
-        env={**os.environ, **{key: str(value) for key, value in ports.items()}},
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{ports['FLEETSERVE_HTTP_PORT']}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert httpx.get(f"http://127.0.0.1:{ports['FLEETSERVE_METRICS_PORT']}/metrics").status_code == 200
-        result: dict = {}
-
-        def slow_request():
-            result["response"] = httpx.post(f"{url}/v2/models/slow/infer", json=sleep_request(1.5), timeout=30)
-
-        caller = threading.Thread(target=slow_request)
-        caller.start()
-        time.sleep(0.5)  # the request is now inside the model
-        process.terminate()
-        caller.join(30)
-        assert result["response"].status_code == 200
-        assert result["response"].json()["outputs"][0]["data"] == [1.5]
-        assert process.wait(30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert "fleetserve stopped" in (tmp_path / "server.log").read_text()
-
-
 def test_failed_reload_keeps_the_serving_version(lifecycle_server, http):
     body = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [7]}]}
     assert http.post("/v2/models/flaky/infer", json=body).status_code == 200
@@ -334,3 +289,24 @@ def test_unload_frees_reference_cycles(lifecycle_server, http):
     assert not marker.exists()
     assert http.post("/v2/repository/models/cyclic/unload").status_code == 200
     assert marker.exists(), "the unloaded model's reference cycle was never collected"
+
+
+EDITABLE_MODEL = '''
+from fleetserve.codecs import encode_tensor
+from fleetserve.runtime.base import Runtime
+
+VALUE = "{value}"
+
+
+class Editable(Runtime):
+    def predict(self, request):
+        return self.response([encode_tensor("value", [VALUE])], request)
+'''
+
+
+def test_reload_picks_up_edited_code(lifecycle_server, http):
+    body = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [0]}]}
+    for value in ("first", "second"):
+        add_model(lifecycle_server.repository, "editable", "editable_model", EDITABLE_MODEL.format(value=value), "Editable")
+        assert http.post("/v2/repository/models/editable/load").status_code == 200
+        assert http.post("/v2/models/editable/infer", json=body).json()["outputs"][0]["data"] == [value]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetserve.codecs.numpy import as_bytes
+from fleetserve.codecs.numpy import as_bytes, bytes_to_text
 from fleetserve.errors import InvalidInput
 from fleetserve.types import InferenceRequest, Tensor
 
@@ -24,7 +24,7 @@ REQUEST_CONTENT_TYPES = ("np", "str", "pd")
 
 def _text(tensor: Tensor) -> list[str]:
     try:
-        return [item.decode() if isinstance(item, bytes) else str(item) for item in tensor.data.flat]
+        return bytes_to_text(tensor.data)
     except UnicodeDecodeError as error:
         raise InvalidInput(f"tensor '{tensor.name}' holds invalid UTF-8 where text is needed: {error}") from None
 
@@ -53,7 +53,7 @@ def decode_tensor(tensor: Tensor, default: str = "np") -> Any:
 
 def encode_tensor(name: str, value: Any, content_type: str | None = None) -> Tensor:
     """A response tensor from an array (kept as it is, content type `np`), a pandas Series, or a
-    list of str, bytes or datetimes (content type `str`, `base64` or `datetime`, guessed if not given)."""
+    list of str, datetimes or bytes (content type `str`, `datetime` or none, unless one is given)."""
     if hasattr(value, "to_numpy") and not isinstance(value, np.ndarray):
         value = value.to_numpy()
     if isinstance(value, np.ndarray):
@@ -68,7 +68,8 @@ def encode_tensor(name: str, value: Any, content_type: str | None = None) -> Ten
         items = [item.isoformat().encode() for item in items]
     else:
         items = [as_bytes(item) for item in items]
-    return Tensor(name, _object_array(items, (len(items),)), {"content_type": content_type})
+    parameters = {"content_type": content_type} if content_type else {}
+    return Tensor(name, _object_array(items, (len(items),)), parameters)
 
 
 def _object_array(items: list, shape: tuple[int, ...]) -> np.ndarray:
@@ -77,12 +78,13 @@ def _object_array(items: list, shape: tuple[int, ...]) -> np.ndarray:
     return array.reshape(shape)
 
 
-def _guess_content_type(items: list) -> str:
+def _guess_content_type(items: list) -> str | None:
+    """`datetime` or `str` when every item is one; raw bytes are sent as they are."""
     if items and all(isinstance(item, datetime) for item in items):
         return "datetime"
-    if items and all(isinstance(item, bytes) for item in items):
-        return "base64"
-    return "str"
+    if all(isinstance(item, str) for item in items):
+        return "str"
+    return None
 
 
 def decode_request(request: InferenceRequest, default: str = "np") -> Any:

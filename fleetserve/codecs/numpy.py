@@ -17,8 +17,9 @@ from fleetserve.errors import InvalidInput
 from fleetserve.types import check_datatype, check_shape
 
 # The JSON value kinds each datatype accepts ("b" bool, "i"/"u" integer, "f" float).
-_ACCEPTED_KINDS = {"BOOL": "bi", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
-_INTEGER_KINDS = "iu"
+_ACCEPTED = {"BOOL": ("bi", "booleans"), "FP16": ("iuf", "numbers"), "FP32": ("iuf", "numbers"), "FP64": ("iuf", "numbers")}
+_INTEGERS = ("iu", "integers")
+_INTEGER_KINDS = _INTEGERS[0]
 
 
 def element_count(shape: tuple[int, ...]) -> int:
@@ -44,13 +45,18 @@ def array_from_json(data: Any, datatype: str, shape: Any, name: str) -> np.ndarr
         raise InvalidInput(
             f"tensor '{name}': shape {list(shape)} needs {element_count(shape)} elements, data has {parsed.size}"
         )
-    if parsed.size and parsed.dtype.kind not in _ACCEPTED_KINDS.get(datatype, _INTEGER_KINDS):
-        raise InvalidInput(f"tensor '{name}': {datatype} data must be {_kind_words(datatype)}, got {_sample(data)}")
+    kinds, words = _ACCEPTED.get(datatype, _INTEGERS)
+    if parsed.size and parsed.dtype.kind not in kinds:
+        raise InvalidInput(f"tensor '{name}': {datatype} data must be {words}, got {_sample(data)}")
     if dtype.kind in _INTEGER_KINDS and parsed.size:
         info = np.iinfo(dtype)
         if parsed.min() < info.min or parsed.max() > info.max:
             raise InvalidInput(f"tensor '{name}': a value is out of range for {datatype}")
-    return parsed.astype(dtype, copy=False).reshape(shape)
+    with np.errstate(over="ignore"):
+        array = parsed.astype(dtype, copy=False)
+    if dtype.kind == "f" and array.dtype != parsed.dtype and np.any(np.isinf(array) & np.isfinite(parsed)):
+        raise InvalidInput(f"tensor '{name}': a value is out of range for {datatype}")
+    return array.reshape(shape)
 
 
 def _big_integers(data: list, dtype: np.dtype, name: str) -> np.ndarray:
@@ -91,10 +97,6 @@ def _flatten(data: list) -> list:
         else:
             stack.pop()
     return flat
-
-
-def _kind_words(datatype: str) -> str:
-    return {"BOOL": "booleans", "FP16": "numbers", "FP32": "numbers", "FP64": "numbers"}.get(datatype, "integers")
 
 
 def _sample(data: list) -> str:
@@ -172,9 +174,6 @@ def as_bytes(item: Any) -> bytes:
     return str(item).encode()
 
 
-def bytes_to_text(array: np.ndarray, name: str) -> list[str]:
-    """BYTES as JSON strings: they must be UTF-8 text to travel as JSON."""
-    try:
-        return [item.decode() if isinstance(item, bytes) else str(item) for item in array.flat]
-    except UnicodeDecodeError:
-        raise InvalidInput(f"output '{name}' holds bytes that are not UTF-8 text; ask for it as binary data") from None
+def bytes_to_text(array: np.ndarray) -> list[str]:
+    """BYTES elements as str; raises UnicodeDecodeError for bytes that are not UTF-8."""
+    return [item.decode() if isinstance(item, bytes) else str(item) for item in array.flat]

@@ -131,8 +131,11 @@ class Registry:
             raise ModelUnavailable(f"model '{name}' is {found.state.lower()}{reason}")
         return found
 
+    def all_versions(self) -> list[ModelVersion]:
+        return [version for model in self.models.values() for version in model.versions.values()]
+
     def ready_versions(self) -> list[ModelVersion]:
-        return [v for model in self.models.values() for v in model.versions.values() if v.state == READY]
+        return [version for version in self.all_versions() if version.state == READY]
 
     async def index(self, ready_only: bool = False) -> list[dict]:
         """Every model the server knows or the repository holds, with its state and reason."""

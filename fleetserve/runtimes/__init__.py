@@ -9,8 +9,10 @@ model needs them: some frameworks take seconds to import.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import itertools
 import sys
+import threading
+import types
 from pathlib import Path
 
 from fleetserve.errors import ModelLoadError
@@ -72,18 +74,28 @@ def _import_class(path: str, folder: Path) -> type:
         raise ModelLoadError(f"module '{module_name}' has no class '{class_name}'") from None
 
 
+_user_code = threading.Lock()  # sys.path is process-wide: one model's import at a time
+_loads = itertools.count(1)
+
+
 def _import_module(module_name: str, folder: Path):
-    """A module from the model's own folder (each model its own copy), else from sys.path."""
+    """A module from the model's own folder, else from sys.path.
+
+    Each load imports the folder as a fresh package, so two models may both ship a `model.py`,
+    a reload picks up edited code, and relative imports (`from . import helpers`) stay inside the
+    model. Plain `import helpers` also works (the folder is on sys.path while it loads) but, as
+    in MLServer, such modules are shared by every model that imports the same name.
+    """
     source = folder.joinpath(*module_name.split(".")).with_suffix(".py")
     if not source.is_file():
         return importlib.import_module(module_name)
-    # A unique name per folder: two models may both ship a `model.py`.
-    unique = f"fleetserve_user_{abs(hash(str(source)))}_{module_name.replace('.', '_')}"
-    spec = importlib.util.spec_from_file_location(unique, source)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(folder))  # so the model's code can import its sibling modules
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
+    package_name = f"_fleetserve_model_{next(_loads)}"
+    package = types.ModuleType(package_name)
+    package.__path__ = [str(folder)]
+    with _user_code:
+        sys.modules[package_name] = package
+        sys.path.insert(0, str(folder))
+        try:
+            return importlib.import_module(f"{package_name}.{module_name}")
+        finally:
+            sys.path.remove(str(folder))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,7 +51,8 @@ class FleetServer:
         self.dataplane = DataPlane(self.registry, self.executor)
         self.ready = False
         self.stopping = False
-        self._stop = asyncio.Event()
+        self.predicts_still_running = 0
+        self.stop_requested = asyncio.Event()
 
     def _uvicorn(self, app, port: int) -> _UvicornServer:
         config = uvicorn.Config(
@@ -67,7 +69,7 @@ class FleetServer:
         return _UvicornServer(config)
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self.stop_requested.set()
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -76,7 +78,11 @@ class FleetServer:
 
         http = self._uvicorn(build_rest_app(self), self.settings.http_port)
         metrics = self._uvicorn(make_asgi_app(), self.settings.metrics_port)
-        grpc_server, health = build_grpc_server(self)
+        try:
+            grpc_server, health = build_grpc_server(self)
+        except RuntimeError as error:  # grpc's way of saying it cannot bind
+            log.error("cannot serve gRPC on %s:%d: %s", self.settings.host, self.settings.grpc_port, error)
+            return 1
         await set_serving(health, False)
         await grpc_server.start()
         front_doors = [asyncio.create_task(_serve_until_exit(http)), asyncio.create_task(_serve_until_exit(metrics))]
@@ -87,7 +93,7 @@ class FleetServer:
         )
 
         loading = asyncio.create_task(self._load_models(health))
-        stop = asyncio.create_task(self._stop.wait())
+        stop = asyncio.create_task(self.stop_requested.wait())
         done, _ = await asyncio.wait([stop, *front_doors], return_when=asyncio.FIRST_COMPLETED)
         failed = stop not in done  # a front door ended by itself: it could not bind its port
         if failed:
@@ -101,6 +107,7 @@ class FleetServer:
         await asyncio.gather(grpc_server.stop(self.settings.shutdown_grace), *front_doors, return_exceptions=True)
         await self.registry.unload_all(self.settings.shutdown_grace)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.predicts_still_running = sum(version.in_flight for version in self.registry.all_versions())
         log.info("fleetserve stopped")
         return 1 if failed else 0
 
@@ -116,11 +123,22 @@ def run(settings: ServerSettings) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    server: FleetServer | None = None
+
     async def main() -> int:
-        return await FleetServer(settings).serve()
+        nonlocal server
+        server = FleetServer(settings)
+        return await server.serve()
 
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main())
-    return uvloop.run(main())
+        code = asyncio.run(main())
+    else:
+        code = uvloop.run(main())
+    if server is not None and server.predicts_still_running:
+        # Python would wait at exit for predicts that outlived the grace period: leave now.
+        logging.getLogger("fleetserve").warning("%d predict(s) still running; exiting anyway", server.predicts_still_running)
+        logging.shutdown()
+        os._exit(code)
+    return code

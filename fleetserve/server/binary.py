@@ -7,8 +7,10 @@ read with `np.frombuffer`, without copying.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import numpy as np
 import orjson
 
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer, bytes_to_text, little_endian
@@ -31,10 +33,18 @@ def parse_json_object(body: bytes | memoryview) -> dict:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise InvalidInput(f"malformed JSON: {error}") from None
+        document = _json_with_non_finite_numbers(body, error)
     if not isinstance(document, dict):
         raise InvalidInput("the request body must be a JSON object")
     return document
+
+
+def _json_with_non_finite_numbers(body: bytes | memoryview, error: orjson.JSONDecodeError) -> Any:
+    """NaN and Infinity are not JSON, but tritonclient and Python's json send them: accept them."""
+    try:
+        return json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput(f"malformed JSON: {error}") from None
 
 
 def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
@@ -113,6 +123,7 @@ def encode_response(response: InferenceResponse, request: InferenceRequest) -> t
     outputs = []
     blobs = []
     any_binary = False
+    non_finite = False
     for tensor in response.outputs:
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
         parameters = dict(tensor.parameters)
@@ -122,7 +133,15 @@ def encode_response(response: InferenceResponse, request: InferenceRequest) -> t
             blobs.append(blob)
             any_binary = True
         elif tensor.datatype == "BYTES":
-            entry["data"] = bytes_to_text(tensor.data, tensor.name)
+            try:
+                entry["data"] = bytes_to_text(tensor.data)
+            except UnicodeDecodeError:
+                raise InvalidInput(
+                    f"output '{tensor.name}' holds bytes that are not UTF-8 text; ask for it as binary data"
+                ) from None
+        elif tensor.data.dtype.kind == "f" and not np.isfinite(tensor.data).all():
+            entry["data"] = tensor.data.ravel().tolist()
+            non_finite = True
         else:
             entry["data"] = little_endian(tensor.data).ravel()
         if parameters:
@@ -136,7 +155,12 @@ def encode_response(response: InferenceResponse, request: InferenceRequest) -> t
     if response.parameters:
         document["parameters"] = response.parameters
     document["outputs"] = outputs
-    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if non_finite:
+        # orjson writes NaN and Infinity as null; Python's json writes the literals Triton sends
+        # and Python clients read.
+        header = json.dumps(document, separators=(",", ":")).encode()
+    else:
+        header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not any_binary:
         return header, None
     return b"".join([header, *blobs]), len(header)

@@ -7,9 +7,19 @@ its messages, so REST and gRPC can never disagree.
 from __future__ import annotations
 
 from fleetserve import __version__
+from fleetserve.errors import InvalidInput
 from fleetserve.runtime.registry import ModelVersion, Registry
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
+
+
+def refuse_load_overrides(parameters: dict) -> None:
+    """Triton lets a load carry a config or files; fleetserve reads only the repository, so it says so."""
+    overrides = [key for key in parameters if key == "config" or key.startswith("file:")]
+    if overrides:
+        raise InvalidInput(
+            f"load parameters {overrides} are not supported: edit the model's model-settings.json in the repository"
+        )
 
 
 def server_metadata() -> dict:

@@ -8,7 +8,9 @@ Triton clients are built against. Raw input contents are read with `np.frombuffe
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -23,6 +25,8 @@ from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutpu
 
 if TYPE_CHECKING:
     from fleetserve.server.app import FleetServer
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 
@@ -105,6 +109,9 @@ def _aborts_on_error(method: Callable[..., Awaitable[Any]]):
             return await method(self, request, context)
         except FleetError as error:
             await context.abort(error.grpc_code, error.message)
+        except Exception as error:
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
     return wrapper
 
@@ -147,15 +154,36 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return encode_infer_response(response)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        # Errors travel in the stream (as Triton does), so one bad request does not end it.
-        async for message in request_iterator:
-            try:
-                yield service_pb2.ModelStreamInferResponse(infer_response=await self._infer(message))
-            except FleetError as error:
-                yield service_pb2.ModelStreamInferResponse(
-                    error_message=error.message,
-                    infer_response=service_pb2.ModelInferResponse(model_name=message.model_name, id=message.id),
-                )
+        # Errors travel in the stream (as Triton does), so one bad request does not end it. The
+        # stream ends when the server stops, instead of holding shutdown for its whole grace.
+        stop = asyncio.ensure_future(self.server.stop_requested.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(context.read())
+                await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    return
+                message = read.result()
+                if message is grpc.aio.EOF:
+                    return
+                yield await self._stream_response(message)
+        finally:
+            stop.cancel()
+
+    async def _stream_response(self, message: service_pb2.ModelInferRequest) -> service_pb2.ModelStreamInferResponse:
+        try:
+            return service_pb2.ModelStreamInferResponse(infer_response=await self._infer(message))
+        except Exception as error:
+            if isinstance(error, FleetError):
+                text = error.message
+            else:
+                log.exception("unexpected error in a stream")
+                text = f"internal error: {type(error).__name__}: {error}"
+            return service_pb2.ModelStreamInferResponse(
+                error_message=text,
+                infer_response=service_pb2.ModelInferResponse(model_name=message.model_name, id=message.id),
+            )
 
     @_aborts_on_error
     async def ModelConfig(self, request, context):
@@ -174,6 +202,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_aborts_on_error
     async def RepositoryModelLoad(self, request, context):
+        documents.refuse_load_overrides(_parameters(request.parameters))
         await self.registry.load(request.model_name)
         return service_pb2.RepositoryModelLoadResponse()
 
@@ -189,12 +218,16 @@ def build_grpc_server(server: "FleetServer") -> tuple[grpc.aio.Server, health.ai
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            # Without this a second server on the same port silently shares it.
+            ("grpc.so_reuseport", 0),
         ]
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(server), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    grpc_server.add_insecure_port(f"{server.settings.host}:{server.settings.grpc_port}")
+    address = f"{server.settings.host}:{server.settings.grpc_port}"
+    if grpc_server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"failed to bind to {address}")
     return grpc_server, health_servicer
 
 

@@ -7,6 +7,7 @@ into numpy tensors (server/binary.py), never through pydantic models. Every fail
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import zlib
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+OFFLOAD_BYTES = 1 << 20
 
 
 def json_response(document: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -122,6 +124,12 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
     limit = server.settings.max_message_size
     app = FastAPI(title="fleetserve", docs_url=None, redoc_url=None, openapi_url=None)
 
+    async def _off_loop_if_large(size: int, function, *args):
+        """Parse or write big bodies on a worker thread, so health checks and small requests keep flowing."""
+        if size < OFFLOAD_BYTES:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(server.executor, function, *args)
+
     @app.exception_handler(FleetError)
     async def on_fleet_error(request: Request, error: FleetError) -> Response:
         return error_response(error.message, error.http_status, request)
@@ -182,9 +190,10 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         headers = request.headers
         body = await read_body(request, limit)
-        inference = decode_request(body, headers.get(HEADER_LENGTH))
+        inference = await _off_loop_if_large(len(body), decode_request, body, headers.get(HEADER_LENGTH))
         response = await dataplane.infer(name, version, inference)
-        content, header_length = encode_response(response, inference)
+        output_size = sum(tensor.data.nbytes for tensor in response.outputs)
+        content, header_length = await _off_loop_if_large(output_size, encode_response, response, inference)
         reply_headers = {}
         if request_id := headers.get("x-request-id"):
             reply_headers["x-request-id"] = request_id
@@ -202,7 +211,13 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
         return json_response(await registry.index(ready_only=bool(options.get("ready", False))))
 
     @app.post("/v2/repository/models/{name}/load")
-    async def repository_load(name: str) -> Response:
+    async def repository_load(request: Request, name: str) -> Response:
+        body = await read_body(request, limit)
+        options = parse_json_object(body) if body.strip() else {}
+        parameters = options.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be an object")
+        documents.refuse_load_overrides(parameters)
         await registry.load(name)
         return json_response({})
 
