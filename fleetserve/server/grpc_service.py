@@ -74,9 +74,9 @@ def decode_infer_request(message: service_pb2.ModelInferRequest) -> InferenceReq
         if raw:
             data = array_from_buffer(raw[index], datatype, shape, name)
         else:
-            check_datatype(datatype, name)
             field = _CONTENTS_FIELD.get(datatype)
             if field is None:
+                check_datatype(datatype, name)  # an unknown datatype gets its own message
                 raise InvalidInput(f"input '{name}': {datatype} can only be sent in raw_input_contents")
             data = array_from_json(list(getattr(tensor.contents, field)), datatype, shape, name)
         inputs.append(Tensor(name, data, _parameters(tensor.parameters)))
