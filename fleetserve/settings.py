@@ -31,7 +31,7 @@ class ServerSettings:
     max_message_size: int = 256 * MIB
     # Threads that run framework calls off the event loop; one model may hold at most half.
     # Most wait on the GIL or I/O, so there are more of them than cores.
-    inference_threads: int = 16
+    inference_threads: int = 8
     # Seconds SIGTERM waits for in-flight requests before the server exits.
     shutdown_grace: float = 30.0
     log_level: str = "info"

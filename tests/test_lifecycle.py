@@ -255,9 +255,9 @@ def test_unload_during_first_load_waits_for_it(lifecycle_server, http):
 
 
 def test_one_busy_model_cannot_take_every_worker(http):
-    """Ten slow requests at once (more than a model may run together) still leave threads for others."""
+    """More slow requests at once than a model may run together still leave threads for others."""
     with ThreadPoolExecutor(10) as pool:
-        slow = [pool.submit(http.post, "/v2/models/slow/infer", json=sleep_request(2.0)) for _ in range(10)]
+        slow = [pool.submit(http.post, "/v2/models/slow/infer", json=sleep_request(1.5)) for _ in range(10)]
         time.sleep(0.3)  # the slow requests now hold their worker threads
         echo = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1]}]}
         assert http.post("/v2/models/echo/infer", json=echo).status_code == 200
