@@ -21,6 +21,11 @@ def _start(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         max_message_size=args.max_message_size,
         log_level=args.log_level,
+        memory_limit=args.memory_limit,
+        overcommit_percent=args.overcommit_percent,
+        cache_dir=args.cache_dir,
+        capabilities=args.capabilities,
+        extra_capabilities=args.extra_capabilities,
     )
     return run(settings)
 
@@ -60,6 +65,16 @@ def _infer(args: argparse.Namespace) -> int:
         return _print_or_fail(client.post(path, content=body, headers={"Content-Type": "application/json"}))
 
 
+def _manifests(method: str):
+    def command(args: argparse.Namespace) -> int:
+        text = sys.stdin.read() if args.file == "-" else open(args.file).read()
+        with _client(args) as client:
+            response = client.request(method, "/v2/manifests", content=text, headers={"Content-Type": "application/yaml"})
+        return _print_or_fail(response)
+
+    return command
+
+
 def _repository(action: str):
     def command(args: argparse.Namespace) -> int:
         with _client(args) as client:
@@ -80,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--metrics-port", type=int, help="Prometheus port (default 8082; FLEETSERVE_METRICS_PORT)")
     start.add_argument("--max-message-size", type=int, help="largest request in bytes (FLEETSERVE_MAX_MESSAGE_SIZE)")
     start.add_argument("--log-level", help="debug, info, warning, error (FLEETSERVE_LOG_LEVEL)")
+    start.add_argument("--memory-limit", help="memory for resident models: bytes or 512Mi, 4Gi (FLEETSERVE_MEMORY_LIMIT)")
+    start.add_argument("--overcommit-percent", type=float, help="registered models may exceed the limit by this (default 10)")
+    start.add_argument("--cache-dir", help="where remote artifacts are downloaded (FLEETSERVE_CACHE_DIR)")
+    start.add_argument("--capabilities", help="comma-separated; replaces the default capabilities")
+    start.add_argument("--extra-capabilities", help="comma-separated; added to the capabilities")
     start.set_defaults(run=_start)
 
     def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:
@@ -94,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     infer.add_argument("model")
     infer.add_argument("data", help="the JSON request body, or - to read it from stdin")
     infer.add_argument("--version")
+    for name, method, help_text in (
+        ("apply", "POST", "load the models of Seldon Core 2 manifests (kind: Model)"),
+        ("delete", "DELETE", "unload the models of Seldon Core 2 manifests"),
+    ):
+        client_command(name, help_text, _manifests(method)).add_argument(
+            "-f", "--file", required=True, help="a YAML file (several documents allowed), or - for stdin"
+        )
     for action in ("load", "unload"):
         client_command(action, f"{action} a model through the repository API", _repository(action)).add_argument("model")
 

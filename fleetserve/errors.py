@@ -45,6 +45,14 @@ class InferenceError(FleetError):
     """The model itself failed while predicting."""
 
 
+class CapacityExceeded(FleetError):
+    """Registering the model would pass the server's memory budget."""
+
+
+class Busy(FleetError):
+    """Every resident model is serving: none can be evicted to make room in time."""
+
+
 class ServerUnavailable(FleetError):
     """The server is shutting down."""
 
@@ -58,5 +66,7 @@ STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ModelLoadError: (400, grpc.StatusCode.INVALID_ARGUMENT),
     InferenceError: (400, grpc.StatusCode.INTERNAL),
+    CapacityExceeded: (400, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Busy: (503, grpc.StatusCode.UNAVAILABLE),
     ServerUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,32 @@ class ServerSettings:
     # Seconds SIGTERM waits for in-flight requests before the server exits.
     shutdown_grace: float = 30.0
     log_level: str = "info"
+    # Memory for resident models, bytes or a Kubernetes quantity (512Mi, 4Gi); empty means
+    # 70% of the container's limit or the machine's memory, leaving room for requests.
+    memory_limit: str = ""
+    # Registered models may total memory_limit * (1 + overcommit_percent / 100); the excess is evicted.
+    overcommit_percent: float = 10.0
+    # Where remote artifacts are downloaded; kept across restarts.
+    cache_dir: str = os.path.join(tempfile.gettempdir(), "fleetserve-cache")
+    # Comma-separated: `capabilities` replaces the default list, `extra_capabilities` adds to it.
+    capabilities: str = ""
+    extra_capabilities: str = ""
+    # Seconds a load waits for a busy model to finish so it can be evicted, before answering 503.
+    eviction_wait: float = 30.0
+
+    @property
+    def memory_limit_bytes(self) -> int:
+        if self.memory_limit:
+            try:
+                return parse_quantity(self.memory_limit)
+            except ValueError as error:
+                raise SystemExit(f"--memory-limit: {error}") from None
+        return int(0.7 * _available_memory())
+
+    @property
+    def capability_list(self) -> list[str]:
+        chosen = _split(self.capabilities) or list(DEFAULT_CAPABILITIES)
+        return chosen + [item for item in _split(self.extra_capabilities) if item not in chosen]
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerSettings":
@@ -46,6 +73,42 @@ class ServerSettings:
                 values[spec.name] = _convert(spec.name, raw, type(getattr(cls(), spec.name)))
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
+
+
+# What a server offers, as Seldon Core 2 `requirements` name it.
+DEFAULT_CAPABILITIES = (
+    "sklearn", "xgboost", "lightgbm", "mlflow", "onnx", "huggingface", "alibi-explain", "alibi-detect", "python",
+)
+
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)\s*([KMGTPE]i?|k)?\s*$")
+_UNITS = {None: 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5, "E": 1000**6,
+          "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6}
+
+
+def parse_quantity(value: Any) -> int:
+    """Bytes from an integer or a Kubernetes quantity: 1000, 64Mi, 1.5Gi, 2G."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _QUANTITY.match(str(value)) if isinstance(value, (str, float)) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a memory quantity (bytes, or a number with Ki, Mi, Gi, k, M, G ...)")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _available_memory() -> int:
+    """The container's memory limit (cgroup v2 or v1) if it has one, else the machine's memory."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number means no limit
+            return int(limit)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _split(items: str) -> list[str]:
+    return [item.strip() for item in items.split(",") if item.strip()]
 
 
 def _convert(name: str, raw: str, kind: type) -> Any:
@@ -127,10 +190,13 @@ class ModelSettings:
     max_batch_size: int = 0
     max_batch_time: float = 0.0
     requirements: list[str] = field(default_factory=list)
+    memory: int = 0  # declared bytes; 0 when not declared
     unknown: dict[str, Any] = field(default_factory=dict)
+    fetched: Path | None = None  # the local copy of a remote `uri`, once downloaded
+    from_manifest: bool = False  # its artifacts may hold a model-settings.json to complete it
 
     _KNOWN = {"name", "implementation", "parameters", "inputs", "outputs", "platform", "max_batch_size",
-              "max_batch_time", "requirements", "versions"}
+              "max_batch_time", "requirements", "versions", "memory"}
     _KNOWN_PARAMETERS = {"uri", "version", "extra", "content_type"}
 
     @classmethod
@@ -154,6 +220,7 @@ class ModelSettings:
             name = check_model_name(raw.get("name") or default_name)
             max_batch_size = int(raw.get("max_batch_size") or 0)
             max_batch_time = float(raw.get("max_batch_time") or 0)
+            memory = parse_quantity(raw.get("memory") or 0)
         except (InvalidInput, TypeError, ValueError) as error:
             raise ModelLoadError(f"{where}: {error}") from None
         version = parameters.get("version", default_version)
@@ -175,6 +242,7 @@ class ModelSettings:
             max_batch_size=max_batch_size,
             max_batch_time=max_batch_time,
             requirements=requirements,
+            memory=memory,
             unknown=unknown,
         )
 
@@ -186,9 +254,33 @@ class ModelSettings:
             raise ModelLoadError(f"{path}: not valid JSON: {error}") from None
         return cls.parse(raw, path.parent, default_name, default_version)
 
+    def complete_from_artifacts(self) -> None:
+        """A Model manifest names the artifacts; a model-settings.json among them says how to serve
+        them. The manifest's name, requirements, memory and parameters win."""
+        folder = self.artifact_path
+        if not folder.is_dir():
+            return
+        self.folder = self.fetched = folder  # a custom model's code is found there too
+        if not (folder / "model-settings.json").is_file():
+            return
+        inner = ModelSettings.from_file(folder / "model-settings.json", self.name)
+        self.implementation = self.implementation or inner.implementation
+        self.extra = {**inner.extra, **self.extra}
+        self.requirements = self.requirements or inner.requirements
+        self.memory = self.memory or inner.memory
+        self.version = self.version or inner.version
+        self.content_type = self.content_type or inner.content_type
+        self.inputs, self.outputs, self.platform = inner.inputs, inner.outputs, inner.platform
+        self.max_batch_size, self.max_batch_time = inner.max_batch_size, inner.max_batch_time
+        if inner.uri:
+            self.fetched = inner.artifact_path
+
     @property
     def artifact_path(self) -> Path:
-        """Where the model's files are: `parameters.uri` relative to the folder, else the folder."""
+        """Where the model's files are: the downloaded copy of a remote `uri`, a local `uri`
+        relative to the folder, else the folder."""
+        if self.fetched is not None:
+            return self.fetched
         if not self.uri:
             return self.folder
         uri = self.uri.removeprefix("file://")

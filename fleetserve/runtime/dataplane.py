@@ -31,9 +31,12 @@ class DataPlane:
         model = self.registry.get_ready(name, version)
         _check_inputs(model, request)
         started = time.perf_counter_ns()
-        model.in_flight += 1
+        model.in_flight += 1  # pinned: never evicted or unloaded while this request needs it
         still_running = None  # a worker thread whose caller was cancelled: the model stays pinned
         try:
+            if model.runtime is None:
+                await self.registry.ensure_resident(model)
+            self.registry.memory.touch(model)
             if model.predict_is_async:
                 response = await model.runtime.predict(request)
                 computed = started

@@ -25,3 +25,9 @@ MODEL_LOAD_DURATION = Histogram(
     ["model", "outcome"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
+MODEL_RELOAD_DURATION = Histogram(
+    "fleetserve_model_reload_duration_seconds",
+    "Time to bring an evicted model back into memory, waiting for room included.",
+    ["model"],
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)

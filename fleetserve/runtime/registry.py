@@ -1,8 +1,11 @@
 """Model states and versions: what is loaded, what is loading, and why a model is unavailable.
 
 The data plane counts every request into a version (`in_flight`), so a model is never unloaded
-under a request: unload waits for in-flight requests to finish first. A reload that fails
-leaves the versions that were serving in place.
+or evicted under a request: unload waits for in-flight requests to finish first. A reload that
+fails leaves the versions that were serving in place.
+
+An evicted version stays READY to clients: it is registered, its artifacts stay in the disk
+cache, and the next request reloads it (one reload, however many requests wait).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fleetserve.errors import FleetError, ModelLoadError, ModelUnavailable, NotFound
+from fleetserve.errors import Busy, FleetError, ModelLoadError, ModelUnavailable, NotFound
 from fleetserve.runtime import metrics
+from fleetserve.runtime.artifacts import ArtifactCache, is_remote
 from fleetserve.runtime.base import Runtime
+from fleetserve.runtime.memory import MemoryManager, format_bytes, start_measured
 from fleetserve.runtime.repository import Found, ModelRepository, is_version_number
 from fleetserve.settings import ModelSettings, check_model_name
 
@@ -49,14 +54,28 @@ class ModelVersion:
     slots: asyncio.Semaphore
     state: str = LOADING
     reason: str = ""
-    runtime: Runtime | None = None
+    runtime: Runtime | None = None  # None while loading, after unload, and while evicted
     predict_is_async: bool = False
     in_flight: int = 0
+    measured: int = 0  # bytes the first load took
+    reloading: asyncio.Future | None = None
     stats: Statistics = field(default_factory=Statistics)
 
     @property
     def name(self) -> str:
         return self.settings.name
+
+    @property
+    def declared(self) -> int:
+        return self.settings.memory
+
+    @property
+    def cost(self) -> int:
+        return max(self.declared, self.measured)
+
+    @property
+    def evicted(self) -> bool:
+        return self.state == READY and self.runtime is None
 
     @property
     def version(self) -> str | None:
@@ -100,13 +119,27 @@ def _version_order(version: str | None) -> tuple[int, str]:
 
 
 class Registry:
-    def __init__(self, repository: ModelRepository, resolve_runtime: RuntimeResolver, max_concurrency: int = 8):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        resolve_runtime: RuntimeResolver,
+        memory: MemoryManager,
+        artifacts: ArtifactCache,
+        max_concurrency: int = 4,
+        eviction_wait: float = 30.0,
+    ):
         self.repository = repository
         self.resolve_runtime = resolve_runtime
+        self.memory = memory
+        self.artifacts = artifacts
         self.max_concurrency = max_concurrency
+        self.eviction_wait = eviction_wait
         # Loads read files and import frameworks: their own threads, never the inference ones.
         self.executor = ThreadPoolExecutor(4, thread_name_prefix="fleetserve-load")
         self.models: dict[str, Model] = {}
+        self.manifests: dict[str, Found] = {}  # models applied as manifests, not found in the repository
+        self._admission = asyncio.Lock()  # one model at a time claims memory, so two never claim the same bytes
+        self._refreeze: asyncio.TimerHandle | None = None
 
     # Lookups on the request path: plain dict reads, no awaits.
 
@@ -138,7 +171,7 @@ class Registry:
         return [version for version in self.all_versions() if version.state == READY]
 
     async def index(self, ready_only: bool = False) -> list[dict]:
-        """Every model the server knows or the repository holds, with its state and reason."""
+        """Every model the server knows or the repository holds: state, reason and memory."""
         entries = []
         for model in self.models.values():
             if not model.versions:
@@ -147,6 +180,11 @@ class Registry:
                 entry = {"name": model.name, "state": version.state, "reason": version.reason}
                 if version.version is not None:
                     entry["version"] = version.version
+                entry.update(
+                    resident=version.runtime is not None,
+                    declared_memory_bytes=version.declared,
+                    measured_memory_bytes=version.measured,
+                )
                 entries.append(entry)
         for name, found in (await self._in_thread(self.repository.scan)).items():
             if name not in self.models:
@@ -168,15 +206,20 @@ class Registry:
             if isinstance(result, BaseException):
                 log.error("model %s is unavailable: %s", name, getattr(result, "message", result))
 
+    async def apply(self, found: Found) -> None:
+        """Register a model given by a manifest (it wins over a repository folder of the same name), then load it."""
+        self.manifests[found.name] = found
+        await self.load(found.name, found)
+
     async def load(self, name: str, found: Found | None = None) -> None:
-        """Load (or reload) a model from the repository.
+        """Load (or reload) a model from its manifest or the repository.
 
         The versions serving go on serving until the new ones are all ready; if any new version
         fails, the old ones stay and the load answers with the reasons.
         """
         check_model_name(name)
         if found is None:
-            found = await self._in_thread(self.repository.find, name)
+            found = self.manifests.get(name) or await self._in_thread(self.repository.find, name)
         model = self.models.setdefault(name, Model(name))
         async with model.lock:
             serving = any(version.state == READY for version in model.versions.values())
@@ -184,21 +227,25 @@ class Registry:
                 if not serving:
                     model.versions, model.reason = {}, found.error
                 raise ModelLoadError(f"model '{name}' failed to load: {found.error}")
-            loading = [
-                ModelVersion(settings, asyncio.Semaphore(self.max_concurrency)) for settings in found.versions
-            ]
+            loading = [ModelVersion(settings, asyncio.Semaphore(self.max_concurrency)) for settings in found.versions]
+            try:
+                self.memory.register(loading, replacing=model.versions.values())
+            except FleetError as error:
+                if not serving:
+                    model.versions, model.reason = {}, error.message
+                raise
             if not serving:
                 model.versions = {version.version: version for version in loading}  # visible as LOADING
             await asyncio.gather(*(self._load_version(version) for version in loading))
             failed = [version for version in loading if version.state != READY]
             reasons = "; ".join(f"{_label(version)}: {version.reason}" for version in failed)
             if serving and failed:
-                await asyncio.gather(*(self._unload_version(version) for version in loading))
+                await asyncio.gather(*(self._unload_version(version, keep_files=True) for version in loading))
                 raise ModelLoadError(f"model '{name}' failed to reload ({reasons}); the loaded versions go on serving")
             previous = model.versions
             model.versions = {version.version: version for version in loading}
             model.reason = ""
-            await asyncio.gather(*(self._unload_version(v) for v in previous.values() if v not in loading))
+            await asyncio.gather(*(self._unload_version(v, keep_files=True) for v in previous.values() if v not in loading))
             if failed and len(failed) == len(loading):
                 raise ModelLoadError(f"model '{name}' failed to load: {reasons}")
 
@@ -208,31 +255,95 @@ class Registry:
         if model is None:
             raise NotFound(f"model '{name}' is not loaded")
         async with model.lock:
-            loaded = [version for version in model.versions.values() if version.runtime is not None]
+            loaded = [version for version in model.versions.values() if version in self.memory.registered]
             if not loaded:
                 raise NotFound(f"model '{name}' is not loaded")
             await asyncio.gather(*(self._unload_version(version, grace) for version in loaded))
+
+    async def delete(self, name: str, grace: float = 30.0) -> None:
+        """Unload a model applied as a manifest and forget the manifest."""
+        if name not in self.manifests:
+            raise NotFound(f"no model '{name}' was applied as a manifest")
+        try:
+            await self.unload(name, grace)
+        except NotFound:
+            pass
+        del self.manifests[name]
 
     async def unload_all(self, grace: float) -> None:
         await asyncio.gather(*(self.unload(name, grace) for name in list(self.models)), return_exceptions=True)
         self.executor.shutdown(wait=False)
 
+    async def ensure_resident(self, version: ModelVersion) -> None:
+        """Reload an evicted version; every request waiting for it shares one reload."""
+        if version.runtime is not None:
+            return
+        if version.reloading is None:
+            self.memory.misses += 1
+            version.reloading = asyncio.ensure_future(self._reload(version))
+            version.reloading.add_done_callback(_forget_reload(version))
+        await asyncio.shield(version.reloading)
+
+    async def _reload(self, version: ModelVersion) -> None:
+        started = time.perf_counter()
+        await self._admit(version)
+        try:
+            runtime = await self._start_runtime(version)
+        except BaseException as error:
+            self.memory.mark_evicted(version)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
+            raise ModelUnavailable(f"model '{version.name}' was evicted and could not be reloaded: {reason}") from error
+        version.runtime = runtime
+        metrics.MODEL_RELOAD_DURATION.labels(version.name).observe(time.perf_counter() - started)
+
+    async def _admit(self, version: ModelVersion) -> None:
+        """Claim the version's memory, evicting least recently used idle models to make room.
+        Waits up to `eviction_wait` for busy models to finish, then answers 503."""
+        deadline = time.monotonic() + self.eviction_wait
+        async with self._admission:
+            while True:
+                victims = self.memory.victims(version.cost, keep=version)
+                if victims is not None:
+                    for victim in victims:
+                        await self._evict(victim)
+                    self.memory.mark_resident(version)
+                    return
+                if time.monotonic() > deadline:
+                    raise Busy(
+                        f"no memory for model '{version.name}' ({format_bytes(version.cost)}): "
+                        f"{format_bytes(self.memory.resident_bytes)} of {format_bytes(self.memory.limit)} "
+                        f"is held by models serving requests; waited {self.eviction_wait:g}s"
+                    )
+                await asyncio.sleep(0.01)
+
+    async def _evict(self, version: ModelVersion) -> None:
+        runtime, version.runtime = version.runtime, None
+        self.memory.mark_evicted(version)
+        self.memory.evictions += 1
+        log.info("model %s evicted (%s)", _label(version), format_bytes(version.cost))
+        await self._stop_runtime(version, runtime)
+        self._schedule_refreeze()
+
     async def _load_version(self, version: ModelVersion) -> None:
         started = time.perf_counter()
         version.state = LOADING
         try:
-            # Resolving imports the framework (seconds for some): off the event loop too.
-            runtime = await self._in_thread(self._build_runtime, version.settings)
-            if inspect.iscoroutinefunction(runtime.load):
-                await runtime.load()
-            else:
-                await self._in_thread(runtime.load)
+            await self._admit(version)
+            settings = version.settings
+            if is_remote(settings.uri or ""):
+                settings.fetched = await self._in_thread(self.artifacts.fetch, settings.uri)
+            if settings.from_manifest:
+                await self._in_thread(settings.complete_from_artifacts)
+            runtime = await self._start_runtime(version, measure=True)
             await self._in_thread(_refreeze_heap)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
             reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
             version.state, version.reason = UNAVAILABLE, reason
+            self.memory.unregister(version)
             metrics.MODEL_LOAD_DURATION.labels(version.name, "error").observe(time.perf_counter() - started)
             log.error("model %s failed to load: %s", _label(version), reason)
             return
@@ -242,22 +353,40 @@ class Registry:
         elapsed = time.perf_counter() - started
         metrics.MODEL_LOAD_DURATION.labels(version.name, "success").observe(elapsed)
         metrics.MODELS_LOADED.inc()
-        log.info("model %s loaded in %.2fs (%s)", _label(version), elapsed, type(runtime).__name__)
+        log.info("model %s loaded in %.2fs (%s, %s)", _label(version), elapsed, type(runtime).__name__,
+                 format_bytes(version.cost))
+        if version.declared and version.measured > 2 * version.declared:
+            log.warning("model %s declares %s of memory but loading it took %s; its cost is the measured figure",
+                        _label(version), format_bytes(version.declared), format_bytes(version.measured))
+        if self.memory.resident_bytes > self.memory.limit:
+            await self._trim(version)
 
-    def _build_runtime(self, settings: ModelSettings) -> Runtime:
-        return self.resolve_runtime(settings)(settings)
+    async def _trim(self, keep: ModelVersion) -> None:
+        """A load took more than it declared: evict idle models until the resident ones fit again."""
+        async with self._admission:
+            for victim in self.memory.victims(0, keep=keep) or []:
+                await self._evict(victim)
 
-    async def _unload_version(self, version: ModelVersion, grace: float = 30.0) -> None:
-        runtime = version.runtime
-        if runtime is None:
-            return
-        version.state = UNLOADING
-        deadline = time.monotonic() + grace
-        while version.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        version.runtime = None
-        version.state, version.reason = UNAVAILABLE, "unloaded"
-        metrics.MODELS_LOADED.dec()
+    async def _start_runtime(self, version: ModelVersion, measure: bool = False) -> Runtime:
+        settings = version.settings
+        # Resolving imports the runtime's module (seconds for some): off the event loop too.
+        runtime_class = await self._in_thread(self.resolve_runtime, settings)
+        if inspect.iscoroutinefunction(runtime_class.load):
+            runtime = runtime_class(settings)
+            await runtime.load()
+            return runtime
+
+        def start() -> Runtime:
+            runtime = runtime_class(settings)
+            runtime.load()
+            return runtime
+
+        if not measure:
+            return await self._in_thread(start)
+        runtime, version.measured = await self._in_thread(start_measured, runtime_class, start)
+        return runtime
+
+    async def _stop_runtime(self, version: ModelVersion, runtime: Runtime) -> None:
         try:
             if inspect.iscoroutinefunction(runtime.unload):
                 await runtime.unload()
@@ -265,9 +394,42 @@ class Registry:
                 await self._in_thread(runtime.unload)
         except Exception:
             log.exception("model %s raised while unloading", _label(version))
-        del runtime
+
+    async def _unload_version(self, version: ModelVersion, grace: float = 30.0, keep_files: bool = False) -> None:
+        if version not in self.memory.registered:
+            return
+        version.state = UNLOADING
+        deadline = time.monotonic() + grace
+        while version.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        runtime, version.runtime = version.runtime, None
+        version.state, version.reason = UNAVAILABLE, "unloaded"
+        self.memory.unregister(version)
+        metrics.MODELS_LOADED.dec()
+        if runtime is not None:
+            await self._stop_runtime(version, runtime)
+            del runtime
+        uri = version.settings.uri or ""
+        if not keep_files and is_remote(uri) and not any(v.settings.uri == uri for v in self.memory.registered):
+            await self._in_thread(self.artifacts.delete, uri)
         await self._in_thread(_refreeze_heap)
         log.info("model %s unloaded", _label(version))
+
+    def _schedule_refreeze(self) -> None:
+        """Evictions come in bursts and reloads must stay fast: refreeze once, after a quiet second."""
+        if self._refreeze is not None:
+            self._refreeze.cancel()
+        loop = asyncio.get_running_loop()
+        self._refreeze = loop.call_later(1.0, lambda: loop.run_in_executor(self.executor, _refreeze_heap))
+
+
+def _forget_reload(version: ModelVersion):
+    def forget(reload: asyncio.Future) -> None:
+        version.reloading = None
+        if not reload.cancelled():
+            reload.exception()  # retrieved: the waiting requests report it
+
+    return forget
 
 
 def _label(version: ModelVersion) -> str:

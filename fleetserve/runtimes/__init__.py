@@ -29,16 +29,13 @@ BUILTIN: dict[str, str] = {
     "mlserver_xgboost.XGBoostModel": _XGBOOST,
 }
 
-# What this server can run, as Seldon Core 2 `requirements` name it.
-CAPABILITIES: tuple[str, ...] = ("sklearn", "xgboost", "python")
-
-
-def resolve_runtime(settings: ModelSettings) -> type[Runtime]:
-    missing = [item for item in settings.requirements if item not in CAPABILITIES]
+def resolve_runtime(settings: ModelSettings, capabilities: list[str]) -> type[Runtime]:
+    """The runtime class for a model; its `requirements` must all be among the server's `capabilities`."""
+    missing = [item for item in settings.requirements if item not in capabilities]
     if missing:
         raise ModelLoadError(
             f"model '{settings.name}' requires {settings.requirements} but this server provides "
-            f"{list(CAPABILITIES)}: {missing} missing"
+            f"{capabilities}: {missing} missing"
         )
     implementation = settings.implementation
     if not implementation:

@@ -15,9 +15,11 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
-from prometheus_client import make_asgi_app
+from prometheus_client import REGISTRY, make_asgi_app
 
+from fleetserve.runtime.artifacts import ArtifactCache
 from fleetserve.runtime.dataplane import DataPlane
+from fleetserve.runtime.memory import MemoryCollector, MemoryManager
 from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
 from fleetserve.runtimes import resolve_runtime
@@ -47,7 +49,17 @@ class FleetServer:
         self.settings = settings
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="fleetserve-worker")
         self.repository = ModelRepository(settings.model_repository)
-        self.registry = Registry(self.repository, resolve_runtime, max(1, settings.inference_threads // 2))
+        capabilities = settings.capability_list
+        self.memory = MemoryManager(settings.memory_limit_bytes, settings.overcommit_percent)
+        self.registry = Registry(
+            self.repository,
+            lambda model_settings: resolve_runtime(model_settings, capabilities),
+            self.memory,
+            ArtifactCache(settings.cache_dir),
+            max_concurrency=max(1, settings.inference_threads // 2),
+            eviction_wait=settings.eviction_wait,
+        )
+        REGISTRY.register(MemoryCollector(self.memory, self.registry.all_versions))
         self.dataplane = DataPlane(self.registry, self.executor)
         self.ready = False
         self.stopping = False

@@ -198,7 +198,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_aborts_on_error
     async def RepositoryIndex(self, request, context):
         entries = await self.registry.index(ready_only=request.ready)
-        return json_format.ParseDict({"models": entries}, service_pb2.RepositoryIndexResponse())
+        # Memory figures are REST-only: Triton's ModelIndex has no fields for them.
+        return json_format.ParseDict({"models": entries}, service_pb2.RepositoryIndexResponse(), ignore_unknown_fields=True)
 
     @_aborts_on_error
     async def RepositoryModelLoad(self, request, context):

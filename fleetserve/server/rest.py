@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from fleetserve.errors import FleetError, InvalidInput, PayloadTooLarge, ServerUnavailable
+from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
 from fleetserve.server import documents
 from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object
 
@@ -225,6 +226,26 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
     async def repository_unload(name: str) -> Response:
         await registry.unload(name, server.settings.shutdown_grace)
         return json_response({})
+
+    # Seldon Core 2 manifests (YAML or JSON, several documents allowed).
+
+    @app.post("/v2/manifests")
+    async def apply_manifests(request: Request) -> Response:
+        documents_ = parse_manifests(await read_body(request, limit))
+        applied = []
+        for document in documents_:
+            await registry.apply(model_from_manifest(document))
+            applied.append({"kind": document["kind"], "name": manifest_name(document)})
+        return json_response({"applied": applied})
+
+    @app.delete("/v2/manifests")
+    async def delete_manifests(request: Request) -> Response:
+        documents_ = parse_manifests(await read_body(request, limit))
+        deleted = []
+        for document in documents_:
+            await registry.delete(manifest_name(document), server.settings.shutdown_grace)
+            deleted.append({"kind": document["kind"], "name": manifest_name(document)})
+        return json_response({"deleted": deleted})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,0 +1,78 @@
+"""Seldon Core 2 manifests, as users already write them: `kind: Model` (multi-document YAML too).
+
+Pipelines and Experiments arrive with the graph engine; until then they are refused by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fleetserve.errors import InvalidInput
+from fleetserve.runtime.repository import Found
+from fleetserve.settings import ModelSettings, check_model_name, parse_quantity
+
+SUPPORTED_KINDS = ("Model",)
+_MODEL_SPEC = {"storageUri", "requirements", "memory", "parameters"}
+
+
+def parse_manifests(text: str | bytes) -> list[dict[str, Any]]:
+    """The documents of a YAML (or JSON) text, each checked to be a manifest of a supported kind."""
+    try:
+        documents = [document for document in yaml.safe_load_all(text) if document is not None]
+    except yaml.YAMLError as error:
+        raise InvalidInput(f"invalid YAML: {error}") from None
+    if not documents:
+        raise InvalidInput("no manifests found")
+    for document in documents:
+        if not isinstance(document, dict):
+            raise InvalidInput(f"a manifest must be a mapping, got {type(document).__name__}")
+        kind = document.get("kind")
+        if kind not in SUPPORTED_KINDS:
+            raise InvalidInput(f"unsupported kind {kind!r}; this server accepts {list(SUPPORTED_KINDS)}")
+        manifest_name(document)
+    return documents
+
+
+def manifest_name(document: dict[str, Any]) -> str:
+    metadata = document.get("metadata")
+    if not isinstance(metadata, dict) or "name" not in metadata:
+        raise InvalidInput(f"{document.get('kind')} manifest needs metadata.name")
+    return check_model_name(metadata["name"])
+
+
+def model_from_manifest(document: dict[str, Any]) -> Found:
+    """A `kind: Model` manifest as a model to load: its artifacts come from `spec.storageUri`."""
+    name = manifest_name(document)
+    where = f"Model '{name}'"
+    spec = document.get("spec")
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"{where}: spec must be a mapping")
+    storage_uri = spec.get("storageUri")
+    if not isinstance(storage_uri, str) or not storage_uri:
+        raise InvalidInput(f"{where}: spec.storageUri must be a non-empty string")
+    requirements = spec.get("requirements") or []
+    if not isinstance(requirements, list) or not all(isinstance(item, str) for item in requirements):
+        raise InvalidInput(f"{where}: spec.requirements must be a list of strings")
+    try:
+        memory = parse_quantity(spec.get("memory") or 0)
+    except ValueError as error:
+        raise InvalidInput(f"{where}: spec.memory: {error}") from None
+    parameters = spec.get("parameters") or []
+    if not isinstance(parameters, list) or not all(
+        isinstance(item, dict) and isinstance(item.get("name"), str) for item in parameters
+    ):
+        raise InvalidInput(f"{where}: spec.parameters must be a list of {{name, value}} mappings")
+    settings = ModelSettings(
+        name=name,
+        folder=Path.cwd(),
+        uri=storage_uri,
+        requirements=requirements,
+        memory=memory,
+        extra={item["name"]: item.get("value") for item in parameters},
+        unknown={key: value for key, value in spec.items() if key not in _MODEL_SPEC},
+        from_manifest=True,
+    )
+    return Found(name, [settings])

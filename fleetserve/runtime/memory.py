@@ -1,0 +1,207 @@
+"""Model memory: capacity with overcommit, the LRU of resident models, eviction choices, and
+measuring what a load really took.
+
+A model's cost is max(declared, measured). Registered models may total the limit plus the
+overcommit; resident ones never exceed the limit. When a model must become resident, the least
+recently used idle resident models make room; a model serving a request is never chosen.
+The registry carries out the evictions; this module only keeps the books.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+import tracemalloc
+from collections import OrderedDict
+from typing import Callable, Iterable, Protocol, TypeVar
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from fleetserve.errors import CapacityExceeded
+
+# Seldon Core 2 agent metric labels: one server, replica 0.
+SERVER_LABELS = {"server": "fleetserve", "server_replica": "0"}
+
+
+class Accountable(Protocol):
+    name: str
+    version: str | None
+    in_flight: int
+    state: str
+    declared: int
+    measured: int
+
+    @property
+    def cost(self) -> int: ...
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+class MemoryManager:
+    def __init__(self, limit: int, overcommit_percent: float):
+        self.limit = limit
+        self.overcommit_percent = overcommit_percent
+        self.registered_limit = int(limit * (1 + overcommit_percent / 100))
+        self.registered: set[Accountable] = set()
+        self.resident: OrderedDict[Accountable, None] = OrderedDict()  # least recently used first
+        self.evictions = 0
+        self.misses = 0
+
+    @property
+    def registered_bytes(self) -> int:
+        return sum(version.cost for version in self.registered)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(version.cost for version in self.resident)
+
+    def register(self, versions: Iterable[Accountable], replacing: Iterable[Accountable] = ()) -> None:
+        """Count new versions against the overcommitted budget, or refuse them with the figures."""
+        versions, replacing = list(versions), set(replacing)
+        adding = sum(version.cost for version in versions)
+        already = sum(version.cost for version in self.registered if version not in replacing)
+        name = versions[0].name if versions else "?"
+        for version in versions:
+            if version.cost > self.limit:
+                raise CapacityExceeded(
+                    f"model '{name}' needs {format_bytes(version.cost)}, more than the memory limit of "
+                    f"{format_bytes(self.limit)}"
+                )
+        if already + adding > self.registered_limit:
+            raise CapacityExceeded(
+                f"cannot register model '{name}' ({format_bytes(adding)}): registered models take "
+                f"{format_bytes(already)} of {format_bytes(self.registered_limit)} "
+                f"({format_bytes(self.limit)} limit + {self.overcommit_percent:g}% overcommit)"
+            )
+        self.registered.update(versions)
+
+    def unregister(self, version: Accountable) -> None:
+        self.registered.discard(version)
+        self.resident.pop(version, None)
+
+    def touch(self, version: Accountable) -> None:
+        """A request used this version: it becomes the most recently used."""
+        if version in self.resident:
+            self.resident.move_to_end(version)
+
+    def mark_resident(self, version: Accountable) -> None:
+        self.resident[version] = None
+        self.resident.move_to_end(version)
+
+    def mark_evicted(self, version: Accountable) -> None:
+        self.resident.pop(version, None)
+
+    def victims(self, needed: int, keep: Accountable | None = None) -> list[Accountable] | None:
+        """The least recently used idle versions whose eviction frees `needed` bytes ([] if they
+        fit already), or None if only busy models could make room."""
+        free = self.limit - self.resident_bytes
+        chosen: list[Accountable] = []
+        for version in self.resident:
+            if free >= needed:
+                break
+            if version is keep or version.in_flight or version.state != "READY":
+                continue
+            chosen.append(version)
+            free += version.cost
+        return chosen if free >= needed else None
+
+
+_measuring = threading.Lock()  # tracemalloc and RSS are process-wide: one measured load at a time
+_warmed: set[type] = set()  # runtime classes that have loaded once, so their frameworks are imported
+
+T = TypeVar("T")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _traced(start: Callable[[], T]) -> tuple[T, int, int, bool]:
+    """Run `start`; return its result, the Python heap it kept (numpy arrays included), the RSS
+    growth, and whether it imported modules."""
+    modules_before = len(sys.modules)
+    rss_before = _rss()
+    started_tracing = not tracemalloc.is_tracing()
+    if started_tracing:
+        tracemalloc.start()
+    try:
+        result = start()
+        heap = tracemalloc.get_traced_memory()[0]
+    finally:
+        if started_tracing:
+            tracemalloc.stop()
+    return result, heap, _rss() - rss_before, len(sys.modules) != modules_before
+
+
+def start_measured(kind: type, start: Callable[[], T]) -> tuple[T, int]:
+    """Run `start` (build and load a model) and return it with the bytes it keeps: the larger of
+    its Python heap (numpy arrays included) and its RSS growth (native memory).
+
+    Importing a framework must not be charged to the first model that needs it, and imports are
+    costly to trace, so a model whose load imports modules is loaded once untraced, dropped, and
+    loaded again measured. That costs load time, never memory: one copy exists at a time.
+    """
+    with _measuring:
+        if kind not in _warmed:
+            start()
+            gc.collect()
+            _warmed.add(kind)
+        result, heap, rss_growth, imported = _traced(start)
+        if imported:  # a model that needed modules its kind had not imported yet
+            del result
+            gc.collect()
+            result, heap, rss_growth, imported = _traced(start)
+        return result, heap if imported else max(heap, rss_growth)
+
+
+class MemoryCollector:
+    """Seldon Core 2's agent metrics and fleetserve's own memory figures, read from the books at
+    scrape time so they cannot drift from them."""
+
+    def __init__(self, memory: MemoryManager, versions: Callable[[], Iterable[Accountable]]):
+        self.memory = memory
+        self.versions = versions
+
+    def collect(self):
+        server = list(SERVER_LABELS.values())
+        for name, value, text in (
+            ("seldon_cache_evict_count", self.memory.evictions, "Models evicted from memory"),
+            ("seldon_cache_miss_count", self.memory.misses, "Requests that found their model evicted"),
+        ):
+            # Seldon's counters have no _total suffix, which prometheus_client's Counter would add.
+            family = Metric(name, text, "counter")
+            family.add_sample(name, SERVER_LABELS, value)
+            yield family
+        for name, value in (
+            ("seldon_server_replica_memory_capacity_bytes_gauge", self.memory.limit),
+            ("seldon_server_replica_memory_capacity_overcommit_bytes_gauge", self.memory.registered_limit),
+        ):
+            family = GaugeMetricFamily(name, "Memory for models on this server", labels=list(SERVER_LABELS))
+            family.add_metric(server, value)
+            yield family
+        model_labels = [*SERVER_LABELS, "model_internal"]
+        loaded = GaugeMetricFamily("seldon_loaded_model_memory_bytes_gauge", "Memory of resident models", labels=model_labels)
+        evicted = GaugeMetricFamily("seldon_evicted_model_memory_bytes_gauge", "Memory of evicted models", labels=model_labels)
+        figures = GaugeMetricFamily(
+            "fleetserve_model_memory_bytes", "Declared and measured memory of each model version",
+            labels=["model", "version", "kind"],
+        )
+        for version in self.versions():
+            if version not in self.memory.registered:
+                continue
+            internal = f"{version.name}_{version.version or 1}"
+            (loaded if version in self.memory.resident else evicted).add_metric([*server, internal], version.cost)
+            for kind in ("declared", "measured"):
+                figures.add_metric([version.name, version.version or "", kind], getattr(version, kind))
+        yield loaded
+        yield evicted
+        yield figures
