@@ -293,6 +293,9 @@ def test_unload_frees_reference_cycles(lifecycle_server, http):
     marker = lifecycle_server.repository / "cyclic" / "collected"
     before = len(marker.read_text().splitlines()) if marker.exists() else 0  # the measured load's warm-up copy
     assert http.post("/v2/repository/models/cyclic/unload").status_code == 200
+    deadline = time.monotonic() + 10  # the heap is refrozen (and collected) a quiet second later
+    while time.monotonic() < deadline and (len(marker.read_text().splitlines()) if marker.exists() else 0) == before:
+        time.sleep(0.1)
     after = len(marker.read_text().splitlines()) if marker.exists() else 0
     assert after == before + 1, "the unloaded model's reference cycle was never collected"
 

@@ -272,6 +272,8 @@ class Registry:
 
     async def unload_all(self, grace: float) -> None:
         await asyncio.gather(*(self.unload(name, grace) for name in list(self.models)), return_exceptions=True)
+        if self._refreeze is not None:
+            self._refreeze.cancel()
         self.executor.shutdown(wait=False)
 
     async def ensure_resident(self, version: ModelVersion) -> None:
@@ -337,7 +339,6 @@ class Registry:
             if settings.from_manifest:
                 await self._in_thread(settings.complete_from_artifacts)
             runtime = await self._start_runtime(version, measure=True)
-            await self._in_thread(_refreeze_heap)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
@@ -350,6 +351,7 @@ class Registry:
         version.runtime = runtime
         version.predict_is_async = inspect.iscoroutinefunction(runtime.predict)
         version.state, version.reason = READY, ""
+        self._schedule_refreeze()
         elapsed = time.perf_counter() - started
         metrics.MODEL_LOAD_DURATION.labels(version.name, "success").observe(elapsed)
         metrics.MODELS_LOADED.inc()
@@ -412,11 +414,12 @@ class Registry:
         uri = version.settings.uri or ""
         if not keep_files and is_remote(uri) and not any(v.settings.uri == uri for v in self.memory.registered):
             await self._in_thread(self.artifacts.delete, uri)
-        await self._in_thread(_refreeze_heap)
+        self._schedule_refreeze()
         log.info("model %s unloaded", _label(version))
 
     def _schedule_refreeze(self) -> None:
-        """Evictions come in bursts and reloads must stay fast: refreeze once, after a quiet second."""
+        """Loads, unloads and evictions come in bursts (a start loads every model) and a full
+        collection takes tens of milliseconds: refreeze once, after a quiet second."""
         if self._refreeze is not None:
             self._refreeze.cancel()
         loop = asyncio.get_running_loop()
