@@ -275,6 +275,33 @@ def http_client(server: Server):
         yield client
 
 
+BUCKET = "models"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on a free loopback port, with the environment pointing boto/s3fs at it
+    (botocore reads AWS_ENDPOINT_URL_S3 whenever it makes a client; servers started from the tests
+    inherit it)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.setenv(name, "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        client.endpoint = endpoint
+        yield client
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory) -> Path:
     return build_repository(tmp_path_factory.mktemp("model_repo"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,14 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
+from conftest import BUCKET, free_port
 from fleetserve.errors import ModelLoadError
 from fleetserve.runtime.artifacts import ArtifactCache, is_remote
 
-BUCKET = "models"
 # A small model folder: two files, one in a sub-folder.
 MODEL = {"model.joblib": b"\x00joblib-bytes\xff", "sub/meta.json": b'{"classes": 3}'}
 SINGLE = b"\x01single-file\xfe"
@@ -39,32 +36,7 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# --- S3 -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def s3():
-    """moto's S3 server on a free loopback port, with the environment pointing boto/s3fs at it."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as env:
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            env.setenv(name, "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket=BUCKET)
-        client.endpoint = endpoint
-        yield client
-    server.stop()
+# --- S3 (the `s3` fixture, moto on loopback, is in conftest.py) ---------------------------------
 
 
 def upload_model(s3) -> str:

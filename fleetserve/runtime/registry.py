@@ -249,7 +249,7 @@ class Registry:
             if failed and len(failed) == len(loading):
                 raise ModelLoadError(f"model '{name}' failed to load: {reasons}")
 
-    async def unload(self, name: str, grace: float = 30.0) -> None:
+    async def unload(self, name: str, grace: float = 30.0, keep_files: bool = False) -> None:
         check_model_name(name)
         model = self.models.get(name)
         if model is None:
@@ -258,7 +258,7 @@ class Registry:
             loaded = [version for version in model.versions.values() if version in self.memory.registered]
             if not loaded:
                 raise NotFound(f"model '{name}' is not loaded")
-            await asyncio.gather(*(self._unload_version(version, grace) for version in loaded))
+            await asyncio.gather(*(self._unload_version(version, grace, keep_files) for version in loaded))
 
     async def delete(self, name: str, grace: float = 30.0) -> None:
         """Unload a model applied as a manifest and forget the manifest."""
@@ -271,7 +271,8 @@ class Registry:
         del self.manifests[name]
 
     async def unload_all(self, grace: float) -> None:
-        await asyncio.gather(*(self.unload(name, grace) for name in list(self.models)), return_exceptions=True)
+        # Downloaded artifacts stay for the next start to reuse.
+        await asyncio.gather(*(self.unload(name, grace, keep_files=True) for name in list(self.models)), return_exceptions=True)
         if self._refreeze is not None:
             self._refreeze.cancel()
         self.executor.shutdown(wait=False)
