@@ -1,0 +1,115 @@
+"""Seldon Core 2 `kind: Model` manifests through `fleetserve apply/delete` and /v2/manifests,
+capabilities, and reloading a model while it serves."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import http_client, start_server
+from test_memory import ROW, apply, constant_model, delete, model_manifest
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("manifest_artifacts")
+    for answer in (1, 2):
+        constant_model(root / f"answer-{answer}", answer)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Capabilities replaced by sklearn only, plus an extra `gpu`."""
+    repository = tmp_path_factory.mktemp("manifest_repo")
+    env = {"FLEETSERVE_CAPABILITIES": "sklearn,python", "FLEETSERVE_EXTRA_CAPABILITIES": "gpu",
+           "FLEETSERVE_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    server = start_server(repository, tmp_path_factory.mktemp("manifest_logs") / "server.log", extra_env=env)
+    yield server
+    if server.process.poll() is None:
+        assert server.stop() == 0, server.log()
+
+
+@pytest.fixture
+def http(server):
+    with http_client(server) as client:
+        yield client
+
+
+def test_multi_document_apply_and_delete(server, http, artifacts):
+    text = "---\n".join(model_manifest(f"a{n}", artifacts / f"answer-{n}") for n in (1, 2))
+    applied = apply(server, text)
+    assert applied.returncode == 0, applied.stdout
+    assert json.loads(applied.stdout) == {"applied": [{"kind": "Model", "name": "a1"}, {"kind": "Model", "name": "a2"}]}
+    assert [http.post(f"/v2/models/a{n}/infer", json=ROW).json()["outputs"][0]["data"] for n in (1, 2)] == [[1], [2]]
+    deleted = delete(server, text)
+    assert deleted.returncode == 0 and json.loads(deleted.stdout)["deleted"][1] == {"kind": "Model", "name": "a2"}
+    assert http.post("/v2/models/a1/infer", json=ROW).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("kind: Pipeline\nmetadata: {name: p}\n", "unsupported kind 'Pipeline'"),
+        ("kind: Model\nspec: {storageUri: /x}\n", "needs metadata.name"),
+        ("kind: Model\nmetadata: {name: ../x}\nspec: {storageUri: /x}\n", "invalid model name"),
+        ("kind: Model\nmetadata: {name: m}\nspec: {requirements: [sklearn]}\n", "spec.storageUri must be a non-empty string"),
+        ("kind: Model\nmetadata: {name: m}\nspec: {storageUri: /x, memory: lots}\n", "spec.memory: 'lots' is not a memory quantity"),
+        ("kind: Model\nmetadata: {name: m}\nspec: {storageUri: /x, requirements: sklearn}\n", "spec.requirements must be a list"),
+        ("kind: Model\nmetadata: {name: m\n", "invalid YAML"),
+        ("- just\n- a list\n", "a manifest must be a mapping"),
+        ("", "no manifests found"),
+    ],
+)
+def test_invalid_manifests_are_refused_clearly(server, http, text, fragment):
+    result = apply(server, text)
+    assert result.returncode == 1
+    assert fragment in json.loads(result.stdout)["error"]
+    response = httpx.post(f"{server.url}/v2/manifests", content=text)
+    assert response.status_code == 400 and fragment in response.json()["error"]
+
+
+def test_delete_of_an_unknown_manifest(server, artifacts):
+    result = delete(server, model_manifest("never-applied", artifacts / "answer-1"))
+    assert result.returncode == 1 and "no model 'never-applied'" in json.loads(result.stdout)["error"]
+
+
+def test_capabilities_replace_and_extend(server, http, artifacts):
+    gpu = apply(server, model_manifest("needs-gpu", artifacts / "answer-1", requirements=("sklearn", "gpu")))
+    assert gpu.returncode == 0, gpu.stdout
+    refused = apply(server, model_manifest("needs-xgboost", artifacts / "answer-1", requirements=("xgboost",)))
+    assert refused.returncode == 1
+    error = json.loads(refused.stdout)["error"]
+    assert "requires ['xgboost'] but this server provides ['sklearn', 'python', 'gpu']" in error
+
+
+def test_reapplying_swaps_the_model_without_failing_requests(server, http, artifacts):
+    """Requests keep flowing while the model is reloaded with new artifacts; none fails."""
+    assert apply(server, model_manifest("swapped", artifacts / "answer-1")).returncode == 0
+    answers: list = []
+    stop = threading.Event()
+
+    def keep_asking():
+        with http_client(server) as client:
+            while not stop.is_set():
+                response = client.post("/v2/models/swapped/infer", json=ROW)
+                answers.append(response.json()["outputs"][0]["data"][0] if response.status_code == 200 else response.text)
+
+    callers = [threading.Thread(target=keep_asking) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    try:
+        assert apply(server, model_manifest("swapped", artifacts / "answer-2")).returncode == 0
+        deadline = time.monotonic() + 10
+        while answers.count(2) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join()
+    assert set(answers) == {1, 2}, [answer for answer in answers if answer not in (1, 2)][:3]
+    assert answers.index(2) > 0 and answers[-1] == 2
