@@ -151,15 +151,17 @@ def main() -> None:
     rows: list[tuple[str, str]] = []
     report = lambda key, value: (rows.append((key, value)), print(f"{key:<44} {value}", flush=True))
     try:
-        (work / "empty").mkdir()
-        base, _, base_ready = start_server(work / "empty", args.limit, args.overcommit, work / "empty.log")
-        time.sleep(1.5)  # past the deferred heap refreeze
-        report("baseline RSS, empty repository", f"{rss_mib(base.pid):.0f} MiB (ready in {base_ready:.1f} s)")
-        stop(base)
-
         began = time.perf_counter()
         build_repository(work / "repo", args.models)
         print(f"built {args.models} models in {time.perf_counter() - began:.1f} s", flush=True)
+        (work / "empty").mkdir()
+        (work / "one").mkdir()
+        shutil.copytree(work / "repo" / "m0000", work / "one" / "m0000")
+        for label, repo in (("no models", "empty"), ("1 model (sklearn imported)", "one")):
+            base, _, base_ready = start_server(work / repo, args.limit, args.overcommit, work / f"{repo}.log")
+            time.sleep(1.5)  # past the deferred heap refreeze
+            report(f"baseline RSS, {label}", f"{rss_mib(base.pid):.0f} MiB (ready in {base_ready:.1f} s)")
+            stop(base)
         server, url, ready = start_server(work / "repo", args.limit, args.overcommit, work / "server.log")
         report(f"start-up to ready, {args.models} models", f"{ready:.1f} s")
         time.sleep(1.5)
@@ -205,13 +207,17 @@ def main() -> None:
         buckets, total, count = reload_histogram(after)
         b0, t0, c0 = reload_histogram(before)
         buckets = {bound: value - b0.get(bound, 0) for bound, value in buckets.items()}
-        if count - c0:
-            report("server reload ms p50/p99 (buckets), mean",
-                   f"{bucket_quantile(buckets, .5) * 1000:.1f} / {bucket_quantile(buckets, .99) * 1000:.1f}, "
-                   f"{(total - t0) / (count - c0) * 1000:.1f} (n={count - c0:.0f})")
-        report("RSS during miss loop (peak) / after",
+        reloads = count - c0
+        if reloads:
+            # The lowest bucket is 5 ms: quantiles below it are interpolated, the mean is exact.
+            report("server reload ms mean; p50/p99 from buckets",
+                   f"{(total - t0) / reloads * 1000:.2f}; {bucket_quantile(buckets, .5) * 1000:.1f} / "
+                   f"{bucket_quantile(buckets, .99) * 1000:.1f} (n={reloads:.0f})")
+            report("server reloads <= 5 ms / <= 20 ms",
+                   f"{buckets[0.005] / reloads:.1%} / {buckets[0.02] / reloads:.1%}")
+        report("RSS during miss loop (peak sampled) / after",
                f"{peak[0]:.0f} MiB / {rss_mib(server.pid):.0f} MiB (limit {args.limit} of models)")
-        report("goal: reload p50 <= 20 ms", "met" if count - c0 and bucket_quantile(buckets, .5) <= 0.02 else "NOT met")
+        report("goal: reload p50 <= 20 ms", "met" if reloads and buckets[0.02] >= reloads / 2 else "NOT met")
         http.close()
     finally:
         for server in servers:
