@@ -176,3 +176,25 @@ def test_binary_tensor_request_body(server, tmp_path):
         "-H", f"Inference-Header-Content-Length: {len(header)}", "-H", "Content-Type: application/octet-stream",
     )
     assert_iris_predictions(result)
+
+
+def test_manifest_apply_and_delete(server, tmp_path):
+    """The README's manifest commands with curl: a Model manifest over a local artifact folder."""
+    manifest = tmp_path / "iris.yaml"
+    manifest.write_text(f"""apiVersion: mlops.seldon.io/v1alpha1
+kind: Model
+metadata:
+  name: iris-from-manifest
+spec:
+  storageUri: "{server.repository / 'iris'}"
+  requirements: [sklearn]
+""")
+    applied = curl(server, "/v2/manifests", "-X", "POST", "--data-binary", f"@{manifest}")
+    assert applied.status == 200 and applied.json() == {"applied": [{"kind": "Model", "name": "iris-from-manifest"}]}
+    body = json.dumps(iris_json())
+    answered = curl(server, "/v2/models/iris-from-manifest/infer", "-d", body)
+    assert answered.status == 200 and answered.json()["outputs"][0]["data"] == IRIS_CLASSES
+    deleted = curl(server, "/v2/manifests", "-X", "DELETE", "--data-binary", f"@{manifest}")
+    assert deleted.status == 200 and deleted.json() == {"deleted": [{"kind": "Model", "name": "iris-from-manifest"}]}
+    assert curl(server, "/v2/models/iris-from-manifest/infer", "-d", body).status == 400
+    assert (server.repository / "iris" / "model.joblib").exists()  # local artifacts are never deleted
