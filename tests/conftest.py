@@ -259,9 +259,9 @@ def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | N
 
 
 @contextlib.contextmanager
-def running_server(repository: Path, log_path: Path):
+def running_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None):
     """A server for the block; it must stop cleanly (exit 0) on SIGTERM afterwards."""
-    server = start_server(repository, log_path)
+    server = start_server(repository, log_path, extra_env)
     try:
         yield server
     finally:

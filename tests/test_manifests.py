@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from conftest import http_client, start_server
+from conftest import http_client, running_server
 from test_memory import ROW, apply, constant_model, delete, model_manifest
 
 
@@ -28,10 +28,8 @@ def server(tmp_path_factory):
     repository = tmp_path_factory.mktemp("manifest_repo")
     env = {"FLEETSERVE_CAPABILITIES": "sklearn,python", "FLEETSERVE_EXTRA_CAPABILITIES": "gpu",
            "FLEETSERVE_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
-    server = start_server(repository, tmp_path_factory.mktemp("manifest_logs") / "server.log", extra_env=env)
-    yield server
-    if server.process.poll() is None:
-        assert server.stop() == 0, server.log()
+    with running_server(repository, tmp_path_factory.mktemp("manifest_logs") / "server.log", env) as server:
+        yield server
 
 
 @pytest.fixture

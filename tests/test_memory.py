@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sklearn.dummy import DummyClassifier
 
-from conftest import ROOT, http_client, start_server, write_settings
+from conftest import ROOT, http_client, running_server, write_settings
 from test_lifecycle import SLOW_MODEL, sleep_request
 
 ROW = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
@@ -103,10 +103,8 @@ def server(models, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty_repo")
     env = {"FLEETSERVE_MEMORY_LIMIT": "80Mi", "FLEETSERVE_OVERCOMMIT_PERCENT": "20", "FLEETSERVE_EVICTION_WAIT": "1.5",
            "FLEETSERVE_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
-    server = start_server(empty, tmp_path_factory.mktemp("memory_logs") / "server.log", extra_env=env)
-    yield server
-    if server.process.poll() is None:
-        assert server.stop() == 0, server.log()
+    with running_server(empty, tmp_path_factory.mktemp("memory_logs") / "server.log", env) as server:
+        yield server
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import http_client, start_server
+from conftest import http_client, running_server
 from test_memory import ROW, apply, constant_model, delete, metric, model_manifest
 
 STABLE = [f"s{n}" for n in range(1, 7)]
@@ -25,10 +25,8 @@ def server(tmp_path):
            "FLEETSERVE_CACHE_DIR": str(tmp_path / "cache")}
     repository = tmp_path / "repo"
     repository.mkdir()
-    server = start_server(repository, tmp_path / "server.log", extra_env=env)
-    yield server
-    if server.process.poll() is None:
-        assert server.stop() == 0, server.log()
+    with running_server(repository, tmp_path / "server.log", env) as server:
+        yield server
 
 
 def test_soak(server, tmp_path):

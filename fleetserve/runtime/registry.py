@@ -74,10 +74,6 @@ class ModelVersion:
         return max(self.declared, self.measured)
 
     @property
-    def evicted(self) -> bool:
-        return self.state == READY and self.runtime is None
-
-    @property
     def version(self) -> str | None:
         return self.settings.version
 
