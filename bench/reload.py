@@ -82,10 +82,10 @@ def percentiles(values: list[float]) -> str:
 
 
 def reload_histogram(text: str) -> dict[str, float]:
-    """The reload histogram summed over models: {"le" bound: cumulative count, "sum": s, "count": n}."""
+    """The reload histogram: {"le" bound: cumulative count, "sum": s, "count": n}."""
     totals: dict[str, float] = {}
     for line in text.splitlines():
-        sample = re.match(RELOAD + r"_(bucket|sum|count)\{(.*)\} (\S+)$", line)
+        sample = re.match(RELOAD + r"_(bucket|sum|count)(?:\{(.*)\})? (\S+)$", line)
         if sample:
             kind, labels, value = sample.groups()
             key = re.search(r'le="([^"]+)"', labels).group(1) if kind == "bucket" else kind

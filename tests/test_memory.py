@@ -132,7 +132,7 @@ def test_overcommit_scenario(server, http, models):
     loaded = metric(http, "seldon_loaded_model_memory_bytes_gauge", model_internal="m11_1")
     evicted = metric(http, "seldon_evicted_model_memory_bytes_gauge", model_internal="m01_1")
     assert loaded == 8 * 2**20 and evicted == 8 * 2**20
-    assert metric(http, "fleetserve_model_reload_duration_seconds_count", model="m01") >= 1
+    assert metric(http, "fleetserve_model_reload_duration_seconds_count") >= 11
 
     # A twelfth registers (96 MiB with overcommit); a thirteenth is refused, naming the figures.
     assert apply(server, model_manifest("m12", models / "m12")).returncode == 0
@@ -180,20 +180,13 @@ def test_reload_is_single_flight(http):
         (entry for entry in index(http).values() if entry["state"] == "READY" and not entry["resident"]),
         key=lambda entry: entry["name"],
     )["name"]
-    reloads_before = _reload_count(http, victim)
+    reloads_before = metric(http, "fleetserve_model_reload_duration_seconds_count")
     misses_before = metric(http, "seldon_cache_miss_count")
     with ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(lambda _: answer_of(http, victim), range(20)))
     assert answers == [int(victim[1:])] * 20
-    assert _reload_count(http, victim) == reloads_before + 1
+    assert metric(http, "fleetserve_model_reload_duration_seconds_count") == reloads_before + 1
     assert metric(http, "seldon_cache_miss_count") == misses_before + 1
-
-
-def _reload_count(http: httpx.Client, name: str) -> float:
-    try:
-        return metric(http, "fleetserve_model_reload_duration_seconds_count", model=name)
-    except AssertionError:
-        return 0.0
 
 
 def test_a_busy_model_is_never_evicted_and_loads_wait_then_503(server, http, models):

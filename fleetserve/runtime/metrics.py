@@ -19,15 +19,16 @@ INFER_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 MODELS_LOADED = Gauge("fleetserve_models_loaded", "Model versions ready to serve.")
+# Load and reload histograms have no model label: one series set however many models there are;
+# the log has each model's own durations.
 MODEL_LOAD_DURATION = Histogram(
     "fleetserve_model_load_duration_seconds",
-    "Time to load a model version, by model and outcome.",
-    ["model", "outcome"],
+    "Time to load a model version, by outcome.",
+    ["outcome"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
 MODEL_RELOAD_DURATION = Histogram(
     "fleetserve_model_reload_duration_seconds",
     "Time to bring an evicted model back into memory, waiting for room included.",
-    ["model"],
-    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )

@@ -108,6 +108,11 @@ def _refreeze_heap() -> None:
     gc.freeze()
 
 
+def _freeze_new_objects() -> None:
+    gc.collect(1)  # young garbage first, so only live objects are frozen
+    gc.freeze()
+
+
 def _version_order(version: str | None) -> tuple[int, str]:
     if version is None:
         return (-1, "")
@@ -295,7 +300,9 @@ class Registry:
             reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
             raise ModelUnavailable(f"model '{version.name}' was evicted and could not be reloaded: {reason}") from error
         version.runtime = runtime
-        metrics.MODEL_RELOAD_DURATION.labels(version.name).observe(time.perf_counter() - started)
+        metrics.MODEL_RELOAD_DURATION.observe(time.perf_counter() - started)
+        # The reloaded model's objects join the frozen heap, so full collections stay short.
+        asyncio.get_running_loop().run_in_executor(self.executor, _freeze_new_objects)
 
     async def _admit(self, version: ModelVersion) -> None:
         """Claim the version's memory, evicting least recently used idle models to make room.
@@ -323,7 +330,7 @@ class Registry:
         self.memory.evictions += 1
         log.info("model %s evicted (%s)", _label(version), format_bytes(version.cost))
         await self._stop_runtime(version, runtime)
-        self._schedule_refreeze()
+        self._schedule_refreeze(within=60.0)
 
     async def _load_version(self, version: ModelVersion) -> None:
         started = time.perf_counter()
@@ -342,7 +349,7 @@ class Registry:
             reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
             version.state, version.reason = UNAVAILABLE, reason
             self.memory.unregister(version)
-            metrics.MODEL_LOAD_DURATION.labels(version.name, "error").observe(time.perf_counter() - started)
+            metrics.MODEL_LOAD_DURATION.labels("error").observe(time.perf_counter() - started)
             log.error("model %s failed to load: %s", _label(version), reason)
             return
         version.runtime = runtime
@@ -350,7 +357,7 @@ class Registry:
         version.state, version.reason = READY, ""
         self._schedule_refreeze()
         elapsed = time.perf_counter() - started
-        metrics.MODEL_LOAD_DURATION.labels(version.name, "success").observe(elapsed)
+        metrics.MODEL_LOAD_DURATION.labels("success").observe(elapsed)
         metrics.MODELS_LOADED.inc()
         log.info("model %s loaded in %.2fs (%s, %s)", _label(version), elapsed, type(runtime).__name__,
                  format_bytes(version.cost))
@@ -414,13 +421,20 @@ class Registry:
         self._schedule_refreeze()
         log.info("model %s unloaded", _label(version))
 
-    def _schedule_refreeze(self) -> None:
-        """Loads, unloads and evictions come in bursts (a start loads every model) and a full
-        collection takes tens of milliseconds: refreeze once, after a quiet second."""
-        if self._refreeze is not None:
-            self._refreeze.cancel()
+    def _schedule_refreeze(self, within: float = 1.0) -> None:
+        """A full collection stalls every thread for tens of milliseconds, and loads, unloads and
+        evictions come in bursts: refreeze once, a quiet second after a load or unload, and at
+        most once a minute for evictions (which only matter for models with reference cycles)."""
         loop = asyncio.get_running_loop()
-        self._refreeze = loop.call_later(1.0, lambda: loop.run_in_executor(self.executor, _refreeze_heap))
+        if self._refreeze is not None:
+            if within > 1.0:
+                return  # one is due already, no later than this one needs
+            self._refreeze.cancel()
+        self._refreeze = loop.call_later(within, self._refreeze_now)
+
+    def _refreeze_now(self) -> None:
+        self._refreeze = None
+        asyncio.get_running_loop().run_in_executor(self.executor, _refreeze_heap)
 
 
 def _forget_reload(version: ModelVersion):

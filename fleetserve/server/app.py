@@ -15,7 +15,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
-from prometheus_client import REGISTRY, make_asgi_app
+from prometheus_client import REGISTRY, disable_created_metrics
 
 from fleetserve.runtime.artifacts import ArtifactCache
 from fleetserve.runtime.dataplane import DataPlane
@@ -24,7 +24,7 @@ from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
 from fleetserve.runtimes import resolve_runtime
 from fleetserve.server.grpc_service import build_grpc_server, set_serving
-from fleetserve.server.rest import build_rest_app
+from fleetserve.server.rest import build_metrics_app, build_rest_app
 from fleetserve.settings import ServerSettings
 
 log = logging.getLogger("fleetserve")
@@ -60,6 +60,7 @@ class FleetServer:
             eviction_wait=settings.eviction_wait,
         )
         REGISTRY.register(MemoryCollector(self.memory, self.registry.all_versions))
+        disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor)
         self.ready = False
         self.stopping = False
@@ -89,7 +90,7 @@ class FleetServer:
             loop.add_signal_handler(signum, self.request_stop)
 
         http = self._uvicorn(build_rest_app(self), self.settings.http_port)
-        metrics = self._uvicorn(make_asgi_app(), self.settings.metrics_port)
+        metrics = self._uvicorn(build_metrics_app(), self.settings.metrics_port)
         try:
             grpc_server, health = build_grpc_server(self)
         except RuntimeError as error:  # grpc's way of saying it cannot bind

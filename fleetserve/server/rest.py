@@ -247,8 +247,17 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
             deleted.append({"kind": document["kind"], "name": manifest_name(document)})
         return json_response({"deleted": deleted})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    app.get("/metrics")(metrics)
+    return app
 
+
+async def metrics() -> Response:
+    # Thousands of series (per-model histograms) take long enough to write to stall requests.
+    return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_metrics_app() -> FastAPI:
+    """The metrics port: /metrics alone."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.get("/metrics")(metrics)
     return app
