@@ -319,3 +319,34 @@ def test_reload_picks_up_edited_code(lifecycle_server, http):
         add_model(lifecycle_server.repository, "editable", "editable_model", EDITABLE_MODEL.format(value=value), "Editable")
         assert http.post("/v2/repository/models/editable/load").status_code == 200
         assert http.post("/v2/models/editable/infer", json=body).json()["outputs"][0]["data"] == [value]
+
+
+TIMED_LOAD_MODEL = '''
+import time
+
+from fleetserve.runtime.base import Runtime
+
+
+class TimedLoad(Runtime):
+    """Takes a second to load, and writes when each load ran to `spans` in its folder."""
+
+    def load(self):
+        started = time.time()
+        time.sleep(1.0)
+        with open(self.settings.folder / "spans", "a") as spans:
+            spans.write(f"{started} {time.time()}\\n")
+'''
+
+
+def test_loads_of_different_models_run_concurrently(lifecycle_server, http):
+    for name in ("timed-a", "timed-b"):
+        add_model(lifecycle_server.repository, name, "timed_model", TIMED_LOAD_MODEL, "TimedLoad")
+    with ThreadPoolExecutor(2) as pool:
+        loads = [pool.submit(http.post, f"/v2/repository/models/{name}/load") for name in ("timed-a", "timed-b")]
+        assert [load.result().status_code for load in loads] == [200, 200]
+    spans = {
+        name: [tuple(map(float, line.split())) for line in (lifecycle_server.repository / name / "spans").read_text().splitlines()]
+        for name in ("timed-a", "timed-b")
+    }
+    overlapping = any(a_start < b_end and b_start < a_end for a_start, a_end in spans["timed-a"] for b_start, b_end in spans["timed-b"])
+    assert overlapping, spans

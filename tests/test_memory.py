@@ -191,12 +191,12 @@ def test_reload_is_single_flight(http):
 
 def test_a_busy_model_is_never_evicted_and_loads_wait_then_503(server, http, models):
     """Two slow 40 MiB models busy fill the 80 MiB; loading a third waits, then answers 503."""
-    for name in ("m03", "m04", "m05", "m06", "m07", "m08", "m09", "m10"):
+    for name in ("m02", "m03", "m04", "m05", "m06", "m07", "m08", "m09", "m10"):
         assert delete(server, model_manifest(name, models / name)).returncode == 0
     manifests = "---\n".join(model_manifest(name, models / "slow", memory="40Mi", requirements=()) for name in ("slow-a", "slow-b"))
     assert apply(server, manifests).returncode == 0
     with ThreadPoolExecutor(2) as pool:
-        busy = [pool.submit(http.post, f"/v2/models/{name}/infer", json=sleep_request(3.0)) for name in ("slow-a", "slow-b")]
+        busy = [pool.submit(http.post, f"/v2/models/{name}/infer", json=sleep_request(6.0)) for name in ("slow-a", "slow-b")]
         time.sleep(0.5)  # both requests are inside their models now
         started = time.monotonic()
         response = http.post("/v2/models/m01/infer", json=ROW)
@@ -204,6 +204,8 @@ def test_a_busy_model_is_never_evicted_and_loads_wait_then_503(server, http, mod
         assert response.status_code == 503, response.text
         assert "is held by models serving requests" in response.json()["error"]
         assert waited >= 1.0
+        loading = httpx.post(f"{server.url}/v2/manifests", content=model_manifest("m-new", models / "m13"), timeout=30)
+        assert loading.status_code == 503 and "is held by models serving requests" in loading.json()["error"]
         entries = index(http)
         assert entries["slow-a"]["resident"] and entries["slow-b"]["resident"]
         assert all(request.result().status_code == 200 for request in busy)

@@ -114,7 +114,7 @@ class MemoryManager:
         return chosen if free >= needed else None
 
 
-_measuring = threading.Lock()  # tracemalloc and RSS are process-wide: one measured load at a time
+_measuring = threading.Lock()  # tracemalloc and RSS are process-wide: one load measured at a time
 _warmed: set[type] = set()  # runtime classes that have loaded once, so their frameworks are imported
 
 T = TypeVar("T")
@@ -142,15 +142,19 @@ def _traced(start: Callable[[], T]) -> tuple[T, int, int, bool]:
     return result, heap, _rss() - rss_before, len(sys.modules) != modules_before
 
 
-def start_measured(kind: type, start: Callable[[], T]) -> tuple[T, int]:
+def start_measured(kind: type, start: Callable[[], T]) -> tuple[T, int | None]:
     """Run `start` (build and load a model) and return it with the bytes it keeps: the larger of
     its Python heap (numpy arrays included) and its RSS growth (native memory).
 
     Importing a framework must not be charged to the first model that needs it, and imports are
     costly to trace, so a model whose load imports modules is loaded once untraced, dropped, and
     loaded again measured. That costs load time, never memory: one copy exists at a time.
+    Measuring is process-wide, but loads never wait for each other: while another load is being
+    measured this one is not (None), and the registry measures it at its next reload.
     """
-    with _measuring:
+    if not _measuring.acquire(blocking=False):
+        return start(), None
+    try:
         if kind not in _warmed:
             start()
             gc.collect()
@@ -161,6 +165,8 @@ def start_measured(kind: type, start: Callable[[], T]) -> tuple[T, int]:
             gc.collect()
             result, heap, rss_growth, imported = _traced(start)
         return result, heap if imported else max(heap, rss_growth)
+    finally:
+        _measuring.release()
 
 
 class MemoryCollector:

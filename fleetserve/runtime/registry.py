@@ -57,7 +57,8 @@ class ModelVersion:
     runtime: Runtime | None = None  # None while loading, after unload, and while evicted
     predict_is_async: bool = False
     in_flight: int = 0
-    measured: int = 0  # bytes the first load took
+    measured: int = 0  # bytes the first measured load took
+    unmeasured: bool = False  # loaded while another load was measured: measure at the next reload
     reloading: asyncio.Future | None = None
     stats: Statistics = field(default_factory=Statistics)
 
@@ -237,9 +238,12 @@ class Registry:
                 raise
             if not serving:
                 model.versions = {version.version: version for version in loading}  # visible as LOADING
-            await asyncio.gather(*(self._load_version(version) for version in loading))
+            errors = await asyncio.gather(*(self._load_version(version) for version in loading))
             failed = [version for version in loading if version.state != READY]
             reasons = "; ".join(f"{_label(version)}: {version.reason}" for version in failed)
+            busy = next((error for error in errors if isinstance(error, Busy)), None)
+            if busy is not None and not serving:
+                raise busy  # no room in time: 503, the client may retry
             if serving and failed:
                 await asyncio.gather(*(self._unload_version(version, keep_files=True) for version in loading))
                 raise ModelLoadError(f"model '{name}' failed to reload ({reasons}); the loaded versions go on serving")
@@ -292,7 +296,7 @@ class Registry:
         started = time.perf_counter()
         await self._admit(version)
         try:
-            runtime = await self._start_runtime(version)
+            runtime = await self._start_runtime(version, measure=version.unmeasured)
         except BaseException as error:
             self.memory.mark_evicted(version)
             if isinstance(error, asyncio.CancelledError):
@@ -332,7 +336,8 @@ class Registry:
         await self._stop_runtime(version, runtime)
         self._schedule_refreeze(within=60.0)
 
-    async def _load_version(self, version: ModelVersion) -> None:
+    async def _load_version(self, version: ModelVersion) -> FleetError | None:
+        """Load one version; a failure is recorded on it (and returned), never raised."""
         started = time.perf_counter()
         version.state = LOADING
         try:
@@ -351,7 +356,7 @@ class Registry:
             self.memory.unregister(version)
             metrics.MODEL_LOAD_DURATION.labels("error").observe(time.perf_counter() - started)
             log.error("model %s failed to load: %s", _label(version), reason)
-            return
+            return error if isinstance(error, FleetError) else None
         version.runtime = runtime
         version.predict_is_async = inspect.iscoroutinefunction(runtime.predict)
         version.state, version.reason = READY, ""
@@ -389,7 +394,9 @@ class Registry:
 
         if not measure:
             return await self._in_thread(start)
-        runtime, version.measured = await self._in_thread(start_measured, runtime_class, start)
+        runtime, measured = await self._in_thread(start_measured, runtime_class, start)
+        version.unmeasured = measured is None
+        version.measured = measured or version.measured
         return runtime
 
     async def _stop_runtime(self, version: ModelVersion, runtime: Runtime) -> None:
