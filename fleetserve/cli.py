@@ -67,7 +67,11 @@ def _infer(args: argparse.Namespace) -> int:
 
 def _manifests(method: str):
     def command(args: argparse.Namespace) -> int:
-        text = sys.stdin.read() if args.file == "-" else open(args.file).read()
+        try:
+            text = sys.stdin.read() if args.file == "-" else open(args.file).read()
+        except OSError as error:
+            print(json.dumps({"error": f"cannot read {args.file}: {error.strerror}"}, indent=2))
+            return 1
         with _client(args) as client:
             response = client.request(method, "/v2/manifests", content=text, headers={"Content-Type": "application/yaml"})
         return _print_or_fail(response)

@@ -92,7 +92,10 @@ def parse_quantity(value: Any) -> int:
     match = _QUANTITY.match(str(value)) if isinstance(value, (str, float)) else None
     if match is None:
         raise ValueError(f"{value!r} is not a memory quantity (bytes, or a number with Ki, Mi, Gi, k, M, G ...)")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    size = float(match.group(1)) * _UNITS[match.group(2)]
+    if not size < 2**63:
+        raise ValueError(f"{value!r} is too large a memory quantity")
+    return int(size)
 
 
 def _available_memory() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -107,10 +108,20 @@ def test_http_storage(iris_folder, tmp_path):
     repository.mkdir()
     server = start_server(repository, tmp_path / "server.log", extra_env={"FLEETSERVE_CACHE_DIR": str(tmp_path / "cache")})
     try:
-        uri = f"http://127.0.0.1:{httpd.server_address[1]}/{iris_folder.name}/"
-        applied = apply(server, model_manifest("iris-http", uri))
+        uri = f"http://127.0.0.1:{httpd.server_address[1]}/{iris_folder.name}"
+        # Two models on one artifact folder, named with and without a trailing slash: one cache entry.
+        applied = apply(server, model_manifest("iris-http", uri + "/") + "---\n" + model_manifest("twin", uri))
         assert applied.returncode == 0, applied.stdout
+        cache = tmp_path / "cache"
         with http_client(server) as http:
+            assert http.post("/v2/models/iris-http/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
+            assert len(cached_entries(cache)) == 1
+            assert delete(server, model_manifest("twin", uri)).returncode == 0
+            assert len(cached_entries(cache)) == 1, "deleting one model removed files another still uses"
+            # Files lost behind the server's back are downloaded again when needed.
+            shutil.rmtree(cache / cached_entries(cache)[0])
+            assert http.post("/v2/repository/models/iris-http/unload").status_code == 200
+            assert http.post("/v2/repository/models/iris-http/load").status_code == 200
             assert http.post("/v2/models/iris-http/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
     finally:
         httpd.shutdown()

@@ -24,6 +24,8 @@ def parse_manifests(text: str | bytes) -> list[dict[str, Any]]:
         documents = [document for document in yaml.safe_load_all(text) if document is not None]
     except yaml.YAMLError as error:
         raise InvalidInput(f"invalid YAML: {error}") from None
+    except RecursionError:
+        raise InvalidInput("invalid YAML: nested too deeply") from None
     if not documents:
         raise InvalidInput("no manifests found")
     for document in documents:

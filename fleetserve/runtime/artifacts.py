@@ -30,6 +30,11 @@ def is_remote(uri: str) -> bool:
     return get_protocol(uri) not in ("file", "local")
 
 
+def cache_key(uri: str) -> str:
+    """URIs that name the same artifacts share one cache entry (a trailing slash changes nothing)."""
+    return uri.rstrip("/")
+
+
 def _entry_name(key: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:80]
     return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
@@ -58,7 +63,7 @@ class ArtifactCache:
         with a clear message (naming the URI and the cause) when the download fails."""
         if not is_remote(uri):
             raise ValueError(f"not a remote URI, nothing to fetch: {uri}")
-        key = uri.rstrip("/")
+        key = cache_key(uri)
         final = self.root / _entry_name(key)
         with self._lock(final.name):
             if not final.is_dir():
@@ -82,7 +87,7 @@ class ArtifactCache:
         """Removes the cached copy of `uri` (no-op when absent)."""
         if not is_remote(uri):
             return  # a local path is never in the cache, and never ours to delete
-        final = self.root / _entry_name(uri.rstrip("/"))
+        final = self.root / _entry_name(cache_key(uri))
         with self._lock(final.name):
             if final.is_dir():
                 # Renamed away first, so a crash mid-delete cannot leave a partial entry behind.

@@ -115,7 +115,12 @@ class MemoryManager:
 
 
 _measuring = threading.Lock()  # tracemalloc and RSS are process-wide: one load measured at a time
-_warmed: set[type] = set()  # runtime classes that have loaded once, so their frameworks are imported
+_warmed: set[object] = set()  # kinds of runtime that have loaded once, so their frameworks are imported
+# Loads running unmeasured, and how many have started: a measurement they overlap is discarded.
+_unmeasured = {"running": 0, "started": 0}
+_unmeasured_guard = threading.Lock()
+# How long a load waits for another to be measured before it runs unmeasured.
+MEASURE_WAIT = 2.0
 
 T = TypeVar("T")
 
@@ -133,38 +138,60 @@ def _traced(start: Callable[[], T]) -> tuple[T, int, int, bool]:
     started_tracing = not tracemalloc.is_tracing()
     if started_tracing:
         tracemalloc.start()
+    heap_before = tracemalloc.get_traced_memory()[0]
     try:
         result = start()
-        heap = tracemalloc.get_traced_memory()[0]
+        heap = tracemalloc.get_traced_memory()[0] - heap_before
     finally:
         if started_tracing:
             tracemalloc.stop()
     return result, heap, _rss() - rss_before, len(sys.modules) != modules_before
 
 
-def start_measured(kind: type, start: Callable[[], T]) -> tuple[T, int | None]:
-    """Run `start` (build and load a model) and return it with the bytes it keeps: the larger of
-    its Python heap (numpy arrays included) and its RSS growth (native memory).
+def _run_unmeasured(start: Callable[[], T]) -> tuple[T, int, bool]:
+    with _unmeasured_guard:
+        _unmeasured["running"] += 1
+        _unmeasured["started"] += 1
+    try:
+        rss_before = _rss()
+        result = start()
+        return result, max(0, _rss() - rss_before), False  # an estimate: other loads grew RSS too
+    finally:
+        with _unmeasured_guard:
+            _unmeasured["running"] -= 1
+
+
+def start_measured(kind: object, start: Callable[[], T]) -> tuple[T, int, bool]:
+    """Run `start` (build and load a model) and return it with the bytes it keeps, and whether
+    that figure is exact: the larger of its Python heap growth (numpy arrays included) and its
+    RSS growth (native memory).
 
     Importing a framework must not be charged to the first model that needs it, and imports are
     costly to trace, so a model whose load imports modules is loaded once untraced, dropped, and
     loaded again measured. That costs load time, never memory: one copy exists at a time.
-    Measuring is process-wide, but loads never wait for each other: while another load is being
-    measured this one is not (None), and the registry measures it at its next reload.
+    Measuring is process-wide: a load that cannot be measured within MEASURE_WAIT runs
+    unmeasured with an RSS estimate, and a measurement that other loads overlapped is only an
+    estimate too; the registry measures such a model again at its next reload.
     """
-    if not _measuring.acquire(blocking=False):
-        return start(), None
+    if not _measuring.acquire(timeout=MEASURE_WAIT):
+        return _run_unmeasured(start)
     try:
         if kind not in _warmed:
             start()
             gc.collect()
             _warmed.add(kind)
+        with _unmeasured_guard:
+            started_before = _unmeasured["started"]
+            overlapped = _unmeasured["running"] > 0
         result, heap, rss_growth, imported = _traced(start)
         if imported:  # a model that needed modules its kind had not imported yet
             del result
             gc.collect()
             result, heap, rss_growth, imported = _traced(start)
-        return result, heap if imported else max(heap, rss_growth)
+        with _unmeasured_guard:
+            overlapped = overlapped or _unmeasured["running"] > 0 or _unmeasured["started"] != started_before
+        measured = heap if imported else max(heap, rss_growth)
+        return result, max(0, measured), not overlapped
     finally:
         _measuring.release()
 
@@ -181,7 +208,7 @@ class MemoryCollector:
         server = list(SERVER_LABELS.values())
         for name, value, text in (
             ("seldon_cache_evict_count", self.memory.evictions, "Models evicted from memory"),
-            ("seldon_cache_miss_count", self.memory.misses, "Requests that found their model evicted"),
+            ("seldon_cache_miss_count", self.memory.misses, "Evicted models reloaded because a request needed them"),
         ):
             # Seldon's counters have no _total suffix, which prometheus_client's Counter would add.
             family = Metric(name, text, "counter")

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fleetserve.errors import Busy, FleetError, ModelLoadError, ModelUnavailable, NotFound
+from fleetserve.errors import Busy, CapacityExceeded, FleetError, ModelLoadError, ModelUnavailable, NotFound
 from fleetserve.runtime import metrics
-from fleetserve.runtime.artifacts import ArtifactCache, is_remote
+from fleetserve.runtime.artifacts import ArtifactCache, cache_key, is_remote
 from fleetserve.runtime.base import Runtime
 from fleetserve.runtime.memory import MemoryManager, format_bytes, start_measured
 from fleetserve.runtime.repository import Found, ModelRepository, is_version_number
@@ -85,6 +85,10 @@ class Model:
     versions: dict[str | None, ModelVersion] = field(default_factory=dict)
     reason: str = ""  # why the model as a whole is unavailable (broken settings)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def serving(self) -> bool:
+        return any(version.state == READY for version in self.versions.values())
 
     def default_version(self) -> ModelVersion | None:
         """The highest ready version, else the highest version (to report its state)."""
@@ -167,7 +171,8 @@ class Registry:
         return found
 
     def all_versions(self) -> list[ModelVersion]:
-        return [version for model in self.models.values() for version in model.versions.values()]
+        # list() copies in one step, so /metrics (on a worker thread) can read while the loop changes them.
+        return [version for model in list(self.models.values()) for version in list(model.versions.values())]
 
     def ready_versions(self) -> list[ModelVersion]:
         return [version for version in self.all_versions() if version.state == READY]
@@ -210,21 +215,37 @@ class Registry:
 
     async def apply(self, found: Found) -> None:
         """Register a model given by a manifest (it wins over a repository folder of the same name), then load it."""
+        check_model_name(found.name)
+        previous = self.manifests.get(found.name)
         self.manifests[found.name] = found
-        await self.load(found.name, found)
+        try:
+            await self.load(found.name, found)
+        except FleetError:
+            model = self.models.get(found.name)
+            if self.manifests.get(found.name) is found and not (model and model.serving):
+                # Nothing of it serves: forget it, so a repository model of that name shows again.
+                if previous is None:
+                    del self.manifests[found.name]
+                else:
+                    self.manifests[found.name] = previous
+            raise
 
     async def load(self, name: str, found: Found | None = None) -> None:
         """Load (or reload) a model from its manifest or the repository.
 
         The versions serving go on serving until the new ones are all ready; if any new version
-        fails, the old ones stay and the load answers with the reasons.
+        fails, the old ones stay and the load answers with the reasons. The load completes even if
+        the client that asked goes away: half a load would leave the books wrong.
         """
         check_model_name(name)
         if found is None:
             found = self.manifests.get(name) or await self._in_thread(self.repository.find, name)
+        await _to_completion(self._load(name, found))
+
+    async def _load(self, name: str, found: Found) -> None:
         model = self.models.setdefault(name, Model(name))
         async with model.lock:
-            serving = any(version.state == READY for version in model.versions.values())
+            serving = model.serving
             if found.error:
                 if not serving:
                     model.versions, model.reason = {}, found.error
@@ -237,25 +258,32 @@ class Registry:
                     model.versions, model.reason = {}, error.message
                 raise
             if not serving:
+                stale = list(model.versions.values())
                 model.versions = {version.version: version for version in loading}  # visible as LOADING
+                await asyncio.gather(*(self._unload_version(version) for version in stale))
             errors = await asyncio.gather(*(self._load_version(version) for version in loading))
             failed = [version for version in loading if version.state != READY]
             reasons = "; ".join(f"{_label(version)}: {version.reason}" for version in failed)
             busy = next((error for error in errors if isinstance(error, Busy)), None)
-            if busy is not None and not serving:
-                raise busy  # no room in time: 503, the client may retry
             if serving and failed:
-                await asyncio.gather(*(self._unload_version(version, keep_files=True) for version in loading))
+                await asyncio.gather(*(self._unload_version(version) for version in loading))
+                if busy is not None:
+                    raise busy  # no room in time: 503, the client may retry
                 raise ModelLoadError(f"model '{name}' failed to reload ({reasons}); the loaded versions go on serving")
             previous = model.versions
             model.versions = {version.version: version for version in loading}
             model.reason = ""
-            await asyncio.gather(*(self._unload_version(v, keep_files=True) for v in previous.values() if v not in loading))
+            await asyncio.gather(*(self._unload_version(v) for v in previous.values() if v not in loading))
             if failed and len(failed) == len(loading):
+                if busy is not None:
+                    raise busy
                 raise ModelLoadError(f"model '{name}' failed to load: {reasons}")
 
     async def unload(self, name: str, grace: float = 30.0, keep_files: bool = False) -> None:
         check_model_name(name)
+        await _to_completion(self._unload(name, grace, keep_files))
+
+    async def _unload(self, name: str, grace: float, keep_files: bool) -> None:
         model = self.models.get(name)
         if model is None:
             raise NotFound(f"model '{name}' is not loaded")
@@ -267,13 +295,15 @@ class Registry:
 
     async def delete(self, name: str, grace: float = 30.0) -> None:
         """Unload a model applied as a manifest and forget the manifest."""
-        if name not in self.manifests:
+        found = self.manifests.get(name)
+        if found is None:
             raise NotFound(f"no model '{name}' was applied as a manifest")
         try:
             await self.unload(name, grace)
         except NotFound:
             pass
-        del self.manifests[name]
+        if self.manifests.get(name) is found:  # not re-applied meanwhile
+            del self.manifests[name]
 
     async def unload_all(self, grace: float) -> None:
         # Downloaded artifacts stay for the next start to reuse.
@@ -293,32 +323,48 @@ class Registry:
         await asyncio.shield(version.reloading)
 
     async def _reload(self, version: ModelVersion) -> None:
-        started = time.perf_counter()
-        await self._admit(version)
+        version.in_flight += 1  # the reload pins what it loads, whether or not its requests wait
         try:
-            runtime = await self._start_runtime(version, measure=version.unmeasured)
-        except BaseException as error:
-            self.memory.mark_evicted(version)
-            if isinstance(error, asyncio.CancelledError):
-                raise
-            reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
-            raise ModelUnavailable(f"model '{version.name}' was evicted and could not be reloaded: {reason}") from error
-        version.runtime = runtime
-        metrics.MODEL_RELOAD_DURATION.observe(time.perf_counter() - started)
-        # The reloaded model's objects join the frozen heap, so full collections stay short.
-        asyncio.get_running_loop().run_in_executor(self.executor, _freeze_new_objects)
+            started = time.perf_counter()
+            await self._admit(version)
+            try:
+                await self._prepare_artifacts(version)
+                runtime = await self._start_runtime(version, measure=version.unmeasured)
+            except BaseException as error:
+                self.memory.mark_evicted(version)
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+                reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
+                raise ModelUnavailable(f"model '{version.name}' was evicted and could not be reloaded: {reason}") from error
+            if version not in self.memory.registered:  # unloaded while it reloaded
+                self.memory.mark_evicted(version)
+                await self._stop_runtime(version, runtime)
+                raise ModelUnavailable(f"model '{version.name}' was unloaded")
+            version.runtime = runtime
+            metrics.MODEL_RELOAD_DURATION.observe(time.perf_counter() - started)
+            # The reloaded model's objects join the frozen heap, so full collections stay short.
+            asyncio.get_running_loop().run_in_executor(self.executor, _freeze_new_objects)
+            await self._trim(version)
+        finally:
+            version.in_flight -= 1
 
     async def _admit(self, version: ModelVersion) -> None:
         """Claim the version's memory, evicting least recently used idle models to make room.
         Waits up to `eviction_wait` for busy models to finish, then answers 503."""
+        if version.cost > self.memory.limit:
+            raise CapacityExceeded(
+                f"model '{version.name}' needs {format_bytes(version.cost)}, more than the memory limit of "
+                f"{format_bytes(self.memory.limit)}"
+            )
         deadline = time.monotonic() + self.eviction_wait
         async with self._admission:
             while True:
+                if version not in self.memory.registered:
+                    raise ModelUnavailable(f"model '{version.name}' was unloaded")
                 victims = self.memory.victims(version.cost, keep=version)
                 if victims is not None:
-                    for victim in victims:
-                        await self._evict(victim)
                     self.memory.mark_resident(version)
+                    await self._evict(victims)
                     return
                 if time.monotonic() > deadline:
                     raise Busy(
@@ -328,13 +374,29 @@ class Registry:
                     )
                 await asyncio.sleep(0.01)
 
-    async def _evict(self, version: ModelVersion) -> None:
-        runtime, version.runtime = version.runtime, None
-        self.memory.mark_evicted(version)
-        self.memory.evictions += 1
-        log.info("model %s evicted (%s)", _label(version), format_bytes(version.cost))
-        await self._stop_runtime(version, runtime)
-        self._schedule_refreeze(within=60.0)
+    async def _evict(self, victims: list[ModelVersion]) -> None:
+        # Every victim leaves the books before any await, so none can be pinned in between.
+        stopping = []
+        for victim in victims:
+            stopping.append((victim, victim.runtime))
+            victim.runtime = None
+            self.memory.mark_evicted(victim)
+            self.memory.evictions += 1
+            log.info("model %s evicted (%s)", _label(victim), format_bytes(victim.cost))
+        for victim, runtime in stopping:
+            if runtime is not None:
+                await self._stop_runtime(victim, runtime)
+        if victims:
+            self._schedule_refreeze(within=60.0)
+
+    async def _prepare_artifacts(self, version: ModelVersion) -> None:
+        """Download remote artifacts (a cache hit after the first time) and, for a manifest, read
+        the model-settings.json among them."""
+        settings = version.settings
+        if is_remote(settings.uri or ""):
+            settings.fetched = await self._in_thread(self.artifacts.fetch, settings.uri)
+        if settings.from_manifest:
+            await self._in_thread(settings.complete_from_artifacts)
 
     async def _load_version(self, version: ModelVersion) -> FleetError | None:
         """Load one version; a failure is recorded on it (and returned), never raised."""
@@ -342,20 +404,16 @@ class Registry:
         version.state = LOADING
         try:
             await self._admit(version)
-            settings = version.settings
-            if is_remote(settings.uri or ""):
-                settings.fetched = await self._in_thread(self.artifacts.fetch, settings.uri)
-            if settings.from_manifest:
-                await self._in_thread(settings.complete_from_artifacts)
+            await self._prepare_artifacts(version)
             runtime = await self._start_runtime(version, measure=True)
-        except asyncio.CancelledError:
-            raise
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
             reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
             version.state, version.reason = UNAVAILABLE, reason
             self.memory.unregister(version)
             metrics.MODEL_LOAD_DURATION.labels("error").observe(time.perf_counter() - started)
             log.error("model %s failed to load: %s", _label(version), reason)
+            if isinstance(error, asyncio.CancelledError):
+                raise
             return error if isinstance(error, FleetError) else None
         version.runtime = runtime
         version.predict_is_async = inspect.iscoroutinefunction(runtime.predict)
@@ -366,17 +424,22 @@ class Registry:
         metrics.MODELS_LOADED.inc()
         log.info("model %s loaded in %.2fs (%s, %s)", _label(version), elapsed, type(runtime).__name__,
                  format_bytes(version.cost))
-        if version.declared and version.measured > 2 * version.declared:
-            log.warning("model %s declares %s of memory but loading it took %s; its cost is the measured figure",
-                        _label(version), format_bytes(version.declared), format_bytes(version.measured))
-        if self.memory.resident_bytes > self.memory.limit:
-            await self._trim(version)
+        await self._trim(version)
+        return None
 
     async def _trim(self, keep: ModelVersion) -> None:
         """A load took more than it declared: evict idle models until the resident ones fit again."""
+        if keep.declared and keep.measured > 2 * keep.declared:
+            log.warning("model %s declares %s of memory but loading it took %s; its cost is the measured figure",
+                        _label(keep), format_bytes(keep.declared), format_bytes(keep.measured))
+        if self.memory.registered_bytes > self.memory.registered_limit:
+            log.warning("registered models now take %s of %s, after measuring model %s",
+                        format_bytes(self.memory.registered_bytes), format_bytes(self.memory.registered_limit),
+                        _label(keep))
+        if self.memory.resident_bytes <= self.memory.limit:
+            return
         async with self._admission:
-            for victim in self.memory.victims(0, keep=keep) or []:
-                await self._evict(victim)
+            await self._evict(self.memory.victims(0, keep=keep) or [])
 
     async def _start_runtime(self, version: ModelVersion, measure: bool = False) -> Runtime:
         settings = version.settings
@@ -394,9 +457,11 @@ class Registry:
 
         if not measure:
             return await self._in_thread(start)
-        runtime, measured = await self._in_thread(start_measured, runtime_class, start)
-        version.unmeasured = measured is None
-        version.measured = measured or version.measured
+        kind = (inspect.getfile(runtime_class), runtime_class.__qualname__)  # custom classes are fresh per load
+        runtime, measured, exact = await self._in_thread(start_measured, kind, start)
+        if not exact:  # an estimate, perhaps swollen by other loads: only when nothing is declared, and capped
+            measured = 0 if version.declared else min(measured, self.memory.limit)
+        version.measured, version.unmeasured = measured, not exact
         return runtime
 
     async def _stop_runtime(self, version: ModelVersion, runtime: Runtime) -> None:
@@ -411,6 +476,7 @@ class Registry:
     async def _unload_version(self, version: ModelVersion, grace: float = 30.0, keep_files: bool = False) -> None:
         if version not in self.memory.registered:
             return
+        was_ready = version.state == READY
         version.state = UNLOADING
         deadline = time.monotonic() + grace
         while version.in_flight and time.monotonic() < deadline:
@@ -418,12 +484,15 @@ class Registry:
         runtime, version.runtime = version.runtime, None
         version.state, version.reason = UNAVAILABLE, "unloaded"
         self.memory.unregister(version)
-        metrics.MODELS_LOADED.dec()
+        if was_ready:
+            metrics.MODELS_LOADED.dec()
         if runtime is not None:
             await self._stop_runtime(version, runtime)
             del runtime
         uri = version.settings.uri or ""
-        if not keep_files and is_remote(uri) and not any(v.settings.uri == uri for v in self.memory.registered):
+        if not keep_files and is_remote(uri) and not any(
+            cache_key(other.settings.uri or "") == cache_key(uri) for other in self.memory.registered
+        ):
             await self._in_thread(self.artifacts.delete, uri)
         self._schedule_refreeze()
         log.info("model %s unloaded", _label(version))
@@ -442,6 +511,13 @@ class Registry:
     def _refreeze_now(self) -> None:
         self._refreeze = None
         asyncio.get_running_loop().run_in_executor(self.executor, _refreeze_heap)
+
+
+async def _to_completion(coroutine):
+    """Await `coroutine` as a task that goes on if the caller is cancelled (a client went away)."""
+    task = asyncio.ensure_future(coroutine)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, so asyncio does not warn
+    return await asyncio.shield(task)
 
 
 def _forget_reload(version: ModelVersion):

@@ -231,21 +231,14 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
 
     @app.post("/v2/manifests")
     async def apply_manifests(request: Request) -> Response:
-        documents_ = parse_manifests(await read_body(request, limit))
-        applied = []
-        for document in documents_:
-            await registry.apply(model_from_manifest(document))
-            applied.append({"kind": document["kind"], "name": manifest_name(document)})
-        return json_response({"applied": applied})
+        models = [model_from_manifest(document) for document in parse_manifests(await read_body(request, limit))]
+        return json_response({"applied": await _each(models, registry.apply, "applied")})
 
     @app.delete("/v2/manifests")
     async def delete_manifests(request: Request) -> Response:
-        documents_ = parse_manifests(await read_body(request, limit))
-        deleted = []
-        for document in documents_:
-            await registry.delete(manifest_name(document), server.settings.shutdown_grace)
-            deleted.append({"kind": document["kind"], "name": manifest_name(document)})
-        return json_response({"deleted": deleted})
+        names = [manifest_name(document) for document in parse_manifests(await read_body(request, limit))]
+        grace = server.settings.shutdown_grace
+        return json_response({"deleted": await _each(names, lambda name: registry.delete(name, grace), "deleted")})
 
     app.get("/metrics")(metrics)
     return app
@@ -254,6 +247,21 @@ def build_rest_app(server: "FleetServer") -> FastAPI:
 async def metrics() -> Response:
     # Thousands of series (per-model histograms) take long enough to write to stall requests.
     return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _each(items: list, action, done_word: str) -> list[dict]:
+    """Apply `action` to each manifest's model in order; a failure says which ones were done before it."""
+    done: list[dict] = []
+    for item in items:
+        name = getattr(item, "name", item)
+        try:
+            await action(item)
+        except FleetError as error:
+            if done:
+                error.message = f"{[entry['name'] for entry in done]} {done_word}; then {error.message}"
+            raise
+        done.append({"kind": "Model", "name": name})
+    return done
 
 
 def build_metrics_app() -> FastAPI:
