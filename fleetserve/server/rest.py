@@ -1,4 +1,5 @@
-"""The REST front door: the V2 HTTP API on FastAPI.
+"""The REST front door: the V2 HTTP API. Inference takes a small ASGI fast path straight to the
+data plane; every other route is a FastAPI handler.
 
 Handlers take the raw request and return raw responses: bodies are parsed once with orjson
 into numpy tensors (server/binary.py), never through pydantic models. Every failure answers
