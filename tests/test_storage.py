@@ -14,7 +14,7 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from conftest import BUCKET, http_client, iris_json, start_server
+from conftest import BUCKET, http_client, iris_json, running_server
 from test_memory import apply, constant_model, delete, model_manifest
 
 
@@ -57,8 +57,7 @@ def test_s3_model_lifecycle(s3, iris_folder, tmp_path):
     repository.mkdir()
     constant_model(tmp_path / "other", 7)
 
-    server = start_server(repository, tmp_path / "first.log", extra_env=env)
-    with http_client(server) as http:
+    with running_server(repository, tmp_path / "first.log", env) as server, http_client(server) as http:
         applied = apply(server, manifest)
         assert applied.returncode == 0, applied.stdout
         # The manifest's name wins over the one in the artifact's model-settings.json, whose
@@ -73,31 +72,25 @@ def test_s3_model_lifecycle(s3, iris_folder, tmp_path):
         remove(s3, "lifecycle/iris")
         assert http.post("/v2/repository/index").json()[0]["resident"] is False
         assert http.post("/v2/models/iris-s3/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
-    assert server.stop() == 0
 
     # A restart finds the complete cached copy: no download needed.
-    server = start_server(repository, tmp_path / "second.log", extra_env=env)
-    with http_client(server) as http:
+    with running_server(repository, tmp_path / "second.log", env) as server, http_client(server) as http:
         assert apply(server, manifest).returncode == 0
         assert http.post("/v2/models/iris-s3/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
         # Deleting the model deletes its files.
         assert delete(server, manifest).returncode == 0
         assert cached_entries(cache) == []
         assert http.post("/v2/models/iris-s3/infer", json=iris_json()).status_code == 400
-    assert server.stop() == 0
 
 
 def test_missing_s3_artifacts_fail_the_load_clearly(s3, tmp_path):
     repository = tmp_path / "repo"
     repository.mkdir()
-    server = start_server(repository, tmp_path / "server.log", extra_env={"FLEETSERVE_CACHE_DIR": str(tmp_path / "cache")})
-    try:
+    with running_server(repository, tmp_path / "server.log", {"FLEETSERVE_CACHE_DIR": str(tmp_path / "cache")}) as server:
         result = apply(server, model_manifest("ghost", f"s3://{BUCKET}/no/such/model"))
         assert result.returncode == 1
         assert "cannot download s3://models/no/such/model" in json.loads(result.stdout)["error"]
         assert list((tmp_path / "cache").iterdir()) == []
-    finally:
-        assert server.stop() == 0
 
 
 def test_http_storage(iris_folder, tmp_path):
@@ -106,14 +99,14 @@ def test_http_storage(iris_folder, tmp_path):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     repository = tmp_path / "repo"
     repository.mkdir()
-    server = start_server(repository, tmp_path / "server.log", extra_env={"FLEETSERVE_CACHE_DIR": str(tmp_path / "cache")})
+    cache = tmp_path / "cache"
     try:
-        uri = f"http://127.0.0.1:{httpd.server_address[1]}/{iris_folder.name}"
-        # Two models on one artifact folder, named with and without a trailing slash: one cache entry.
-        applied = apply(server, model_manifest("iris-http", uri + "/") + "---\n" + model_manifest("twin", uri))
-        assert applied.returncode == 0, applied.stdout
-        cache = tmp_path / "cache"
-        with http_client(server) as http:
+        with running_server(repository, tmp_path / "server.log", {"FLEETSERVE_CACHE_DIR": str(cache)}) as server, \
+                http_client(server) as http:
+            uri = f"http://127.0.0.1:{httpd.server_address[1]}/{iris_folder.name}"
+            # Two models on one artifact folder, named with and without a trailing slash: one cache entry.
+            applied = apply(server, model_manifest("iris-http", uri + "/") + "---\n" + model_manifest("twin", uri))
+            assert applied.returncode == 0, applied.stdout
             assert http.post("/v2/models/iris-http/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
             assert len(cached_entries(cache)) == 1
             assert delete(server, model_manifest("twin", uri)).returncode == 0
@@ -125,4 +118,3 @@ def test_http_storage(iris_folder, tmp_path):
             assert http.post("/v2/models/iris-http/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
     finally:
         httpd.shutdown()
-        assert server.stop() == 0
