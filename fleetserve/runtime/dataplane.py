@@ -76,9 +76,9 @@ class DataPlane:
         stats.queue_ns += computed - started
         stats.compute_infer_ns += time.perf_counter_ns() - computed
         stats.last_inference = time.time_ns() // 1_000_000
-        version_label = model.version or ""
-        metrics.INFER_REQUESTS.labels(name, version_label, "success").inc()
-        metrics.INFER_LATENCY.labels(name, version_label).observe(elapsed / 1e9)
+        successes, latency = model.success_metrics or _bind_success_metrics(model)
+        successes.inc()
+        latency.observe(elapsed / 1e9)
         response.model_name = model.name
         response.model_version = model.version
         response.id = request.id
@@ -90,6 +90,16 @@ class DataPlane:
         model.stats.fail_count += 1
         model.stats.fail_ns += elapsed
         metrics.INFER_REQUESTS.labels(model.name, model.version or "", outcome).inc()
+
+
+def _bind_success_metrics(model: ModelVersion):
+    """The version's labelled metric children, looked up once rather than on every request."""
+    version = model.version or ""
+    model.success_metrics = (
+        metrics.INFER_REQUESTS.labels(model.name, version, "success"),
+        metrics.INFER_LATENCY.labels(model.name, version),
+    )
+    return model.success_metrics
 
 
 def _release_when_done(future: asyncio.Future, model: ModelVersion) -> None:

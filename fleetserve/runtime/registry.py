@@ -61,6 +61,7 @@ class ModelVersion:
     unmeasured: bool = False  # loaded while another load was measured: measure at the next reload
     reloading: asyncio.Future | None = None
     stats: Statistics = field(default_factory=Statistics)
+    success_metrics: tuple | None = None  # the data plane's labelled counter and histogram
 
     @property
     def name(self) -> str:
