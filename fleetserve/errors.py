@@ -57,6 +57,13 @@ class ServerUnavailable(FleetError):
     """The server is shutting down."""
 
 
+def describe(error: BaseException) -> str:
+    """What a client or an operator reads about an error: our own message, else its type and text."""
+    if isinstance(error, FleetError):
+        return error.message
+    return f"{type(error).__name__}: {error}"
+
+
 # The single table from error to (HTTP status, gRPC code).
 STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     FleetError: (500, grpc.StatusCode.INTERNAL),

@@ -13,7 +13,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from fleetserve.errors import FleetError, InferenceError, InvalidInput
+from fleetserve.errors import FleetError, InferenceError, InvalidInput, describe
 from fleetserve.runtime import metrics
 from fleetserve.runtime.registry import ModelVersion, Registry
 from fleetserve.settings import TensorMetadata
@@ -63,7 +63,7 @@ class DataPlane:
         except BaseException as error:  # a model's code may raise anything, even SystemExit; the client gets the reason
             self._record_failure(model, started, "InferenceError")
             log.warning("model %s failed: %s: %s", name, type(error).__name__, error)
-            raise InferenceError(f"model '{name}' failed: {type(error).__name__}: {error}") from error
+            raise InferenceError(f"model '{name}' failed: {describe(error)}") from error
         finally:
             if still_running is None:
                 model.in_flight -= 1

@@ -42,7 +42,6 @@ def format_bytes(size: float) -> str:
         if abs(size) < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return f"{size:.1f} GiB"
 
 
 class MemoryManager:
@@ -70,11 +69,7 @@ class MemoryManager:
         already = sum(version.cost for version in self.registered if version not in replacing)
         name = versions[0].name if versions else "?"
         for version in versions:
-            if version.cost > self.limit:
-                raise CapacityExceeded(
-                    f"model '{name}' needs {format_bytes(version.cost)}, more than the memory limit of "
-                    f"{format_bytes(self.limit)}"
-                )
+            self.check_fits(version)
         if already + adding > self.registered_limit:
             raise CapacityExceeded(
                 f"cannot register model '{name}' ({format_bytes(adding)}): registered models take "
@@ -82,6 +77,14 @@ class MemoryManager:
                 f"({format_bytes(self.limit)} limit + {self.overcommit_percent:g}% overcommit)"
             )
         self.registered.update(versions)
+
+    def check_fits(self, version: Accountable) -> None:
+        """A version bigger than the whole limit can never be resident."""
+        if version.cost > self.limit:
+            raise CapacityExceeded(
+                f"model '{version.name}' needs {format_bytes(version.cost)}, more than the memory limit of "
+                f"{format_bytes(self.limit)}"
+            )
 
     def unregister(self, version: Accountable) -> None:
         self.registered.discard(version)
@@ -116,7 +119,7 @@ class MemoryManager:
 
 _measuring = threading.Lock()  # tracemalloc and RSS are process-wide: one load measured at a time
 _warmed: set[object] = set()  # kinds of runtime that have loaded once, so their frameworks are imported
-# Loads running unmeasured, and how many have started: a measurement they overlap is discarded.
+# Loads running unmeasured, and how many have started: a measurement they overlap is only an estimate.
 _unmeasured = {"running": 0, "started": 0}
 _unmeasured_guard = threading.Lock()
 # How long a load waits for another to be measured before it runs unmeasured.

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fleetserve.errors import Busy, CapacityExceeded, FleetError, ModelLoadError, ModelUnavailable, NotFound
+from fleetserve.errors import Busy, FleetError, ModelLoadError, ModelUnavailable, NotFound, describe
 from fleetserve.runtime import metrics
 from fleetserve.runtime.artifacts import ArtifactCache, cache_key, is_remote
 from fleetserve.runtime.base import Runtime
@@ -106,8 +106,8 @@ def _refreeze_heap() -> None:
     """Move live long-lived objects (models, framework modules) out of the collector's reach.
 
     Full collections traverse every tracked object; with a framework or two imported they take
-    tens of milliseconds and show up as the p99 of every request. Called after each load and
-    unload: unfreezing first lets an unloaded model's reference cycles be collected.
+    tens of milliseconds and show up as the p99 of every request. Run after loads and unloads
+    (see _schedule_refreeze): unfreezing first lets an unloaded model's reference cycles be collected.
     """
     gc.unfreeze()
     gc.collect()
@@ -335,7 +335,7 @@ class Registry:
                 self.memory.mark_evicted(version)
                 if isinstance(error, asyncio.CancelledError):
                     raise
-                reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
+                reason = describe(error)
                 raise ModelUnavailable(f"model '{version.name}' was evicted and could not be reloaded: {reason}") from error
             if version not in self.memory.registered:  # unloaded while it reloaded
                 self.memory.mark_evicted(version)
@@ -352,11 +352,7 @@ class Registry:
     async def _admit(self, version: ModelVersion) -> None:
         """Claim the version's memory, evicting least recently used idle models to make room.
         Waits up to `eviction_wait` for busy models to finish, then answers 503."""
-        if version.cost > self.memory.limit:
-            raise CapacityExceeded(
-                f"model '{version.name}' needs {format_bytes(version.cost)}, more than the memory limit of "
-                f"{format_bytes(self.memory.limit)}"
-            )
+        self.memory.check_fits(version)
         deadline = time.monotonic() + self.eviction_wait
         async with self._admission:
             while True:
@@ -408,7 +404,7 @@ class Registry:
             await self._prepare_artifacts(version)
             runtime = await self._start_runtime(version, measure=True)
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
-            reason = error.message if isinstance(error, FleetError) else f"{type(error).__name__}: {error}"
+            reason = describe(error)
             version.state, version.reason = UNAVAILABLE, reason
             self.memory.unregister(version)
             metrics.MODEL_LOAD_DURATION.labels("error").observe(time.perf_counter() - started)

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetserve.errors import ModelLoadError, NotFound
+from fleetserve.errors import ModelLoadError, NotFound, describe
 from fleetserve.settings import ModelSettings, check_model_name
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class ModelRepository:
         except ModelLoadError as error:
             return Found(folder.name, [], error.message)
         except Exception as error:  # an unreadable file: the reason belongs to this model only
-            return Found(folder.name, [], f"{folder}: {type(error).__name__}: {error}")
+            return Found(folder.name, [], f"{folder}: {describe(error)}")
         return Found(versions[0].name, versions)
 
     def _read(self, folder: Path) -> list[ModelSettings]:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
-from fleetserve.errors import FleetError, InvalidInput
+from fleetserve.errors import FleetError, InvalidInput, describe
 from fleetserve.server import documents
 from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor, check_datatype
 
@@ -111,7 +111,7 @@ def _aborts_on_error(method: Callable[..., Awaitable[Any]]):
             await context.abort(error.grpc_code, error.message)
         except Exception as error:
             log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {describe(error)}")
 
     return wrapper
 
@@ -179,7 +179,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 text = error.message
             else:
                 log.exception("unexpected error in a stream")
-                text = f"internal error: {type(error).__name__}: {error}"
+                text = f"internal error: {describe(error)}"
             return service_pb2.ModelStreamInferResponse(
                 error_message=text,
                 infer_response=service_pb2.ModelInferResponse(model_name=message.model_name, id=message.id),

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from fleetserve.errors import FleetError, InvalidInput, PayloadTooLarge, ServerUnavailable
+from fleetserve.errors import FleetError, InvalidInput, PayloadTooLarge, ServerUnavailable, describe
 from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
 from fleetserve.server import documents
 from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object
@@ -124,7 +124,7 @@ class _AnswerUnexpectedErrors:
                 raise
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
             request = Request(scope)
-            await error_response(f"internal error: {type(error).__name__}: {error}", 500, request)(scope, receive, send)
+            await error_response(f"internal error: {describe(error)}", 500, request)(scope, receive, send)
 
 
 def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
@@ -279,7 +279,7 @@ class InferenceFastPath:
             reply.append((b"content-type", b"application/json"))
         except Exception as error:
             log.exception("unexpected error on POST %s", scope["path"])
-            status, content = 500, orjson.dumps({"error": f"internal error: {type(error).__name__}: {error}"})
+            status, content = 500, orjson.dumps({"error": f"internal error: {describe(error)}"})
             reply.append((b"content-type", b"application/json"))
         await self._send(send, status, content, reply)
 
