@@ -23,6 +23,7 @@ def _start(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         memory_limit=args.memory_limit,
         overcommit_percent=args.overcommit_percent,
+        inline_predict_us=args.inline_predict_us,
         cache_dir=args.cache_dir,
         capabilities=args.capabilities,
         extra_capabilities=args.extra_capabilities,
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--log-level", help="debug, info, warning, error (FLEETSERVE_LOG_LEVEL)")
     start.add_argument("--memory-limit", help="memory for resident models: bytes or 512Mi, 4Gi (FLEETSERVE_MEMORY_LIMIT)")
     start.add_argument("--overcommit-percent", type=float, help="registered models may exceed the limit by this (default 10)")
+    start.add_argument("--inline-predict-us", type=float,
+                       help="run predicts faster than this many microseconds on the event loop (default 200; 0: never)")
     start.add_argument("--cache-dir", help="where remote artifacts are downloaded (FLEETSERVE_CACHE_DIR)")
     start.add_argument("--capabilities", help="comma-separated; replaces the default capabilities")
     start.add_argument("--extra-capabilities", help="comma-separated; added to the capabilities")

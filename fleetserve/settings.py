@@ -33,6 +33,10 @@ class ServerSettings:
     # Threads that run framework calls off the event loop; one model may hold at most half.
     # Most wait on the GIL or I/O, so there are more of them than cores.
     inference_threads: int = 8
+    # A model whose predict has taken less than this many microseconds of CPU (and little more
+    # wall time) on the worker threads runs on the event loop instead, saving the thread hop;
+    # one slower call sends it back to the threads. 0: always on the threads.
+    inline_predict_us: float = 200.0
     # Seconds SIGTERM waits for in-flight requests before the server exits.
     shutdown_grace: float = 30.0
     log_level: str = "info"
@@ -223,6 +227,8 @@ class ModelSettings:
             name = check_model_name(raw.get("name") or default_name)
             max_batch_size = int(raw.get("max_batch_size") or 0)
             max_batch_time = float(raw.get("max_batch_time") or 0)
+            if max_batch_size < 0 or max_batch_time < 0:
+                raise ValueError("max_batch_size and max_batch_time must not be negative")
             memory = parse_quantity(raw.get("memory") or 0)
         except (InvalidInput, TypeError, ValueError) as error:
             raise ModelLoadError(f"{where}: {error}") from None

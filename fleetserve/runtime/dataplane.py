@@ -15,6 +15,7 @@ import numpy as np
 
 from fleetserve.errors import FleetError, InferenceError, InvalidInput, describe
 from fleetserve.runtime import metrics
+from fleetserve.runtime.batching import AdaptiveBatcher
 from fleetserve.runtime.registry import ModelVersion, Registry
 from fleetserve.settings import TensorMetadata
 from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
@@ -23,36 +24,25 @@ log = logging.getLogger(__name__)
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, executor: Executor):
+    def __init__(self, registry: Registry, executor: Executor, inline_predict_us: float = 0.0):
         self.registry = registry
         self.executor = executor
+        self.inline_below_ns = int(inline_predict_us * 1000)
 
     async def infer(self, name: str, version: str | None, request: InferenceRequest) -> InferenceResponse:
         model = self.registry.get_ready(name, version)
         _check_inputs(model, request)
         started = time.perf_counter_ns()
         model.in_flight += 1  # pinned: never evicted or unloaded while this request needs it
-        still_running = None  # a worker thread whose caller was cancelled: the model stays pinned
         try:
             if model.runtime is None:
                 await self.registry.ensure_resident(model)
             self.registry.memory.touch(model)
-            if model.predict_is_async:
-                response = await model.runtime.predict(request)
-                computed = started
+            batcher = model.batcher if model.batcher is not None else self._batcher_for(model)
+            if batcher:
+                response, computed = await batcher.submit(request)
             else:
-                await model.slots.acquire()
-                future = asyncio.get_running_loop().run_in_executor(
-                    self.executor, _timed_predict, model.runtime.predict, request
-                )
-                try:
-                    response, computed = await asyncio.shield(future)
-                except asyncio.CancelledError:
-                    still_running = future
-                    raise
-                finally:
-                    if still_running is None:
-                        model.slots.release()
+                response, computed = await self._compute(model, request)
             response = _select_outputs(model, request, response)
         except asyncio.CancelledError:  # the client went away or hit its deadline
             self._record_failure(model, started, "Cancelled")
@@ -65,10 +55,7 @@ class DataPlane:
             log.warning("model %s failed: %s: %s", name, type(error).__name__, error)
             raise InferenceError(f"model '{name}' failed: {describe(error)}") from error
         finally:
-            if still_running is None:
-                model.in_flight -= 1
-            else:
-                _release_when_done(still_running, model)
+            model.in_flight -= 1
         elapsed = time.perf_counter_ns() - started
         stats = model.stats
         stats.success_count += 1
@@ -84,12 +71,93 @@ class DataPlane:
         response.id = request.id
         return response
 
+    async def _compute(self, model: ModelVersion, request: InferenceRequest) -> tuple[InferenceResponse, int]:
+        """The runtime's answer, and when its predict began (the rest was queueing).
+
+        Pins the model for as long as the predict runs, even past a cancelled caller.
+        """
+        runtime = model.runtime
+        if model.predict_is_async:
+            model.in_flight += 1
+            try:
+                return await runtime.predict(request), time.perf_counter_ns()
+            finally:
+                model.in_flight -= 1
+        pace = model.pace or self._pace_for(model)
+        input_bytes = sum(tensor.data.nbytes for tensor in request.inputs)
+        if pace.inline(input_bytes):
+            began = time.perf_counter_ns()
+            try:
+                return runtime.predict(request), began
+            finally:
+                pace.record_inline(time.perf_counter_ns() - began)
+        await model.slots.acquire()
+        model.in_flight += 1
+        future = asyncio.get_running_loop().run_in_executor(self.executor, _timed_predict, runtime.predict, request)
+        future.add_done_callback(lambda done: _release(done, model, input_bytes))
+        response, began, _, _ = await asyncio.shield(future)
+        return response, began
+
+    def _pace_for(self, model: ModelVersion) -> "Pace":
+        model.pace = Pace(self.inline_below_ns)
+        return model.pace
+
+    def _batcher_for(self, model: ModelVersion) -> AdaptiveBatcher | bool:
+        settings = model.settings
+        if settings.max_batch_size <= 1 or settings.max_batch_time <= 0:
+            model.batcher = False
+        else:
+            model.batcher = AdaptiveBatcher(
+                model.name, model.version, lambda request: self._compute(model, request),
+                settings.max_batch_size, settings.max_batch_time,
+            )
+        return model.batcher
+
     @staticmethod
     def _record_failure(model: ModelVersion, started: int, outcome: str) -> None:
         elapsed = time.perf_counter_ns() - started
         model.stats.fail_count += 1
         model.stats.fail_ns += elapsed
         metrics.INFER_REQUESTS.labels(model.name, model.version or "", outcome).inc()
+
+
+class Pace:
+    """Whether a version's predict may run on the event loop: the thread hop costs more than a
+    tabular model's predict.
+
+    Earned by `needed` worker-thread predicts that took at most `below_ns` of CPU each, for
+    inputs no larger than those; a predict that used more CPU starts the count again. Wall time
+    on a thread includes waiting for the GIL, so it cannot say "fast", only "waits": a predict
+    that took more than WAIT_NS of wall time (sleeping, on I/O, or starved) does not count. One
+    inline predict slower than SLOW_FACTOR * `below_ns` sends the model back to the threads,
+    and doubles the count it needs to come back, so the loop stalls rarely, each time for one
+    call of at most about WAIT_NS."""
+
+    STREAK = 32
+    WAIT_NS = 25_000_000
+    SLOW_FACTOR = 4
+    __slots__ = ("below_ns", "fast_runs", "largest_fast_input", "needed")
+
+    def __init__(self, below_ns: int):
+        self.below_ns = below_ns
+        self.fast_runs = 0
+        self.largest_fast_input = -1
+        self.needed = self.STREAK if below_ns > 0 else -1
+
+    def inline(self, input_bytes: int) -> bool:
+        return self.fast_runs >= self.needed > 0 and input_bytes <= self.largest_fast_input
+
+    def record_threaded(self, wall_ns: int, cpu_ns: int, input_bytes: int) -> None:
+        if cpu_ns > self.below_ns:
+            self.fast_runs, self.largest_fast_input = 0, -1
+        elif wall_ns <= self.WAIT_NS:
+            self.fast_runs += 1
+            self.largest_fast_input = max(self.largest_fast_input, input_bytes)
+
+    def record_inline(self, wall_ns: int) -> None:
+        if wall_ns > self.SLOW_FACTOR * self.below_ns:
+            self.fast_runs, self.largest_fast_input = 0, -1
+            self.needed = min(2 * self.needed, 1 << 20)
 
 
 def _bind_success_metrics(model: ModelVersion):
@@ -102,20 +170,23 @@ def _bind_success_metrics(model: ModelVersion):
     return model.success_metrics
 
 
-def _release_when_done(future: asyncio.Future, model: ModelVersion) -> None:
-    def release(done: asyncio.Future) -> None:
-        if not done.cancelled():
-            done.exception()  # retrieved, so asyncio does not warn about it
-        model.slots.release()
-        model.in_flight -= 1
+def _release(done: asyncio.Future, model: ModelVersion, input_bytes: int) -> None:
+    """When the worker thread is done, whether or not its caller still waits."""
+    model.slots.release()
+    model.in_flight -= 1
+    if done.cancelled():
+        return
+    if done.exception() is None:  # also marks a cancelled caller's exception as retrieved
+        wall_ns, cpu_ns = done.result()[2:]
+        model.pace.record_threaded(wall_ns, cpu_ns, input_bytes)
 
-    future.add_done_callback(release)
 
-
-def _timed_predict(predict, request: InferenceRequest) -> tuple[InferenceResponse, int]:
-    """Runs on a worker thread; the start time tells how long the request queued for it."""
-    began = time.perf_counter_ns()
-    return predict(request), began
+def _timed_predict(predict, request: InferenceRequest) -> tuple[InferenceResponse, int, int, int]:
+    """Runs on a worker thread: the answer, when the predict began (before it, the request
+    queued for a thread), and its wall and CPU time."""
+    began, cpu = time.perf_counter_ns(), time.thread_time_ns()
+    response = predict(request)
+    return response, began, time.perf_counter_ns() - began, time.thread_time_ns() - cpu
 
 
 def _check_inputs(model: ModelVersion, request: InferenceRequest) -> None:

@@ -32,3 +32,15 @@ MODEL_RELOAD_DURATION = Histogram(
     "Time to bring an evicted model back into memory, waiting for room included.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+BATCH_SIZE = Histogram(
+    "fleetserve_batch_size",
+    "Requests merged into one predict by adaptive batching.",
+    ["model", "version"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_QUEUE_TIME = Histogram(
+    "fleetserve_batch_queue_seconds",
+    "Time a request waited for its adaptive batch to be sent to the model.",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)

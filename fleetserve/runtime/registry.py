@@ -17,7 +17,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from fleetserve.errors import Busy, FleetError, ModelLoadError, ModelUnavailable, NotFound, describe
 from fleetserve.runtime import metrics
@@ -62,6 +62,8 @@ class ModelVersion:
     reloading: asyncio.Future | None = None
     stats: Statistics = field(default_factory=Statistics)
     success_metrics: tuple | None = None  # the data plane's labelled counter and histogram
+    pace: Any = None  # the data plane's Pace: may predict run on the event loop
+    batcher: Any = None  # the data plane's AdaptiveBatcher; False when batching is off
 
     @property
     def name(self) -> str:

@@ -61,7 +61,7 @@ class FleetServer:
         )
         REGISTRY.register(MemoryCollector(self.memory, self.registry.all_versions))
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
-        self.dataplane = DataPlane(self.registry, self.executor)
+        self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.ready = False
         self.stopping = False
         self.predicts_still_running = 0
