@@ -196,6 +196,7 @@ class ModelSettings:
     platform: str = ""
     max_batch_size: int = 0
     max_batch_time: float = 0.0
+    parallel_workers: int = 0  # processes of its own that run predict; 0: the server's threads
     requirements: list[str] = field(default_factory=list)
     memory: int = 0  # declared bytes; 0 when not declared
     unknown: dict[str, Any] = field(default_factory=dict)
@@ -203,7 +204,7 @@ class ModelSettings:
     from_manifest: bool = False  # its artifacts may hold a model-settings.json to complete it
 
     _KNOWN = {"name", "implementation", "parameters", "inputs", "outputs", "platform", "max_batch_size",
-              "max_batch_time", "requirements", "versions", "memory"}
+              "max_batch_time", "parallel_workers", "requirements", "versions", "memory"}
     _KNOWN_PARAMETERS = {"uri", "version", "extra", "content_type"}
 
     @classmethod
@@ -227,8 +228,9 @@ class ModelSettings:
             name = check_model_name(raw.get("name") or default_name)
             max_batch_size = int(raw.get("max_batch_size") or 0)
             max_batch_time = float(raw.get("max_batch_time") or 0)
-            if max_batch_size < 0 or max_batch_time < 0:
-                raise ValueError("max_batch_size and max_batch_time must not be negative")
+            parallel_workers = int(raw.get("parallel_workers") or 0)
+            if max_batch_size < 0 or max_batch_time < 0 or parallel_workers < 0:
+                raise ValueError("max_batch_size, max_batch_time and parallel_workers must not be negative")
             memory = parse_quantity(raw.get("memory") or 0)
         except (InvalidInput, TypeError, ValueError) as error:
             raise ModelLoadError(f"{where}: {error}") from None
@@ -250,6 +252,7 @@ class ModelSettings:
             platform=raw.get("platform") or "",
             max_batch_size=max_batch_size,
             max_batch_time=max_batch_time,
+            parallel_workers=parallel_workers,
             requirements=requirements,
             memory=memory,
             unknown=unknown,
@@ -281,6 +284,7 @@ class ModelSettings:
         self.content_type = self.content_type or inner.content_type
         self.inputs, self.outputs, self.platform = inner.inputs, inner.outputs, inner.platform
         self.max_batch_size, self.max_batch_time = inner.max_batch_size, inner.max_batch_time
+        self.parallel_workers = self.parallel_workers or inner.parallel_workers
         if inner.uri:
             self.fetched = inner.artifact_path
 

@@ -22,10 +22,10 @@ def test_mlserver_settings_and_unknown_fields_kept(tmp_path):
         "inputs": [{"name": "a", "datatype": "FP32", "shape": [-1, 2]}],
     }
     settings = ModelSettings.parse(raw, tmp_path, "folder")
-    assert (settings.name, settings.version, settings.max_batch_size) == ("m", "3", 8)
+    assert (settings.name, settings.version, settings.max_batch_size, settings.parallel_workers) == ("m", "3", 8, 2)
     assert settings.extra == {"predict_fn": "predict_proba"}
     assert settings.artifact_path == tmp_path / "artifacts" / "model.joblib"
-    assert settings.unknown == {"parallel_workers": 2, "parameters": {"environment_tarball": "x.tar.gz"}}
+    assert settings.unknown == {"parameters": {"environment_tarball": "x.tar.gz"}}
 
 
 @pytest.mark.parametrize(

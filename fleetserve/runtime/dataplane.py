@@ -90,7 +90,12 @@ class DataPlane:
             try:
                 return runtime.predict(request), began
             finally:
-                pace.record_inline(time.perf_counter_ns() - began)
+                took = time.perf_counter_ns() - began
+                if pace.record_inline(took):
+                    log.info(
+                        "model %s: a predict on the event loop took %.2f ms; back on worker threads until %d fast ones",
+                        model.name, took / 1e6, pace.needed,
+                    )
         await model.slots.acquire()
         model.in_flight += 1
         future = asyncio.get_running_loop().run_in_executor(self.executor, _timed_predict, runtime.predict, request)
@@ -128,21 +133,24 @@ class Pace:
     Earned by `needed` worker-thread predicts that took at most `below_ns` of CPU each, for
     inputs no larger than those; a predict that used more CPU starts the count again. Wall time
     on a thread includes waiting for the GIL, so it cannot say "fast", only "waits": a predict
-    that took more than WAIT_NS of wall time (sleeping, on I/O, or starved) does not count. One
-    inline predict slower than SLOW_FACTOR * `below_ns` sends the model back to the threads,
-    and doubles the count it needs to come back, so the loop stalls rarely, each time for one
-    call of at most about WAIT_NS."""
+    that took more than WAIT_NS of wall time (sleeping, on I/O, or starved) does not count.
+    Inline, the wall time is what the loop pays: when its moving average passes SLOW_FACTOR *
+    `below_ns` the model goes back to the threads, needing twice the count to return. A single
+    outlier (a GC pass, a preempted core) moves the average little; one stall of 16 times the
+    limit is enough."""
 
     STREAK = 32
+    MAX_STREAK = 4096
     WAIT_NS = 25_000_000
     SLOW_FACTOR = 4
-    __slots__ = ("below_ns", "fast_runs", "largest_fast_input", "needed")
+    __slots__ = ("below_ns", "fast_runs", "largest_fast_input", "needed", "inline_ns")
 
     def __init__(self, below_ns: int):
         self.below_ns = below_ns
         self.fast_runs = 0
         self.largest_fast_input = -1
         self.needed = self.STREAK if below_ns > 0 else -1
+        self.inline_ns = 0.0  # moving average of inline predicts' wall time
 
     def inline(self, input_bytes: int) -> bool:
         return self.fast_runs >= self.needed > 0 and input_bytes <= self.largest_fast_input
@@ -154,10 +162,14 @@ class Pace:
             self.fast_runs += 1
             self.largest_fast_input = max(self.largest_fast_input, input_bytes)
 
-    def record_inline(self, wall_ns: int) -> None:
-        if wall_ns > self.SLOW_FACTOR * self.below_ns:
-            self.fast_runs, self.largest_fast_input = 0, -1
-            self.needed = min(2 * self.needed, 1 << 20)
+    def record_inline(self, wall_ns: int) -> bool:
+        """True when this predict sent the model back to the threads."""
+        self.inline_ns += (wall_ns - self.inline_ns) / 16
+        if self.inline_ns <= self.SLOW_FACTOR * self.below_ns:
+            return False
+        self.fast_runs, self.largest_fast_input, self.inline_ns = 0, -1, 0.0
+        self.needed = min(2 * self.needed, self.MAX_STREAK)
+        return True
 
 
 def _bind_success_metrics(model: ModelVersion):

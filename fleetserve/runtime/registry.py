@@ -25,6 +25,7 @@ from fleetserve.runtime.artifacts import ArtifactCache, cache_key, is_remote
 from fleetserve.runtime.base import Runtime
 from fleetserve.runtime.memory import MemoryManager, format_bytes, start_measured
 from fleetserve.runtime.repository import Found, ModelRepository, is_version_number
+from fleetserve.runtime.workers import WorkerPool
 from fleetserve.settings import ModelSettings, check_model_name
 
 log = logging.getLogger(__name__)
@@ -444,6 +445,11 @@ class Registry:
         settings = version.settings
         # Resolving imports the runtime's module (seconds for some): off the event loop too.
         runtime_class = await self._in_thread(self.resolve_runtime, settings)
+        if settings.parallel_workers:
+            pool = WorkerPool(settings, settings.parallel_workers)
+            await self._in_thread(pool.load)
+            version.measured, version.unmeasured = pool.memory_bytes(), False
+            return pool
         if inspect.iscoroutinefunction(runtime_class.load):
             runtime = runtime_class(settings)
             await runtime.load()
