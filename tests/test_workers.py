@@ -16,6 +16,7 @@ import tritonclient.http as httpclient
 from conftest import IRIS_ROWS, ROOT, running_server, start_server, write_settings
 
 WORKER_MODEL = '''
+import os
 import time
 
 import numpy as np
