@@ -53,11 +53,12 @@ LARGE = 262144  # FP32 elements: 1 MiB
 
 PEERS = {
     "fleetserve": "fleetserve",
+    "fleetserve-batched": "fleetserve batched",
     "mlserver-default": "MLServer default",
     "mlserver-best": "MLServer best",
     "bare": "bare",
 }
-SCENARIOS = ("rest-json", "grpc", "large", "multi")
+SCENARIOS = ("rest-json", "grpc", "large", "multi", "reload")
 
 # MLServer settings tried for "best": (server settings, model settings). `debug` is True by
 # default in MLServer 1.7 and writes an access log line per request.
@@ -229,9 +230,9 @@ def package_versions(python: Path, names: list[str]) -> dict[str, str]:
     return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
-def write_fleetserve_repo(repo: Path, iris: Path, copies: int) -> list[str]:
+def write_fleetserve_repo(repo: Path, iris: Path, copies: int, model: dict) -> list[str]:
     settings = {"implementation": "sklearn", "parameters": {"uri": "./model.joblib", "version": "1"},
-                "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 4]}]}
+                "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 4]}], **model}
     names = ["iris", *(f"iris-{i}" for i in range(copies))]
     for name in names:
         (repo / name).mkdir(parents=True)
@@ -239,7 +240,7 @@ def write_fleetserve_repo(repo: Path, iris: Path, copies: int) -> list[str]:
         (repo / name / "model-settings.json").write_text(json.dumps({"name": name, **settings}))
     (repo / "sum").mkdir()
     (repo / "sum" / "model.py").write_text(FLEETSERVE_SUM)
-    (repo / "sum" / "model-settings.json").write_text(json.dumps({"name": "sum", "implementation": "model.Sum"}))
+    (repo / "sum" / "model-settings.json").write_text(json.dumps({"name": "sum", "implementation": "model.Sum", **model}))
     return [*names, "sum"]
 
 
@@ -282,9 +283,9 @@ class Peer:
 def launch(peer: Peer, work: Path, iris: Path, copies: int, ml_choice: str | None) -> None:
     """Write the peer's repository and start it; return once every model is ready."""
     peer.log_file = work / f"{peer.key}.log"
-    if peer.key == "fleetserve":
-        repo = work / "fleetserve"
-        models = write_fleetserve_repo(repo, iris, copies)
+    if peer.key.startswith("fleetserve"):
+        repo = work / peer.key
+        models = write_fleetserve_repo(repo, iris, copies, BATCHING if peer.key == "fleetserve-batched" else {})
         command = [FLEETSERVE, "start", repo, "--host", "127.0.0.1", "--http-port", peer.http,
                    "--grpc-port", peer.grpc, "--metrics-port", free_port()]
         peer.process = start_server(command, work, peer.log_file)
@@ -579,8 +580,9 @@ def report(args, cases, results, peers, info, elapsed) -> str:
         "- gRPC load: bench/grpc_load.py, a **Python** client (grpc.aio, one channel, N coroutines, prebuilt "
         "request bytes): it can be the bottleneck, so compare with the bare gRPC twin measured by the same client "
         "(the client CPU column below says how busy it was)",
-        f"- fleetserve: `fleetserve start` with default settings; MLServer default: settings.json with only host and "
-        f"ports; MLServer best: {info['ml_best']}",
+        f"- fleetserve: `fleetserve start` with default settings; fleetserve batched: the same with adaptive batching "
+        f"in every model-settings.json ({BATCHING}, the batching MLServer is calibrated with); MLServer default: "
+        f"settings.json with only host and ports; MLServer best: {info['ml_best']}",
         "- bare: bench/bare.py (uvicorn + httptools + uvloop + orjson raw ASGI app, grpc.aio twin; the model is "
         "called on the event loop; no validation): the ceiling for a Python server",
         "- models: iris = the scikit-learn LogisticRegression of model_repo/iris (same joblib for every peer, "
@@ -594,8 +596,8 @@ def report(args, cases, results, peers, info, elapsed) -> str:
         "Cells: **req/s · p50 ms · p99 ms**. Ratios: fleetserve's throughput over the peer's (above 1: fleetserve "
         "serves more), with the ratio of p50 latencies (below 1: fleetserve answers faster).\n",
         "| scenario | conc. | " + " | ".join(PEERS[k] for k in keys) + " | fleetserve / MLServer default"
-        " | fleetserve / MLServer best | fleetserve / bare |",
-        "|---|---:|" + "---|" * len(keys) + "---|---|---|",
+        " | fleetserve / MLServer best | fleetserve / bare | fleetserve batched / MLServer best |",
+        "|---|---:|" + "---|" * len(keys) + "---|---|---|---|",
     ]
     for case in cases:
         for c in case.concurrency:
@@ -603,7 +605,8 @@ def report(args, cases, results, peers, info, elapsed) -> str:
             cells = [cell(row[k], case.skipped.get(k)) for k in keys]
             fs = row.get("fleetserve")
             lines.append(f"| {case.label} | {c} | " + " | ".join(cells) + " | "
-                         + " | ".join(ratio(fs, row.get(k)) for k in ("mlserver-default", "mlserver-best", "bare")) + " |")
+                         + " | ".join(ratio(fs, row.get(k)) for k in ("mlserver-default", "mlserver-best", "bare"))
+                         + f" | {ratio(row.get('fleetserve-batched'), row.get('mlserver-best'))} |")
     lines += ["", "## CPU use per run", "",
               "Cores used during the measured run (gRPC: over warm-up and run), from /proc. A server near 1.00 is "
               "the bottleneck; a client near 1.00 means the load generator is. Other: the rest of the machine's busy "
@@ -626,7 +629,11 @@ def report(args, cases, results, peers, info, elapsed) -> str:
                   *info["calibration"]]
     if info["notes"]:
         lines += ["", "## Notes", "", *[f"- {n}" for n in info["notes"]]]
-    lines += ["", "Evicted-model reloads are not measured here: see bench/reload.py and bench/RESULTS-reload.md.", ""]
+    if info.get("reload"):
+        lines += ["", "## Evicted-model reloads (fleetserve only: the peers have no eviction)", "",
+                  "From `bench/reload.py` run by this command (its own document: bench/README.md).", "",
+                  *info["reload"]]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -756,6 +763,13 @@ def main() -> None:
             if errors:
                 info["notes"].append(f"{peer.label}'s log has {len(errors)} error lines from the runs; the first: "
                                      f"`{short(errors[0], 200)}`")
+        for peer in peers.values():  # the reload run needs the core to itself
+            stop_server(peer.process)
+        if "reload" in args.only:
+            log("evicted-model reloads: bench/reload.py")
+            out = work / "reload.md"
+            subprocess.run([str(PYTHON), str(BENCH / "reload.py"), "--out", str(out)], check=True, timeout=600)
+            info["reload"] = [line for line in out.read_text().splitlines() if not line.startswith("# ")]
     finally:
         for peer in peers.values():
             if peer.process is not None:
