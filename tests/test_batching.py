@@ -19,6 +19,7 @@ from conftest import IRIS_ROWS, ROOT, running_server, write_settings
 PROBE_MODEL = '''
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -29,10 +30,21 @@ from fleetserve.types import Tensor
 class BatchProbe(Runtime):
     """Per-row sums of `x`; `batch_rows` tells how many rows the predict call saw in all."""
 
+    unloaded = False
+
+    def unload(self):
+        self.unloaded = True
+
     def predict(self, request):
         x = request.input("x").data
         if (x < 0).any():
             raise ValueError("negative values are not allowed")
+        if (x == 99).any():
+            raise SystemExit("the model called exit()")
+        if (x == 7).any():
+            time.sleep(0.5)
+        if self.unloaded:  # nobody may be waiting for this answer: leave a mark the test can see
+            (Path(self.settings.folder) / "predicted-after-unload").write_text("")
         rows = np.full(x.shape[0], x.shape[0], dtype=np.int64)
         return self.response([Tensor("sum", x.sum(axis=1)), Tensor("batch_rows", rows)], request)
 
@@ -58,7 +70,7 @@ class Where(Runtime):
 
 class Sleepy(Where):
     def predict(self, request):
-        time.sleep(0.05)  # waits, holding no CPU: must never run on the event loop
+        time.sleep(0.01)  # waits, holding no CPU: must never run on the event loop
         return super().predict(request)
 '''
 
@@ -71,6 +83,7 @@ def server(tmp_path_factory):
     for name, implementation, settings in (
         ("probe", "probe.BatchProbe", BATCHING),
         ("aggregate", "probe.Aggregate", BATCHING),
+        ("slow", "probe.BatchProbe", {"max_batch_size": 4, "max_batch_time": 0.05}),
         ("where", "probe.Where", {}),
         ("sleepy", "probe.Sleepy", {}),
     ):
@@ -147,6 +160,28 @@ def test_one_bad_request_fails_alone(server):
         assert outputs_of(response)["sum"] == x.sum(axis=1).tolist()
 
 
+def test_a_model_that_exits_fails_its_requests_not_the_server(server):
+    bodies = [probe_body(np.array([[99.0]]))] + [probe_body(np.array([[1.0, 2.0]])) for _ in range(3)]
+    responses = asyncio.run(post_all(server, "probe", bodies))
+    assert responses[0].status_code == 400 and "the model called exit()" in responses[0].json()["error"]
+    assert [outputs_of(response)["sum"] for response in responses[1:]] == [[3.0]] * 3
+    assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+
+
+def test_a_batch_whose_callers_gave_up_keeps_its_model_loaded(server):
+    async def give_up():
+        async with httpx.AsyncClient(base_url=server.url, timeout=0.1) as client:
+            return await asyncio.gather(*(client.post("/v2/models/slow/infer", json=probe_body(np.array([[7.0]])))
+                                          for _ in range(3)), return_exceptions=True)
+
+    assert all(isinstance(outcome, httpx.TimeoutException) for outcome in asyncio.run(give_up()))
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.post("/v2/repository/models/slow/unload").status_code == 200  # waits for the batch
+        assert not (server.repository / "slow" / "predicted-after-unload").exists()
+        assert client.post("/v2/repository/models/slow/load").status_code == 200
+        assert outputs_of(client.post("/v2/models/slow/infer", json=probe_body(np.array([[1.0]])))) == {"sum": [1.0], "batch_rows": [1]}
+
+
 def test_outputs_that_cannot_be_split_are_computed_per_request(server):
     inputs = [np.full((i + 1, 2), float(i)) for i in range(8)]
     responses = asyncio.run(post_all(server, "aggregate", [probe_body(x) for x in inputs]))
@@ -184,7 +219,7 @@ def thread_of(server, model: str, x: np.ndarray) -> str:
 
 def test_a_fast_model_moves_onto_the_event_loop_and_a_slow_call_sends_it_back(server):
     small = np.zeros((1, 2))
-    first = [thread_of(server, "where", small) for _ in range(40)]
+    first = [thread_of(server, "where", small) for _ in range(80)]
     assert first[0].startswith("fleetserve-worker")
     assert first[-1] == "MainThread"  # the thread hop saved once it proved fast
     assert thread_of(server, "where", np.zeros((100, 2))).startswith("fleetserve-worker")  # a larger input than proven

@@ -111,3 +111,9 @@ def test_a_port_in_use_fails_the_start(slow_repository, tmp_path, taken):
         client.close()
     finally:
         assert first.stop() == 0
+
+
+def test_a_missing_repository_fails_the_start(tmp_path):
+    server = spawn_server(tmp_path / "no-such-folder", tmp_path / "server.log", [free_port() for _ in range(3)])
+    assert server.process.wait(60) == 1
+    assert "cannot read the model repository" in server.log() and "no-such-folder" in server.log()

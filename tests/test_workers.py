@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -18,6 +20,7 @@ from conftest import IRIS_ROWS, ROOT, running_server, start_server, write_settin
 WORKER_MODEL = '''
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -28,8 +31,15 @@ from fleetserve.types import Tensor
 class Spin(Runtime):
     """Pure Python work that holds the GIL; says which process ran it, and when."""
 
+    def load(self):
+        if (Path(self.settings.folder) / "cannot-load-again").exists():
+            raise OSError("the model's files are gone")
+
     def predict(self, request):
         x = request.input("x").data
+        if x.size and x.flat[0] == -2:  # crash, and leave this model unable to load again
+            (Path(self.settings.folder) / "cannot-load-again").write_text("")
+            os._exit(4)
         if x.size and x.flat[0] == -1:
             os._exit(3)  # a crash in the middle of a predict
         began = time.time()
@@ -47,6 +57,11 @@ class Spin(Runtime):
         return self.response(outputs, request)
 
 
+class AsyncSpin(Spin):
+    async def predict(self, request):
+        return super().predict(request)
+
+
 class BrokenInWorker(Runtime):
     def load(self):
         raise OSError("weights missing in the worker")
@@ -55,16 +70,20 @@ class BrokenInWorker(Runtime):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("workers-repo")
-    write_settings(repo / "spin", {"implementation": "spin.Spin", "parallel_workers": 2})
-    (repo / "spin" / "spin.py").write_text(WORKER_MODEL)
-    write_settings(repo / "broken", {"implementation": "spin.BrokenInWorker", "parallel_workers": 1})
-    (repo / "broken" / "spin.py").write_text(WORKER_MODEL)
+    repo = worker_repo(tmp_path_factory.mktemp("workers-repo"), {"spin": ("Spin", 2), "broken": ("BrokenInWorker", 1)})
     shutil.copytree(ROOT / "model_repo" / "iris", repo / "iris", ignore=shutil.ignore_patterns("__pycache__"))
     settings = (repo / "iris" / "model-settings.json").read_text()
     (repo / "iris" / "model-settings.json").write_text(settings.replace('"name": "iris"', '"name": "iris", "parallel_workers": 1'))
     with running_server(repo, tmp_path_factory.mktemp("workers-logs") / "server.log") as running:
         yield running
+
+
+def worker_repo(repo: Path, models: dict[str, tuple[str, int]]) -> Path:
+    """Models of WORKER_MODEL's classes: name -> (class name, parallel_workers)."""
+    for name, (class_name, workers) in models.items():
+        write_settings(repo / name, {"implementation": f"spin.{class_name}", "parallel_workers": workers})
+        (repo / name / "spin.py").write_text(WORKER_MODEL)
+    return repo
 
 
 def spin_body(x: np.ndarray, **extra) -> dict:
@@ -163,11 +182,7 @@ async def _wait_for_two_workers(server) -> bool:
 
 
 def test_unload_and_shutdown_stop_the_workers_and_free_shared_memory(tmp_path):
-    repo = tmp_path / "repo"
-    write_settings(repo / "spin", {"implementation": "spin.Spin", "parallel_workers": 2})
-    (repo / "spin" / "spin.py").write_text(WORKER_MODEL)
-    write_settings(repo / "spin-2", {"implementation": "spin.Spin", "parallel_workers": 1})
-    (repo / "spin-2" / "spin.py").write_text(WORKER_MODEL)
+    repo = worker_repo(tmp_path / "repo", {"spin": ("Spin", 2), "spin-2": ("Spin", 1)})
     server = start_server(repo, tmp_path / "server.log")
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -177,7 +192,11 @@ def test_unload_and_shutdown_stop_the_workers_and_free_shared_memory(tmp_path):
             assert len(workers) == 3
             blocks = {path for pid in [server.process.pid, *workers] for path in Path("/dev/shm").glob(f"fleetserve-{pid}-*")}
             assert blocks
-            assert client.post("/v2/repository/models/spin/unload").status_code == 200
+            with ThreadPoolExecutor(1) as pool:  # unload while a predict runs: the predict finishes first
+                running = pool.submit(client.post, "/v2/models/spin/infer", json=spin_body(np.array([[0.5]])))
+                time.sleep(0.2)
+                assert client.post("/v2/repository/models/spin/unload").status_code == 200
+                assert outputs_of(running.result())["double"] == [1.0]
             remaining = children_of(server.process.pid)
             assert len(remaining & workers) == 1  # spin-2's worker
     finally:
@@ -187,21 +206,37 @@ def test_unload_and_shutdown_stop_the_workers_and_free_shared_memory(tmp_path):
 
 
 def test_invalid_parallel_workers_is_refused(tmp_path):
-    repo = tmp_path / "repo"
-    write_settings(repo / "spin", {"implementation": "spin.Spin", "parallel_workers": -1})
-    (repo / "spin" / "spin.py").write_text(WORKER_MODEL)
+    repo = worker_repo(tmp_path / "repo", {"spin": ("Spin", -1)})
     with running_server(repo, tmp_path / "server.log") as server:
         index = httpx.post(f"{server.url}/v2/repository/index").json()
         assert index[0]["state"] == "UNAVAILABLE"
         assert "must not be negative" in index[0]["reason"]
 
 
-def test_workers_exit_when_the_server_is_killed(tmp_path):
-    repo = tmp_path / "repo"
-    write_settings(repo / "spin", {"implementation": "spin.Spin", "parallel_workers": 1})
-    (repo / "spin" / "spin.py").write_text(WORKER_MODEL)
+def test_when_no_worker_can_start_again_requests_fail_at_once(tmp_path):
+    repo = worker_repo(tmp_path / "repo", {"spin": ("Spin", 1), "async": ("AsyncSpin", 1)})
+    with running_server(repo, tmp_path / "server.log") as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+        assert index["async"]["state"] == "UNAVAILABLE" and "async ones" in index["async"]["reason"]
+        crashed = client.post("/v2/models/spin/infer", json=spin_body(np.array([[-2.0]])))
+        assert "worker process exited (code 4)" in crashed.json()["error"]
+        for _ in range(100):
+            answer = client.post("/v2/models/spin/infer", json=spin_body(np.array([[0.0]])))
+            if "no worker process" in answer.text:
+                break
+            time.sleep(0.1)
+        assert answer.status_code == 400
+        assert "has no worker process" in answer.json()["error"] and "the model's files are gone" in answer.json()["error"]
+
+
+def test_workers_exit_when_the_server_is_killed_and_their_memory_is_reclaimed(tmp_path):
+    repo = worker_repo(tmp_path / "repo", {"spin": ("Spin", 1)})
     server = start_server(repo, tmp_path / "server.log")
+    httpx.post(f"{server.url}/v2/models/spin/infer", json=spin_body(np.ones((1, 1))), timeout=30).raise_for_status()
     workers = children_of(server.process.pid)
+    assert workers
+    left = list(Path("/dev/shm").glob(f"fleetserve-{server.process.pid}-*"))
+    assert left  # the server's input block, which a killed server cannot remove
     server.process.kill()
     server.process.wait()
     for _ in range(100):
@@ -210,3 +245,6 @@ def test_workers_exit_when_the_server_is_killed(tmp_path):
         asyncio.run(asyncio.sleep(0.1))
     else:
         pytest.fail(f"worker processes {workers} outlived the server")
+    (tmp_path / "empty").mkdir()
+    with running_server(tmp_path / "empty", tmp_path / "next.log"):  # the next server cleans up
+        assert not any(path.exists() for path in left)

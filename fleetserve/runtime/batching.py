@@ -6,12 +6,15 @@ only when their inputs line up (same names, datatypes, parameters and shape past
 dimension) and they ask for the same outputs; inputs are concatenated along the first
 dimension, and every output is split back by the same row counts.
 
-A batch that fails is retried one request at a time, so one bad request fails alone.
+A batch that fails is retried one request at a time, so one bad request fails alone. A model
+whose outputs do not split by rows (one aggregate for the whole input) is answered request by
+request from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -24,6 +27,8 @@ from fleetserve.runtime import metrics
 from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
 
 # The data plane's predict: the answer, and when the model began computing it.
+log = logging.getLogger(__name__)
+
 Predict = Callable[[InferenceRequest], Awaitable[tuple[InferenceResponse, int]]]
 
 
@@ -36,19 +41,21 @@ class _Waiting:
 
 
 class AdaptiveBatcher:
-    def __init__(self, name: str, version: str | None, predict: Predict, max_size: int, max_time: float):
+    def __init__(self, model, predict: Predict, max_size: int, max_time: float):
+        self.model = model  # the ModelVersion: a batch pins it while it runs
         self.predict = predict
         self.max_size = max_size
         self.max_time = max_time
+        self.splittable = True  # False once the model's outputs proved not to split by rows
         self.pending: dict[tuple, list[_Waiting]] = {}
         self.timers: dict[tuple, asyncio.TimerHandle] = {}
         self.running: set[asyncio.Task] = set()
-        labels = (name, version or "")
+        labels = (model.name, model.version or "")
         self.batch_size = metrics.BATCH_SIZE.labels(*labels)
         self.queue_time = metrics.BATCH_QUEUE_TIME.labels(*labels)
 
     async def submit(self, request: InferenceRequest) -> tuple[InferenceResponse, int]:
-        key = _merge_key(request)
+        key = _merge_key(request) if self.splittable else None
         if key is None:  # scalars have no batch dimension: alone, at once
             return await self.predict(request)
         loop = asyncio.get_running_loop()
@@ -67,40 +74,57 @@ class AdaptiveBatcher:
             timer.cancel()
         batch = [waiting for waiting in self.pending.pop(key, []) if not waiting.answer.done()]
         if batch:
+            self.model.in_flight += 1  # the batch outlives callers that give up: it keeps the model loaded
             task = asyncio.create_task(self._run(batch))
             self.running.add(task)  # the loop holds tasks weakly
-            task.add_done_callback(self.running.discard)
+            task.add_done_callback(self._ran)
+
+    def _ran(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        self.model.in_flight -= 1
 
     async def _run(self, batch: list[_Waiting]) -> None:
+        """Never raises: every outcome, cancellation included, goes to the callers' answers."""
         started = time.perf_counter_ns()
         for waiting in batch:
             self.queue_time.observe((started - waiting.queued) / 1e9)
         self.batch_size.observe(len(batch))
-        if len(batch) == 1:
-            await self._answer_alone(batch[0])
-            return
         try:
-            merged, began = await self.predict(_merge([waiting.request for waiting in batch]))
-            parts = _split(merged, [waiting.rows for waiting in batch])
-        except Exception:
-            # Which request broke the batch is unknown: each runs alone, so only the bad one fails.
-            await asyncio.gather(*(self._answer_alone(waiting) for waiting in batch))
+            if len(batch) > 1:
+                merged, began = await self.predict(_merge([waiting.request for waiting in batch]))
+                try:
+                    parts = _split(merged, batch[0].request, [waiting.rows for waiting in batch])
+                except InferenceError as error:
+                    self.splittable = False
+                    log.warning("model %s: adaptive batching turned off: %s", self.model.name, error.message)
+                    raise
+                for waiting, part in zip(batch, parts):
+                    _answer(waiting, result=(part, began))
+                return
+        except asyncio.CancelledError as error:  # the server is shutting down
+            for waiting in batch:
+                _answer(waiting, error=error)
             return
-        for waiting, part in zip(batch, parts):
-            if not waiting.answer.done():
-                waiting.answer.set_result((part, began))
+        except BaseException:
+            pass  # which request broke the batch is unknown: each runs alone, so only the bad one fails
+        await asyncio.gather(*(self._run_alone(waiting) for waiting in batch if not waiting.answer.done()))
 
-    async def _answer_alone(self, waiting: _Waiting) -> None:
+    async def _run_alone(self, waiting: _Waiting) -> None:
         try:
-            response = await self.predict(waiting.request)
+            _answer(waiting, result=await self.predict(waiting.request))
         except BaseException as error:  # the data plane reports it as the caller's own failure
-            if not waiting.answer.done():
-                waiting.answer.set_exception(error)
-            if not isinstance(error, Exception):
-                raise
-        else:
-            if not waiting.answer.done():
-                waiting.answer.set_result(response)
+            _answer(waiting, error=error)
+
+
+def _answer(waiting: _Waiting, result=None, error: BaseException | None = None) -> None:
+    if waiting.answer.done():  # its caller gave up
+        return
+    if error is None:
+        waiting.answer.set_result(result)
+    elif isinstance(error, asyncio.CancelledError):
+        waiting.answer.cancel()
+    else:
+        waiting.answer.set_exception(error)
 
 
 def _merge_key(request: InferenceRequest) -> tuple | None:
@@ -130,8 +154,11 @@ def _merge(requests: list[InferenceRequest]) -> InferenceRequest:
     return InferenceRequest(inputs=inputs, parameters=first.parameters, outputs=first.outputs)
 
 
-def _split(merged: InferenceResponse, rows: list[int]) -> list[InferenceResponse]:
+def _split(merged: InferenceResponse, request: InferenceRequest, rows: list[int]) -> list[InferenceResponse]:
     total = sum(rows)
+    if request.outputs:  # outputs nobody asked for need not split
+        wanted = {output.name for output in request.outputs}
+        merged.outputs = [tensor for tensor in merged.outputs if tensor.name in wanted]
     for tensor in merged.outputs:
         if not tensor.data.shape or tensor.data.shape[0] != total:
             raise InferenceError(

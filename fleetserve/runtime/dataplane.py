@@ -74,21 +74,21 @@ class DataPlane:
     async def _compute(self, model: ModelVersion, request: InferenceRequest) -> tuple[InferenceResponse, int]:
         """The runtime's answer, and when its predict began (the rest was queueing).
 
-        Pins the model for as long as the predict runs, even past a cancelled caller.
+        Pins the model for as long as the predict runs, even past a cancelled caller: a worker
+        thread cannot be stopped, and an async runtime's predict is shielded like one.
         """
-        runtime = model.runtime
         if model.predict_is_async:
             model.in_flight += 1
-            try:
-                return await runtime.predict(request), time.perf_counter_ns()
-            finally:
-                model.in_flight -= 1
+            began = time.perf_counter_ns()
+            task = asyncio.ensure_future(model.runtime.predict(request))
+            task.add_done_callback(lambda done: _unpin(done, model))
+            return await asyncio.shield(task), began
         pace = model.pace or self._pace_for(model)
         input_bytes = sum(tensor.data.nbytes for tensor in request.inputs)
         if pace.inline(input_bytes):
             began = time.perf_counter_ns()
             try:
-                return runtime.predict(request), began
+                return model.runtime.predict(request), began
             finally:
                 took = time.perf_counter_ns() - began
                 if pace.record_inline(took):
@@ -96,9 +96,20 @@ class DataPlane:
                         "model %s: a predict on the event loop took %.2f ms; back on worker threads until %d fast ones",
                         model.name, took / 1e6, pace.needed,
                     )
-        await model.slots.acquire()
         model.in_flight += 1
-        future = asyncio.get_running_loop().run_in_executor(self.executor, _timed_predict, runtime.predict, request)
+        try:
+            await model.slots.acquire()
+        except BaseException:
+            model.in_flight -= 1
+            raise
+        try:
+            future = asyncio.get_running_loop().run_in_executor(
+                self.executor, _timed_predict, model.runtime.predict, request
+            )
+        except BaseException:  # the executor is shut down
+            model.slots.release()
+            model.in_flight -= 1
+            raise
         future.add_done_callback(lambda done: _release(done, model, input_bytes))
         response, began, _, _ = await asyncio.shield(future)
         return response, began
@@ -113,8 +124,7 @@ class DataPlane:
             model.batcher = False
         else:
             model.batcher = AdaptiveBatcher(
-                model.name, model.version, lambda request: self._compute(model, request),
-                settings.max_batch_size, settings.max_batch_time,
+                model, lambda request: self._compute(model, request), settings.max_batch_size, settings.max_batch_time
             )
         return model.batcher
 
@@ -137,11 +147,12 @@ class Pace:
     Inline, the wall time is what the loop pays: when its moving average passes SLOW_FACTOR *
     `below_ns` the model goes back to the threads, needing twice the count to return. A single
     outlier (a GC pass, a preempted core) moves the average little; one stall of 16 times the
-    limit is enough."""
+    limit is enough. So the loop pays for a misjudged model a few stalls shorter than WAIT_NS,
+    ever more rarely. Object (BYTES) inputs are sized by their element count, not contents."""
 
     STREAK = 32
     MAX_STREAK = 4096
-    WAIT_NS = 25_000_000
+    WAIT_NS = 5_000_000  # about one GIL switch interval: what a fast predict may wait for the GIL
     SLOW_FACTOR = 4
     __slots__ = ("below_ns", "fast_runs", "largest_fast_input", "needed", "inline_ns")
 
@@ -182,13 +193,18 @@ def _bind_success_metrics(model: ModelVersion):
     return model.success_metrics
 
 
+def _unpin(done: asyncio.Future, model: ModelVersion) -> None:
+    """When an async predict is done, whether or not its caller still waits."""
+    model.in_flight -= 1
+    if not done.cancelled():
+        done.exception()  # retrieved, so asyncio does not warn about a cancelled caller's failure
+
+
 def _release(done: asyncio.Future, model: ModelVersion, input_bytes: int) -> None:
     """When the worker thread is done, whether or not its caller still waits."""
     model.slots.release()
-    model.in_flight -= 1
-    if done.cancelled():
-        return
-    if done.exception() is None:  # also marks a cancelled caller's exception as retrieved
+    _unpin(done, model)
+    if not done.cancelled() and done.exception() is None:
         wall_ns, cpu_ns = done.result()[2:]
         model.pace.record_threaded(wall_ns, cpu_ns, input_bytes)
 

@@ -446,6 +446,11 @@ class Registry:
         # Resolving imports the runtime's module (seconds for some): off the event loop too.
         runtime_class = await self._in_thread(self.resolve_runtime, settings)
         if settings.parallel_workers:
+            if inspect.iscoroutinefunction(runtime_class.load) or inspect.iscoroutinefunction(runtime_class.predict):
+                raise ModelLoadError(
+                    f"model '{settings.name}': parallel_workers runs plain load() and predict() methods in worker "
+                    f"processes; {runtime_class.__name__} has async ones, which run on the server's event loop instead"
+                )
             pool = WorkerPool(settings, settings.parallel_workers)
             await self._in_thread(pool.load)
             version.measured, version.unmeasured = pool.memory_bytes(), False

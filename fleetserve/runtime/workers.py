@@ -17,7 +17,7 @@ import logging
 import mmap
 import multiprocessing
 import os
-import signal
+import pickle
 import tempfile
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleetserve.errors import InferenceError, ModelLoadError, describe
+from fleetserve.errors import InferenceError, ModelLoadError, ModelUnavailable, describe
 from fleetserve.runtime.base import Runtime
 from fleetserve.settings import ModelSettings
 from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
@@ -120,13 +120,8 @@ def _read_tensors(described: list[tuple], buffer, copy: bool) -> list[Tensor]:
     return tensors
 
 
-def _serve(connection: Connection, settings: ModelSettings, cores: int) -> None:
+def serve(connection: Connection, settings: ModelSettings) -> None:
     """A worker process: load the model, then answer predicts until the server hangs up."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
-    # Frameworks size their thread pools to every core; N workers doing so oversubscribe the
-    # machine N times over (xgboost fell from 1,763 to 126 req/s with 2 workers on 2 cores).
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(variable, str(cores))
     from fleetserve.runtimes import resolve_runtime
 
     try:
@@ -145,29 +140,40 @@ def _serve(connection: Connection, settings: ModelSettings, cores: int) -> None:
                 return
             if message is None:
                 return
-            path, described, request_id, parameters, requested = message
-            request = InferenceRequest(
-                inputs=_read_tensors(described, inputs.get(path), copy=False),
-                id=request_id,
-                parameters=parameters,
-                outputs=[RequestedOutput(name, output_parameters) for name, output_parameters in requested],
-            )
-            try:
-                response = runtime.predict(request)
-                if not isinstance(response, InferenceResponse) or not all(
-                    isinstance(tensor, Tensor) and isinstance(tensor.data, np.ndarray) for tensor in response.outputs
-                ):
-                    raise InferenceError(
-                        f"predict() returned {type(response).__name__}; it must return an InferenceResponse "
-                        "whose outputs are Tensors holding numpy arrays"
-                    )
-                written = _write_tensors(response.outputs, outputs)
-                connection.send(("ok", (str(outputs.path), written, response.parameters)))
-            except BaseException as error:
-                connection.send(("error", describe(error)))
+            connection.send(_predict(runtime, message, inputs, outputs))
     finally:
         outputs.close()
-        inputs.close()
+
+
+def _predict(runtime: Runtime, message: tuple, inputs: MappedBlocks, outputs: SharedBlock) -> tuple:
+    path, described, request_id, parameters, requested = message
+    try:
+        request = InferenceRequest(
+            inputs=_read_tensors(described, inputs.get(path), copy=False),
+            id=request_id,
+            parameters=parameters,
+            outputs=[RequestedOutput(name, output_parameters) for name, output_parameters in requested],
+        )
+        response = runtime.predict(request)
+        if not isinstance(response, InferenceResponse) or not all(
+            isinstance(tensor, Tensor) and isinstance(tensor.data, np.ndarray) for tensor in response.outputs
+        ):
+            raise InferenceError(
+                f"predict() returned {type(response).__name__}; it must return an InferenceResponse "
+                "whose outputs are Tensors holding numpy arrays"
+            )
+        written = _write_tensors(response.outputs, outputs)  # first: it may move to a larger block
+        return "ok", (str(outputs.path), written, response.parameters)
+    except BaseException as error:  # a model's code may raise anything, even SystemExit
+        return "error", describe(error)
+
+
+def remove_stale_blocks() -> None:
+    """Shared-memory files of processes that are gone (killed before they could remove them)."""
+    for path in SHARED_DIR.glob("fleetserve-*"):
+        pid = path.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            path.unlink(missing_ok=True)
 
 
 @dataclass(eq=False)
@@ -176,6 +182,7 @@ class _Worker:
     connection: Connection
     inputs: SharedBlock
     outputs: MappedBlocks
+    answer: asyncio.Future | None = None  # the predict it is computing
 
 
 class WorkerPool(Runtime):
@@ -185,23 +192,26 @@ class WorkerPool(Runtime):
         super().__init__(settings)
         self.size = size
         self.workers: list[_Worker] = []
-        self.idle: asyncio.Queue[_Worker] | None = None
+        self.idle: asyncio.Queue[_Worker | None] | None = None
         self.closed = False
+        self.failure = ""  # why a worker could not be started again
 
     def load(self) -> None:
         try:
             for _ in range(self.size):
                 self.workers.append(self._start_worker())
         except BaseException:
-            self.unload()
+            self._stop_all()
             raise
 
     def _start_worker(self) -> _Worker:
         """Blocking: spawns a process and waits until it has loaded the model."""
+        from fleetserve.runtime.worker_process import main
+
         context = multiprocessing.get_context("spawn")  # fork would copy the server's threads' locks
         ours, theirs = context.Pipe()
         cores = max(1, len(os.sched_getaffinity(0)) // self.size)
-        process = context.Process(target=_serve, args=(theirs, self.settings, cores), daemon=True,
+        process = context.Process(target=main, args=(theirs, pickle.dumps(self.settings), cores), daemon=True,
                                   name=f"fleetserve-worker-{self.name}")
         process.start()
         theirs.close()
@@ -209,9 +219,11 @@ class WorkerPool(Runtime):
             status, detail = ours.recv()
         except EOFError:
             process.join(5)
+            ours.close()
             raise ModelLoadError(f"model '{self.name}': its worker process exited with code {process.exitcode} while loading") from None
         if status != "ready":
             process.join(5)
+            ours.close()
             raise ModelLoadError(f"model '{self.name}' failed to load in its worker process: {detail}")
         return _Worker(process, ours, SharedBlock(f"fleetserve-{os.getpid()}-{process.pid}-in"), MappedBlocks())
 
@@ -233,7 +245,12 @@ class WorkerPool(Runtime):
             self.idle = asyncio.Queue()
             for worker in self.workers:
                 self.idle.put_nowait(worker)
+        if not self.workers:
+            raise ModelUnavailable(f"model '{self.name}' has no worker process: {self.failure or 'unloaded'}")
         worker = await self.idle.get()
+        if worker is None:  # woken to be told the pool is closed or empty; wake the next waiter too
+            self.idle.put_nowait(None)
+            raise ModelUnavailable(f"model '{self.name}' has no worker process: {self.failure or 'unloaded'}")
         try:
             described = _write_tensors(request.inputs, worker.inputs)
             requested = [(output.name, output.parameters) for output in request.outputs]
@@ -245,55 +262,72 @@ class WorkerPool(Runtime):
             self.idle.put_nowait(worker)
             raise
         loop = asyncio.get_running_loop()
-        answer = loop.create_future()
-        loop.add_reader(worker.connection.fileno(), self._on_answer, worker, answer)
-        # A cancelled caller must not take the worker away mid-predict: _on_answer gives it back.
-        return await asyncio.shield(answer)
+        worker.answer = loop.create_future()
+        loop.add_reader(worker.connection.fileno(), self._on_answer, worker)
+        return await worker.answer
 
-    def _on_answer(self, worker: _Worker, answer: asyncio.Future) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(worker.connection.fileno())
+    def _on_answer(self, worker: _Worker) -> None:
+        answer, worker.answer = worker.answer, None
+        asyncio.get_running_loop().remove_reader(worker.connection.fileno())
         try:
             status, detail = worker.connection.recv()
         except (EOFError, OSError):
-            worker.process.join(1)
+            worker.process.join(0.5)  # reaps it: it closed the pipe by exiting
             error = InferenceError(
                 f"model '{self.name}': its worker process exited (code {worker.process.exitcode}) during the predict"
             )
             log.error("%s; starting another", error.message)
             self._replace(worker)
-            if not answer.done():
-                answer.set_exception(error)
+            answer.set_exception(error)
             return
-        if status == "ok":
+        try:
+            if status != "ok":
+                raise InferenceError(f"model '{self.name}' failed: {detail}")
             path, described, parameters = detail
             outputs = _read_tensors(described, worker.outputs.get(path), copy=True)  # the block is reused
-            result = InferenceResponse(model_name=self.name, model_version=self.version, outputs=outputs, parameters=parameters)
-            if not answer.done():
-                answer.set_result(result)
-        elif not answer.done():
-            answer.set_exception(InferenceError(f"model '{self.name}' failed: {detail}"))
-        self.idle.put_nowait(worker)
+            answer.set_result(InferenceResponse(self.name, outputs, self.version, parameters=parameters))
+        except BaseException as error:
+            answer.set_exception(error if isinstance(error, InferenceError) else InferenceError(describe(error)))
+        finally:
+            self.idle.put_nowait(worker)
 
     def _replace(self, dead: _Worker) -> None:
         self._close_worker(dead)
+        if self.closed:
+            return
 
         async def restart() -> None:
             try:
                 worker = await asyncio.to_thread(self._start_worker)
             except Exception as error:
-                log.error("model '%s': could not start a worker process again: %s", self.name, describe(error))
+                self.failure = describe(error)
+                log.error("model '%s': could not start a worker process again: %s", self.name, self.failure)
+                self.workers.remove(dead)
+                if not self.workers:
+                    self.idle.put_nowait(None)  # requests waiting for a worker fail now rather than never
                 return
             if self.closed:
-                self._stop_worker(worker)
+                await asyncio.to_thread(self._stop_worker, worker)
                 return
             self.workers[self.workers.index(dead)] = worker
             self.idle.put_nowait(worker)
 
         asyncio.get_running_loop().create_task(restart())
 
-    def unload(self) -> None:
+    async def unload(self) -> None:
+        """On the loop: stop listening to the workers and fail what still waits; then stop them."""
         self.closed = True
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            if worker.answer is not None:
+                loop.remove_reader(worker.connection.fileno())
+                worker.answer.set_exception(ModelUnavailable(f"model '{self.name}' was unloaded during the predict"))
+                worker.answer = None
+        if self.idle is not None:
+            self.idle.put_nowait(None)
+        await asyncio.to_thread(self._stop_all)
+
+    def _stop_all(self) -> None:
         for worker in self.workers:
             self._stop_worker(worker)
 
@@ -313,6 +347,6 @@ class WorkerPool(Runtime):
         worker.connection.close()
         worker.inputs.close()
         worker.outputs.close()
-        # The worker unlinks its own output blocks; one that was killed cannot.
+        # The worker removes its own output blocks; one that was killed cannot.
         for leftover in SHARED_DIR.glob(f"fleetserve-{worker.process.pid}-out-*"):
             leftover.unlink(missing_ok=True)

@@ -17,11 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
+from fleetserve.errors import describe
 from fleetserve.runtime.artifacts import ArtifactCache
 from fleetserve.runtime.dataplane import DataPlane
 from fleetserve.runtime.memory import MemoryCollector, MemoryManager
 from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
+from fleetserve.runtime.workers import remove_stale_blocks
 from fleetserve.runtimes import resolve_runtime
 from fleetserve.server.grpc_service import build_grpc_server, set_serving
 from fleetserve.server.rest import build_metrics_app, build_rest_app
@@ -49,6 +51,7 @@ class FleetServer:
         self.settings = settings
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="fleetserve-worker")
         self.repository = ModelRepository(settings.model_repository)
+        remove_stale_blocks()  # shared memory left by a server or worker that was killed
         capabilities = settings.capability_list
         self.memory = MemoryManager(settings.memory_limit_bytes, settings.overcommit_percent)
         self.registry = Registry(
@@ -65,6 +68,7 @@ class FleetServer:
         self.ready = False
         self.stopping = False
         self.predicts_still_running = 0
+        self.load_failed = False
         self.stop_requested = asyncio.Event()
 
     def _uvicorn(self, app, port: int) -> _UvicornServer:
@@ -108,8 +112,8 @@ class FleetServer:
         loading = asyncio.create_task(self._load_models(health))
         stop = asyncio.create_task(self.stop_requested.wait())
         done, _ = await asyncio.wait([stop, *front_doors], return_when=asyncio.FIRST_COMPLETED)
-        failed = stop not in done  # a front door ended by itself: it could not bind its port
-        if failed:
+        failed = stop not in done or self.load_failed  # a front door could not bind its port, or no repository
+        if stop not in done:
             log.error("a listener failed to start; shutting down")
 
         log.info("shutting down: draining in-flight requests")
@@ -125,7 +129,13 @@ class FleetServer:
         return 1 if failed else 0
 
     async def _load_models(self, health) -> None:
-        await self.registry.load_all()
+        try:
+            await self.registry.load_all()
+        except Exception as error:  # the repository itself cannot be read: nothing to serve
+            log.error("cannot read the model repository %s: %s", self.settings.model_repository, describe(error))
+            self.load_failed = True
+            self.request_stop()
+            return
         self.ready = True
         await set_serving(health, True)
         log.info("ready: %d model version(s) loaded", len(self.registry.ready_versions()))
