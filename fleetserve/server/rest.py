@@ -238,6 +238,13 @@ def _infer_target(path: str) -> tuple[str, str | None] | None:
     return None
 
 
+def _json_size(body: bytes, header_length: str | None) -> int:
+    """The JSON to parse: binary tensors are read without copying, whatever their size."""
+    if header_length is not None and header_length.isdigit():
+        return min(len(body), int(header_length))
+    return len(body)
+
+
 class InferenceFastPath:
     """POST .../infer goes straight to the data plane; every other request to the FastAPI app.
 
@@ -264,7 +271,8 @@ class InferenceFastPath:
     async def infer(self, scope, receive, send, headers: dict[str, str], reply: list, name: str, version: str | None) -> None:
         try:
             body = await read_body(receive, headers, self.limit)
-            request = await self._off_loop_if_large(len(body), decode_request, body, headers.get(HEADER_LENGTH))
+            header_length = headers.get(HEADER_LENGTH)
+            request = await self._off_loop_if_large(_json_size(body, header_length), decode_request, body, header_length)
             response = await self.server.dataplane.infer(name, version, request)
             output_size = sum(tensor.data.nbytes for tensor in response.outputs)
             content, header_length = await self._off_loop_if_large(output_size, encode_response, response, request)
