@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -13,21 +14,10 @@ from fleetserve.settings import ServerSettings
 def _start(args: argparse.Namespace) -> int:
     from fleetserve.server.app import run
 
-    settings = ServerSettings.from_env(
-        model_repository=args.model_repository,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        max_message_size=args.max_message_size,
-        log_level=args.log_level,
-        memory_limit=args.memory_limit,
-        overcommit_percent=args.overcommit_percent,
-        inline_predict_us=args.inline_predict_us,
-        cache_dir=args.cache_dir,
-        capabilities=args.capabilities,
-        extra_capabilities=args.extra_capabilities,
-    )
+    # Every start flag is a ServerSettings field of the same name; unset flags leave the
+    # FLEETSERVE_* variables and defaults in charge.
+    flags = {field.name for field in dataclasses.fields(ServerSettings)} & vars(args).keys()
+    settings = ServerSettings.from_env(**{name: getattr(args, name) for name in flags})
     return run(settings)
 
 
