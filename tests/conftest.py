@@ -319,6 +319,17 @@ def http(server):
         yield client
 
 
+def x_body(x: np.ndarray, **extra) -> dict:
+    """A V2 JSON request with one FP64 input named `x`."""
+    return {"inputs": [{"name": "x", "datatype": "FP64", "shape": list(x.shape), "data": x.ravel().tolist()}], **extra}
+
+
+def outputs_of(response: httpx.Response) -> dict[str, list]:
+    """A successful JSON answer's outputs, by name."""
+    assert response.status_code == 200, response.text
+    return {output["name"]: output["data"] for output in response.json()["outputs"]}
+
+
 IRIS_ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)
 
 

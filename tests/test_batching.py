@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from conftest import IRIS_ROWS, ROOT, running_server, write_settings
+from conftest import IRIS_ROWS, ROOT, outputs_of, running_server, write_settings, x_body
 
 PROBE_MODEL = '''
 import threading
@@ -96,18 +96,9 @@ def server(tmp_path_factory):
         yield running
 
 
-def probe_body(rows: np.ndarray, **extra) -> dict:
-    return {"inputs": [{"name": "x", "datatype": "FP64", "shape": list(rows.shape), "data": rows.ravel().tolist()}], **extra}
-
-
 async def post_all(server, model: str, bodies: list[dict]) -> list[httpx.Response]:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         return await asyncio.gather(*(client.post(f"/v2/models/{model}/infer", json=body) for body in bodies))
-
-
-def outputs_of(response: httpx.Response) -> dict[str, list]:
-    assert response.status_code == 200, response.text
-    return {output["name"]: output["data"] for output in response.json()["outputs"]}
 
 
 def metric(server, name: str, model: str, version: str = "") -> float:
@@ -121,7 +112,7 @@ def test_concurrent_requests_merge_into_one_predict_and_split_back_exactly(serve
     row_counts = [1, 2, 3, 1, 4, 2, 1, 3]  # eight requests: a full batch, sent at once
     inputs = [rng.random((rows, 5)) for rows in row_counts]
     batches_before = metric(server, "fleetserve_batch_size_count", "probe")
-    responses = asyncio.run(post_all(server, "probe", [probe_body(x, id=f"r{i}") for i, x in enumerate(inputs)]))
+    responses = asyncio.run(post_all(server, "probe", [x_body(x, id=f"r{i}") for i, x in enumerate(inputs)]))
     for i, (x, response) in enumerate(zip(inputs, responses)):
         outputs = outputs_of(response)
         assert response.json()["id"] == f"r{i}"
@@ -132,16 +123,16 @@ def test_concurrent_requests_merge_into_one_predict_and_split_back_exactly(serve
 
 
 def test_a_lone_request_waits_at_most_max_batch_time(server):
-    response = httpx.post(f"{server.url}/v2/models/probe/infer", json=probe_body(np.ones((2, 3))), timeout=30)
+    response = httpx.post(f"{server.url}/v2/models/probe/infer", json=x_body(np.ones((2, 3))), timeout=30)
     assert outputs_of(response) == {"sum": [3.0, 3.0], "batch_rows": [2, 2]}
     assert response.elapsed.total_seconds() < 5
 
 
 def test_requested_outputs_are_honoured_and_only_like_requests_merge(server):
     x = np.arange(6, dtype=float).reshape(2, 3)
-    bodies = [probe_body(x, outputs=[{"name": "sum"}]) for _ in range(3)]
-    bodies += [probe_body(x, outputs=[{"name": "batch_rows"}]) for _ in range(3)]
-    bodies += [probe_body(np.ones((1, 4)))]  # another row width: its own batch
+    bodies = [x_body(x, outputs=[{"name": "sum"}]) for _ in range(3)]
+    bodies += [x_body(x, outputs=[{"name": "batch_rows"}]) for _ in range(3)]
+    bodies += [x_body(np.ones((1, 4)))]  # another row width: its own batch
     responses = asyncio.run(post_all(server, "probe", bodies))
     for response in responses[:3]:
         assert outputs_of(response) == {"sum": [3.0, 12.0]}
@@ -153,7 +144,7 @@ def test_requested_outputs_are_honoured_and_only_like_requests_merge(server):
 def test_one_bad_request_fails_alone(server):
     good = [np.full((2, 2), float(i)) for i in range(7)]
     bad = np.array([[1.0, -1.0]])
-    responses = asyncio.run(post_all(server, "probe", [probe_body(x) for x in good[:3]] + [probe_body(bad)] + [probe_body(x) for x in good[3:]]))
+    responses = asyncio.run(post_all(server, "probe", [x_body(x) for x in good[:3]] + [x_body(bad)] + [x_body(x) for x in good[3:]]))
     assert responses[3].status_code == 400
     assert "negative values are not allowed" in responses[3].json()["error"]
     for x, response in zip(good, responses[:3] + responses[4:]):
@@ -161,7 +152,7 @@ def test_one_bad_request_fails_alone(server):
 
 
 def test_a_model_that_exits_fails_its_requests_not_the_server(server):
-    bodies = [probe_body(np.array([[99.0]]))] + [probe_body(np.array([[1.0, 2.0]])) for _ in range(3)]
+    bodies = [x_body(np.array([[99.0]]))] + [x_body(np.array([[1.0, 2.0]])) for _ in range(3)]
     responses = asyncio.run(post_all(server, "probe", bodies))
     assert responses[0].status_code == 400 and "the model called exit()" in responses[0].json()["error"]
     assert [outputs_of(response)["sum"] for response in responses[1:]] == [[3.0]] * 3
@@ -171,7 +162,7 @@ def test_a_model_that_exits_fails_its_requests_not_the_server(server):
 def test_a_batch_whose_callers_gave_up_keeps_its_model_loaded(server):
     async def give_up():
         async with httpx.AsyncClient(base_url=server.url, timeout=0.1) as client:
-            return await asyncio.gather(*(client.post("/v2/models/slow/infer", json=probe_body(np.array([[7.0]])))
+            return await asyncio.gather(*(client.post("/v2/models/slow/infer", json=x_body(np.array([[7.0]])))
                                           for _ in range(3)), return_exceptions=True)
 
     assert all(isinstance(outcome, httpx.TimeoutException) for outcome in asyncio.run(give_up()))
@@ -179,12 +170,12 @@ def test_a_batch_whose_callers_gave_up_keeps_its_model_loaded(server):
         assert client.post("/v2/repository/models/slow/unload").status_code == 200  # waits for the batch
         assert not (server.repository / "slow" / "predicted-after-unload").exists()
         assert client.post("/v2/repository/models/slow/load").status_code == 200
-        assert outputs_of(client.post("/v2/models/slow/infer", json=probe_body(np.array([[1.0]])))) == {"sum": [1.0], "batch_rows": [1]}
+        assert outputs_of(client.post("/v2/models/slow/infer", json=x_body(np.array([[1.0]])))) == {"sum": [1.0], "batch_rows": [1]}
 
 
 def test_outputs_that_cannot_be_split_are_computed_per_request(server):
     inputs = [np.full((i + 1, 2), float(i)) for i in range(8)]
-    responses = asyncio.run(post_all(server, "aggregate", [probe_body(x) for x in inputs]))
+    responses = asyncio.run(post_all(server, "aggregate", [x_body(x) for x in inputs]))
     for x, response in zip(inputs, responses):
         assert outputs_of(response) == {"total": [x.sum()]}
 
@@ -213,7 +204,7 @@ def test_a_sklearn_model_batches_over_both_doors(server):
 
 
 def thread_of(server, model: str, x: np.ndarray) -> str:
-    response = httpx.post(f"{server.url}/v2/models/{model}/infer", json=probe_body(x), timeout=30)
+    response = httpx.post(f"{server.url}/v2/models/{model}/infer", json=x_body(x), timeout=30)
     return outputs_of(response)["thread"][0]
 
 

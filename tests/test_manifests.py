@@ -32,12 +32,6 @@ def server(tmp_path_factory):
         yield server
 
 
-@pytest.fixture
-def http(server):
-    with http_client(server) as client:
-        yield client
-
-
 def test_multi_document_apply_and_delete(server, http, artifacts):
     text = "---\n".join(model_manifest(f"a{n}", artifacts / f"answer-{n}") for n in (1, 2))
     applied = apply(server, text)

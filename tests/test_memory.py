@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sklearn.dummy import DummyClassifier
 
-from conftest import ROOT, http_client, running_server, write_settings
+from conftest import ROOT, running_server, write_settings
 from test_lifecycle import SLOW_MODEL, sleep_request
 
 ROW = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
@@ -105,12 +105,6 @@ def server(models, tmp_path_factory):
            "FLEETSERVE_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
     with running_server(empty, tmp_path_factory.mktemp("memory_logs") / "server.log", env) as server:
         yield server
-
-
-@pytest.fixture
-def http(server):
-    with http_client(server) as client:
-        yield client
 
 
 def test_overcommit_scenario(server, http, models):

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from conftest import IRIS_ROWS, ROOT, running_server, start_server, write_settings
+from conftest import IRIS_ROWS, ROOT, outputs_of, running_server, start_server, write_settings, x_body
 
 WORKER_MODEL = '''
 import os
@@ -86,15 +86,6 @@ def worker_repo(repo: Path, models: dict[str, tuple[str, int]]) -> Path:
     return repo
 
 
-def spin_body(x: np.ndarray, **extra) -> dict:
-    return {"inputs": [{"name": "x", "datatype": "FP64", "shape": list(x.shape), "data": x.ravel().tolist()}], **extra}
-
-
-def outputs_of(response: httpx.Response) -> dict[str, list]:
-    assert response.status_code == 200, response.text
-    return {output["name"]: output["data"] for output in response.json()["outputs"]}
-
-
 def children_of(pid: int) -> set[int]:
     """The worker processes of a server (multiprocessing's resource tracker is a child too)."""
     found = set()
@@ -111,7 +102,7 @@ def children_of(pid: int) -> set[int]:
 def test_predicts_run_in_worker_processes_in_parallel(server):
     async def both():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-            return await asyncio.gather(*(client.post("/v2/models/spin/infer", json=spin_body(np.array([[0.4]]))) for _ in range(2)))
+            return await asyncio.gather(*(client.post("/v2/models/spin/infer", json=x_body(np.array([[0.4]]))) for _ in range(2)))
 
     answers = [outputs_of(response) for response in asyncio.run(both())]
     pids = {answer["pid"][0] for answer in answers}
@@ -161,11 +152,11 @@ def test_memory_of_the_workers_is_counted(server):
 
 def test_a_crashing_worker_fails_its_request_alone_and_is_replaced(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        crashed = client.post("/v2/models/spin/infer", json=spin_body(np.array([[-1.0]])))
+        crashed = client.post("/v2/models/spin/infer", json=x_body(np.array([[-1.0]])))
         assert crashed.status_code == 400
         assert "worker process exited (code 3)" in crashed.json()["error"]
         for _ in range(10):  # the other worker serves meanwhile
-            assert outputs_of(client.post("/v2/models/spin/infer", json=spin_body(np.array([[0.0]]))))["double"] == [0.0]
+            assert outputs_of(client.post("/v2/models/spin/infer", json=x_body(np.array([[0.0]]))))["double"] == [0.0]
         assert client.get("/v2/models/spin/ready").status_code == 200
     deadline = asyncio.run(_wait_for_two_workers(server))
     assert deadline, "the crashed worker was not replaced"
@@ -174,7 +165,7 @@ def test_a_crashing_worker_fails_its_request_alone_and_is_replaced(server):
 async def _wait_for_two_workers(server) -> bool:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         for _ in range(60):
-            answers = await asyncio.gather(*(client.post("/v2/models/spin/infer", json=spin_body(np.array([[0.2]]))) for _ in range(2)))
+            answers = await asyncio.gather(*(client.post("/v2/models/spin/infer", json=x_body(np.array([[0.2]]))) for _ in range(2)))
             if len({outputs_of(answer)["pid"][0] for answer in answers}) == 2:
                 return True
             await asyncio.sleep(0.5)
@@ -187,13 +178,13 @@ def test_unload_and_shutdown_stop_the_workers_and_free_shared_memory(tmp_path):
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for model in ("spin", "spin-2"):
-                assert outputs_of(client.post(f"/v2/models/{model}/infer", json=spin_body(np.ones((2, 2)))))["double"] == [2.0] * 4
+                assert outputs_of(client.post(f"/v2/models/{model}/infer", json=x_body(np.ones((2, 2)))))["double"] == [2.0] * 4
             workers = children_of(server.process.pid)
             assert len(workers) == 3
             blocks = {path for pid in [server.process.pid, *workers] for path in Path("/dev/shm").glob(f"fleetserve-{pid}-*")}
             assert blocks
             with ThreadPoolExecutor(1) as pool:  # unload while a predict runs: the predict finishes first
-                running = pool.submit(client.post, "/v2/models/spin/infer", json=spin_body(np.array([[0.5]])))
+                running = pool.submit(client.post, "/v2/models/spin/infer", json=x_body(np.array([[0.5]])))
                 time.sleep(0.2)
                 assert client.post("/v2/repository/models/spin/unload").status_code == 200
                 assert outputs_of(running.result())["double"] == [1.0]
@@ -218,10 +209,10 @@ def test_when_no_worker_can_start_again_requests_fail_at_once(tmp_path):
     with running_server(repo, tmp_path / "server.log") as server, httpx.Client(base_url=server.url, timeout=30) as client:
         index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
         assert index["async"]["state"] == "UNAVAILABLE" and "async ones" in index["async"]["reason"]
-        crashed = client.post("/v2/models/spin/infer", json=spin_body(np.array([[-2.0]])))
+        crashed = client.post("/v2/models/spin/infer", json=x_body(np.array([[-2.0]])))
         assert "worker process exited (code 4)" in crashed.json()["error"]
         for _ in range(100):
-            answer = client.post("/v2/models/spin/infer", json=spin_body(np.array([[0.0]])))
+            answer = client.post("/v2/models/spin/infer", json=x_body(np.array([[0.0]])))
             if "no worker process" in answer.text:
                 break
             time.sleep(0.1)
@@ -232,7 +223,7 @@ def test_when_no_worker_can_start_again_requests_fail_at_once(tmp_path):
 def test_workers_exit_when_the_server_is_killed_and_their_memory_is_reclaimed(tmp_path):
     repo = worker_repo(tmp_path / "repo", {"spin": ("Spin", 1)})
     server = start_server(repo, tmp_path / "server.log")
-    httpx.post(f"{server.url}/v2/models/spin/infer", json=spin_body(np.ones((1, 1))), timeout=30).raise_for_status()
+    httpx.post(f"{server.url}/v2/models/spin/infer", json=x_body(np.ones((1, 1))), timeout=30).raise_for_status()
     workers = children_of(server.process.pid)
     assert workers
     left = list(Path("/dev/shm").glob(f"fleetserve-{server.process.pid}-*"))
