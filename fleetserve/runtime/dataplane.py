@@ -107,8 +107,7 @@ class DataPlane:
             model.in_flight -= 1
             raise
         self.threaded += 1
-        future.add_done_callback(lambda _: self._threaded_done())
-        future.add_done_callback(lambda done: _release(done, model, input_bytes))
+        future.add_done_callback(lambda done: self._release(done, model, input_bytes))
         response, began, _, _ = await asyncio.shield(future)
         return response, began
 
@@ -127,8 +126,14 @@ class DataPlane:
                     model.name, took / 1e6, model.pace.needed,
                 )
 
-    def _threaded_done(self) -> None:
+    def _release(self, done: asyncio.Future, model: ModelVersion, input_bytes: int) -> None:
+        """When the worker thread is done, whether or not its caller still waits."""
         self.threaded -= 1
+        model.slots.release()
+        _unpin(done, model)
+        if not done.cancelled() and done.exception() is None:
+            wall_ns, cpu_ns = done.result()[2:]
+            model.pace.record_threaded(wall_ns, cpu_ns, input_bytes)
 
     def _pace_for(self, model: ModelVersion) -> "Pace":
         model.pace = Pace(self.inline_below_ns)
@@ -162,10 +167,9 @@ class Pace:
     that took more than WAIT_NS of wall time (sleeping, on I/O, or starved) does not count.
     Inline, the wall time is what the loop pays (its CPU time while predicts on threads compete
     for the GIL): when its moving average passes SLOW_FACTOR * `below_ns` the model goes back to
-    the threads, needing twice the count to return. A single
-    outlier (a GC pass, a preempted core) moves the average little; one stall of 16 times the
-    limit is enough. So the loop pays for a misjudged model a few stalls shorter than WAIT_NS,
-    ever more rarely. Object (BYTES) inputs are sized by their element count, not contents."""
+    the threads, needing twice the count to return. A single outlier (a GC pass, a preempted
+    core) moves the average little; one stall of 16 times the limit is enough. So the loop pays
+    for a misjudged model a few stalls shorter than WAIT_NS, ever more rarely. Object (BYTES) inputs are sized by their element count, not contents."""
 
     STREAK = 32
     MAX_STREAK = 4096
@@ -178,7 +182,7 @@ class Pace:
         self.fast_runs = 0
         self.largest_fast_input = -1
         self.needed = self.STREAK if below_ns > 0 else -1
-        self.inline_ns = 0.0  # moving average of inline predicts' wall time
+        self.inline_ns = 0.0  # moving average of what inline predicts took
 
     def inline(self, input_bytes: int) -> bool:
         return self.fast_runs >= self.needed > 0 and input_bytes <= self.largest_fast_input
@@ -190,9 +194,9 @@ class Pace:
             self.fast_runs += 1
             self.largest_fast_input = max(self.largest_fast_input, input_bytes)
 
-    def record_inline(self, wall_ns: int) -> bool:
+    def record_inline(self, took_ns: int) -> bool:
         """True when this predict sent the model back to the threads."""
-        self.inline_ns += (wall_ns - self.inline_ns) / 16
+        self.inline_ns += (took_ns - self.inline_ns) / 16
         if self.inline_ns <= self.SLOW_FACTOR * self.below_ns:
             return False
         self.fast_runs, self.largest_fast_input, self.inline_ns = 0, -1, 0.0
@@ -215,15 +219,6 @@ def _unpin(done: asyncio.Future, model: ModelVersion) -> None:
     model.in_flight -= 1
     if not done.cancelled():
         done.exception()  # retrieved, so asyncio does not warn about a cancelled caller's failure
-
-
-def _release(done: asyncio.Future, model: ModelVersion, input_bytes: int) -> None:
-    """When the worker thread is done, whether or not its caller still waits."""
-    model.slots.release()
-    _unpin(done, model)
-    if not done.cancelled() and done.exception() is None:
-        wall_ns, cpu_ns = done.result()[2:]
-        model.pace.record_threaded(wall_ns, cpu_ns, input_bytes)
 
 
 def _timed_predict(predict, request: InferenceRequest) -> tuple[InferenceResponse, int, int, int]:

@@ -128,16 +128,20 @@ MEASURE_WAIT = 2.0
 T = TypeVar("T")
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss(pid: int | str = "self") -> int:
+    """A process's resident memory in bytes; 0 for one that is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def _traced(start: Callable[[], T]) -> tuple[T, int, int, bool]:
     """Run `start`; return its result, the Python heap it kept (numpy arrays included), the RSS
     growth, and whether it imported modules."""
     modules_before = len(sys.modules)
-    rss_before = _rss()
+    rss_before = rss()
     started_tracing = not tracemalloc.is_tracing()
     if started_tracing:
         tracemalloc.start()
@@ -148,7 +152,7 @@ def _traced(start: Callable[[], T]) -> tuple[T, int, int, bool]:
     finally:
         if started_tracing:
             tracemalloc.stop()
-    return result, heap, _rss() - rss_before, len(sys.modules) != modules_before
+    return result, heap, rss() - rss_before, len(sys.modules) != modules_before
 
 
 def _run_unmeasured(start: Callable[[], T]) -> tuple[T, int, bool]:
@@ -156,9 +160,9 @@ def _run_unmeasured(start: Callable[[], T]) -> tuple[T, int, bool]:
         _unmeasured["running"] += 1
         _unmeasured["started"] += 1
     try:
-        rss_before = _rss()
+        rss_before = rss()
         result = start()
-        return result, max(0, _rss() - rss_before), False  # an estimate: other loads grew RSS too
+        return result, max(0, rss() - rss_before), False  # an estimate: other loads grew RSS too
     finally:
         with _unmeasured_guard:
             _unmeasured["running"] -= 1

@@ -27,6 +27,7 @@ import numpy as np
 
 from fleetserve.errors import InferenceError, ModelLoadError, ModelUnavailable, describe
 from fleetserve.runtime.base import Runtime
+from fleetserve.runtime.memory import rss
 from fleetserve.settings import ModelSettings
 from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
@@ -229,16 +230,7 @@ class WorkerPool(Runtime):
 
     def memory_bytes(self) -> int:
         """What the workers hold: their resident memory, interpreter and imports included."""
-        total = 0
-        for worker in self.workers:
-            try:
-                status = Path(f"/proc/{worker.process.pid}/status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        return total
+        return sum(rss(worker.process.pid) for worker in self.workers)
 
     async def predict(self, request: InferenceRequest) -> InferenceResponse:
         if self.idle is None:
