@@ -7,7 +7,6 @@ arrays, and the front doors encode once on the way out. BYTES tensors are object
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ DATATYPES = frozenset(NUMPY_DTYPES)
 _LARGEST_ITEMSIZE = max(dtype.itemsize for dtype in NUMPY_DTYPES.values())
 _MAX_BYTES = int(np.iinfo(np.intp).max)
 _DATATYPE_OF_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
+WIRE_DTYPES = frozenset(NUMPY_DTYPES.values())  # arrays of these need no conversion to go out
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -58,14 +58,22 @@ def check_datatype(datatype: str, tensor: str) -> np.dtype:
 
 
 def check_shape(shape: Any, tensor: str) -> tuple[int, ...]:
-    if not isinstance(shape, (list, tuple)) or not all(
-        isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
-    ):
-        raise InvalidInput(f"tensor '{tensor}': shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(shape, (list, tuple)):
+        _bad_shape(shape, tensor)
+    nonzero_product = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:  # bool is not int here, as it must not be
+            _bad_shape(shape, tensor)
+        if dim:
+            nonzero_product *= dim
     # numpy refuses (ValueError) any shape whose nonzero dimensions, times the item size, overflow intp.
-    if math.prod(dim for dim in shape if dim) * _LARGEST_ITEMSIZE > _MAX_BYTES:
+    if nonzero_product * _LARGEST_ITEMSIZE > _MAX_BYTES:
         raise InvalidInput(f"tensor '{tensor}': shape {list(shape)} is too large for any array")
     return tuple(shape)
+
+
+def _bad_shape(shape: Any, tensor: str):
+    raise InvalidInput(f"tensor '{tensor}': shape must be a list of non-negative integers, got {shape!r}")
 
 
 @dataclass(slots=True)

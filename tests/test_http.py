@@ -229,6 +229,39 @@ def test_metrics_on_both_ports(server, http):
         assert 'fleetserve_model_load_duration_seconds_count{outcome="error"}' in text  # bad-load
 
 
+def test_inference_metrics_agree_with_statistics(server, http):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(3):
+        assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+    wrong_input = {"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    assert http.post("/v2/models/iris/infer", json=wrong_input).status_code == 400
+    http.post("/v2/models/failing/infer", json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})
+
+    samples = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    iris = (("model", "iris"), ("version", "1"))
+
+    def counted(outcome, model=iris):
+        return samples.get(("fleetserve_infer_requests_total", tuple(sorted((*model, ("outcome", outcome))))))
+
+    stats = http.get("/v2/models/iris/versions/1/stats").json()["model_stats"][0]["inference_stats"]
+    successes = stats["success"]["count"]
+    assert successes >= 3 and counted("success") == successes
+    assert counted("InvalidInput") >= 1
+    assert counted("InferenceError", (("model", "failing"), ("version", ""))) >= 1
+    assert samples[("fleetserve_infer_duration_seconds_count", iris)] == successes
+    assert samples[("fleetserve_infer_duration_seconds_sum", iris)] == pytest.approx(stats["success"]["ns"] / 1e9)
+    buckets = sorted(
+        (float(dict(labels)["le"]), value) for (name, labels), value in samples.items()
+        if name == "fleetserve_infer_duration_seconds_bucket" and dict(labels)["model"] == "iris"
+    )
+    assert len(buckets) == 16 and buckets[-1] == (float("inf"), successes)
+    assert [value for _, value in buckets] == sorted(value for _, value in buckets)  # cumulative
+
+
 def test_compressed_request(client):
     for algorithm in ("gzip", "deflate"):
         result = client.infer("iris", [iris_input()], request_compression_algorithm=algorithm)

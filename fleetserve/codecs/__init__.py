@@ -54,7 +54,7 @@ def decode_tensor(tensor: Tensor, default: str = "np") -> Any:
 def encode_tensor(name: str, value: Any, content_type: str | None = None) -> Tensor:
     """A response tensor from an array (kept as it is, content type `np`), a pandas Series, or a
     list of str, datetimes or bytes (content type `str`, `datetime` or none, unless one is given)."""
-    if hasattr(value, "to_numpy") and not isinstance(value, np.ndarray):
+    if not isinstance(value, np.ndarray) and hasattr(value, "to_numpy"):
         value = value.to_numpy()
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "OSU":

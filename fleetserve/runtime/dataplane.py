@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from concurrent.futures import Executor
 
 import numpy as np
@@ -18,7 +19,7 @@ from fleetserve.runtime import metrics
 from fleetserve.runtime.batching import AdaptiveBatcher
 from fleetserve.runtime.registry import ModelVersion, Registry
 from fleetserve.settings import TensorMetadata
-from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
+from fleetserve.types import NUMPY_DTYPES, WIRE_DTYPES, InferenceRequest, InferenceResponse, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,10 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, request: InferenceRequest) -> InferenceResponse:
         model = self.registry.get_ready(name, version)
-        _check_inputs(model, request)
         started = time.perf_counter_ns()
         model.in_flight += 1  # pinned: never evicted or unloaded while this request needs it
         try:
+            _check_inputs(model, request)
             if model.runtime is None:
                 await self.registry.ensure_resident(model)
             self.registry.memory.touch(model)
@@ -62,11 +63,9 @@ class DataPlane:
         stats.success_count += 1
         stats.success_ns += elapsed
         stats.queue_ns += computed - started
-        stats.compute_infer_ns += time.perf_counter_ns() - computed
+        stats.compute_infer_ns += started + elapsed - computed
+        stats.latency_buckets[bisect_left(metrics.LATENCY_BUCKETS_NS, elapsed)] += 1
         stats.last_inference = time.time_ns() // 1_000_000
-        successes, latency = model.success_metrics or _bind_success_metrics(model)
-        successes.inc()
-        latency.observe(elapsed / 1e9)
         response.model_name = model.name
         response.model_version = model.version
         response.id = request.id
@@ -151,10 +150,10 @@ class DataPlane:
 
     @staticmethod
     def _record_failure(model: ModelVersion, started: int, outcome: str) -> None:
-        elapsed = time.perf_counter_ns() - started
-        model.stats.fail_count += 1
-        model.stats.fail_ns += elapsed
-        metrics.INFER_REQUESTS.labels(model.name, model.version or "", outcome).inc()
+        stats = model.stats
+        stats.fail_count += 1
+        stats.fail_ns += time.perf_counter_ns() - started
+        stats.failures[outcome] = stats.failures.get(outcome, 0) + 1
 
 
 class Pace:
@@ -204,16 +203,6 @@ class Pace:
         return True
 
 
-def _bind_success_metrics(model: ModelVersion):
-    """The version's labelled metric children, looked up once rather than on every request."""
-    version = model.version or ""
-    model.success_metrics = (
-        metrics.INFER_REQUESTS.labels(model.name, version, "success"),
-        metrics.INFER_LATENCY.labels(model.name, version),
-    )
-    return model.success_metrics
-
-
 def _unpin(done: asyncio.Future, model: ModelVersion) -> None:
     """When an async predict is done, whether or not its caller still waits."""
     model.in_flight -= 1
@@ -233,45 +222,53 @@ def _check_inputs(model: ModelVersion, request: InferenceRequest) -> None:
     """Inputs must match the model's declared inputs, where it declares them."""
     if not request.inputs:
         raise InvalidInput("the request has no inputs")
-    declared = model.settings.inputs
-    if not declared:
+    checks = model.input_checks if model.input_checks is not None else _input_checks(model)
+    if not checks:
         return
-    by_name = {tensor.name: tensor for tensor in declared}
     for tensor in request.inputs:
-        expected = by_name.get(tensor.name)
-        if expected is None:
+        check = checks.get(tensor.name)
+        if check is None:
             raise InvalidInput(
-                f"model '{model.name}' has no input '{tensor.name}'; it expects {[t.name for t in declared]}"
+                f"model '{model.name}' has no input '{tensor.name}'; it expects {[t.name for t in model.settings.inputs]}"
             )
-        if expected.datatype != tensor.datatype:
+        expected, dtype, fixed_dims = check
+        data = tensor.data
+        if data.dtype != dtype and tensor.datatype != expected.datatype:
             raise InvalidInput(
                 f"input '{tensor.name}' of model '{model.name}' must be {expected.datatype}, got {tensor.datatype}"
             )
-        if not _shape_fits(expected, tensor.shape):
+        if fixed_dims is None:
+            continue
+        shape = data.shape
+        if len(shape) != len(expected.shape) or any(shape[axis] != size for axis, size in fixed_dims):
             raise InvalidInput(
-                f"input '{tensor.name}' of model '{model.name}' must have shape {expected.shape}, got {list(tensor.shape)}"
+                f"input '{tensor.name}' of model '{model.name}' must have shape {expected.shape}, got {list(shape)}"
             )
 
 
-def _shape_fits(expected: TensorMetadata, shape: tuple[int, ...]) -> bool:
-    if expected.shape is None:
-        return True
-    if len(expected.shape) != len(shape):
-        return False
-    return all(want == -1 or want == got for want, got in zip(expected.shape, shape))
+def _input_checks(model: ModelVersion) -> dict[str, tuple[TensorMetadata, np.dtype, tuple | None]]:
+    """Per declared input: its metadata, numpy dtype and the dimensions fixed by its shape
+    (None when the shape is not declared), worked out once per version."""
+    model.input_checks = {
+        declared.name: (
+            declared,
+            NUMPY_DTYPES[declared.datatype],
+            None if declared.shape is None else tuple((axis, size) for axis, size in enumerate(declared.shape) if size != -1),
+        )
+        for declared in model.settings.inputs
+    }
+    return model.input_checks
 
 
 def _select_outputs(model: ModelVersion, request: InferenceRequest, response: InferenceResponse) -> InferenceResponse:
     """Keep only the outputs the request names, in its order; a missing one is an error."""
-    if not isinstance(response, InferenceResponse) or not all(
-        isinstance(tensor, Tensor) and isinstance(tensor.data, np.ndarray) for tensor in response.outputs
-    ):
-        raise InferenceError(
-            f"model '{model.name}' returned {type(response).__name__}; predict() must return an InferenceResponse "
-            "whose outputs are Tensors holding numpy arrays"
-        )
+    if not isinstance(response, InferenceResponse):
+        raise _bad_response(model, response)
     for tensor in response.outputs:
-        tensor.datatype  # raises for a dtype the protocol cannot carry (complex, datetime64, ...)
+        if not isinstance(tensor, Tensor) or not isinstance(tensor.data, np.ndarray):
+            raise _bad_response(model, response)
+        if tensor.data.dtype not in WIRE_DTYPES:
+            tensor.datatype  # raises for a dtype the protocol cannot carry (complex, datetime64, ...)
     if not request.outputs:
         return response
     produced: dict[str, Tensor] = {tensor.name: tensor for tensor in response.outputs}
@@ -283,3 +280,10 @@ def _select_outputs(model: ModelVersion, request: InferenceRequest, response: In
         selected.append(tensor)
     response.outputs = selected
     return response
+
+
+def _bad_response(model: ModelVersion, response) -> InferenceError:
+    return InferenceError(
+        f"model '{model.name}' returned {type(response).__name__}; predict() must return an InferenceResponse "
+        "whose outputs are Tensors holding numpy arrays"
+    )

@@ -2,22 +2,54 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import itertools
+from typing import Callable, Iterable
+
+from prometheus_client import Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # Inference latencies span sub-millisecond tabular models to multi-second transformers.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BUCKETS)
 
-INFER_REQUESTS = Counter(
-    "fleetserve_infer_requests",
-    "Inference requests by model, version and outcome (success or error kind).",
-    ["model", "version", "outcome"],
-)
-INFER_LATENCY = Histogram(
-    "fleetserve_infer_duration_seconds",
-    "Time spent in the model's predict, queueing for a worker thread included.",
-    ["model", "version"],
-    buckets=LATENCY_BUCKETS,
-)
+
+class InferenceCollector:
+    """fleetserve_infer_requests_total and fleetserve_infer_duration_seconds, read at scrape
+    time from each version's Statistics: the data plane counts a request with a few integer
+    additions instead of prometheus_client's locked counters, and the figures cannot drift from
+    the statistics endpoint's. A version's series go when the version is unloaded."""
+
+    def __init__(self, versions: Callable[[], Iterable]):
+        self.versions = versions
+
+    def collect(self):
+        requests = CounterMetricFamily(
+            "fleetserve_infer_requests",
+            "Inference requests by model, version and outcome (success or error kind).",
+            labels=["model", "version", "outcome"],
+        )
+        latency = HistogramMetricFamily(
+            "fleetserve_infer_duration_seconds",
+            "Time from a request reaching the data plane to its answer (successes), queueing included.",
+            labels=["model", "version"],
+        )
+        for version in self.versions():
+            stats = version.stats
+            labels = [version.name, version.version or ""]
+            failures = dict(stats.failures)  # copied in one step: the event loop adds outcomes meanwhile
+            if stats.success_count:
+                requests.add_metric([*labels, "success"], stats.success_count)
+                counts = list(stats.latency_buckets)
+                cumulative = list(itertools.accumulate(counts))
+                buckets = [(floatToGoString(bound), count) for bound, count in zip(LATENCY_BUCKETS, cumulative)]
+                latency.add_metric(labels, [*buckets, ("+Inf", cumulative[-1])], stats.success_ns / 1e9)
+            for outcome, count in failures.items():
+                requests.add_metric([*labels, outcome], count)
+        yield requests
+        yield latency
+
+
 MODELS_LOADED = Gauge("fleetserve_models_loaded", "Model versions ready to serve.")
 # Load and reload histograms have no model label: one series set however many models there are;
 # the log has each model's own durations.

@@ -37,7 +37,8 @@ RuntimeResolver = Callable[[ModelSettings], type[Runtime]]
 
 @dataclass
 class Statistics:
-    """Triton-style counters: durations in nanoseconds, `last_inference` in epoch milliseconds."""
+    """Triton-style counters: durations in nanoseconds, `last_inference` in epoch milliseconds.
+    Also what /metrics reports for the version (metrics.InferenceCollector)."""
 
     success_count: int = 0
     success_ns: int = 0
@@ -46,6 +47,9 @@ class Statistics:
     queue_ns: int = 0  # waiting for a worker thread
     compute_infer_ns: int = 0
     last_inference: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # by outcome: the error's kind
+    # Successes by latency: one count per metrics.LATENCY_BUCKETS_NS bound, then one past the last.
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(metrics.LATENCY_BUCKETS_NS) + 1))
 
 
 @dataclass(eq=False)
@@ -62,7 +66,7 @@ class ModelVersion:
     unmeasured: bool = False  # loaded while another load was measured: measure at the next reload
     reloading: asyncio.Future | None = None
     stats: Statistics = field(default_factory=Statistics)
-    success_metrics: tuple | None = None  # the data plane's labelled counter and histogram
+    input_checks: dict | None = None  # the data plane's checks of the declared inputs
     pace: Any = None  # the data plane's Pace: may predict run on the event loop
     batcher: Any = None  # the data plane's AdaptiveBatcher; False when batching is off
 

@@ -21,6 +21,7 @@ from fleetserve.errors import describe
 from fleetserve.runtime.artifacts import ArtifactCache
 from fleetserve.runtime.dataplane import DataPlane
 from fleetserve.runtime.memory import MemoryCollector, MemoryManager
+from fleetserve.runtime.metrics import InferenceCollector
 from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
 from fleetserve.runtime.workers import remove_stale_blocks
@@ -63,6 +64,7 @@ class FleetServer:
             eviction_wait=settings.eviction_wait,
         )
         REGISTRY.register(MemoryCollector(self.memory, self.registry.all_versions))
+        REGISTRY.register(InferenceCollector(self.registry.all_versions))
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.ready = False
