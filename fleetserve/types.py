@@ -39,7 +39,10 @@ WIRE_DTYPES = frozenset(NUMPY_DTYPES.values())  # arrays of these need no conver
 
 def datatype_of(array: np.ndarray) -> str:
     """The V2 datatype for a numpy array (strings and objects become BYTES)."""
-    dtype = array.dtype
+    return datatype_of_dtype(array.dtype)
+
+
+def datatype_of_dtype(dtype: np.dtype) -> str:
     if dtype.kind in "OSU":
         return "BYTES"
     found = _DATATYPE_OF_DTYPE.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)

@@ -28,9 +28,34 @@ def build_iris_xgboost(path: Path) -> None:
     model.save_model(path)
 
 
+def build_iris_lightgbm(path: Path) -> None:
+    import lightgbm
+
+    features, labels = load_iris(return_X_y=True)
+    params = {"objective": "multiclass", "num_class": 3, "verbose": -1}
+    lightgbm.train(params, lightgbm.Dataset(features, labels), num_boost_round=20).save_model(str(path))
+
+
+def build_iris_mlflow(path: Path) -> None:
+    """An MLflow model with a column signature: one named input per feature. `path` is its MLmodel
+    file, written last: a folder without one is what an interrupted build left."""
+    import shutil
+
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    shutil.rmtree(path.parent, ignore_errors=True)
+    frame = load_iris(as_frame=True).frame
+    features = frame.drop(columns="target").rename(columns=lambda name: name.removesuffix(" (cm)").replace(" ", "_"))
+    model = LogisticRegression(max_iter=1000).fit(features, frame["target"])
+    mlflow.sklearn.save_model(model, path.parent, signature=infer_signature(features, model.predict(features)))
+
+
 ARTIFACTS = {
     REPO / "iris" / "model.joblib": build_iris,
     REPO / "iris-xgboost" / "model.json": build_iris_xgboost,
+    REPO / "iris-lightgbm" / "model.txt": build_iris_lightgbm,
+    REPO / "iris-mlflow" / "model" / "MLmodel": build_iris_mlflow,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from datetime import datetime
 from typing import Any
 
@@ -72,6 +73,19 @@ def encode_tensor(name: str, value: Any, content_type: str | None = None) -> Ten
     return Tensor(name, _object_array(items, (len(items),)), parameters)
 
 
+def json_text(value: Any) -> str:
+    """A framework's Python answer (dicts, lists, numpy or torch numbers) as JSON text."""
+    return json.dumps(value, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "tolist"):  # numpy arrays, torch tensors
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _object_array(items: list, shape: tuple[int, ...]) -> np.ndarray:
     array = np.empty(len(items), dtype=object)
     array[:] = items
@@ -105,7 +119,9 @@ def to_dataframe(request: InferenceRequest):
     columns = {}
     for tensor in request.inputs:
         value = decode_tensor(tensor, "str" if tensor.datatype == "BYTES" else "np")
-        if isinstance(value, np.ndarray) and value.ndim > 1:
+        if isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 1:
+            value = value[:, 0]  # a column sent as [rows, 1]
+        elif isinstance(value, np.ndarray) and value.ndim > 1:
             value = list(value)  # one row per first-dimension entry
         columns[tensor.name] = value
     try:

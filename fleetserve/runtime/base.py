@@ -37,6 +37,11 @@ class Runtime:
     def predict(self, request: InferenceRequest) -> InferenceResponse:
         raise NotImplementedError
 
+    def footprint(self) -> int:
+        """Bytes the model holds that a load's memory growth may not show (weights mapped from
+        their files are resident only once read); the memory manager counts at least this."""
+        return 0
+
     # Helpers for subclasses.
 
     def artifact(self, names: tuple[str, ...], suffixes: tuple[str, ...]) -> Path:

@@ -14,7 +14,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from fleetserve.errors import FleetError, InferenceError, InvalidInput, describe
+from fleetserve.errors import FleetError, InferenceError, InvalidInput, NotFound, describe
 from fleetserve.runtime import metrics
 from fleetserve.runtime.batching import AdaptiveBatcher
 from fleetserve.runtime.registry import ModelVersion, Registry
@@ -71,6 +71,30 @@ class DataPlane:
         response.id = request.id
         return response
 
+    async def call(self, name: str, version: str | None, method: str, *args):
+        """A runtime's own entry point beside predict (an MLflow model's scoring protocol):
+        pinned, reloaded if evicted and run on a worker thread, like a predict."""
+        model = self.registry.get_ready(name, version)
+        model.in_flight += 1
+        try:
+            if model.runtime is None:
+                await self.registry.ensure_resident(model)
+            self.registry.memory.touch(model)
+            function = getattr(model.runtime, method, None)
+            if function is None:
+                raise NotFound(f"model '{name}' ({type(model.runtime).__name__}) does not answer {method}")
+            await model.slots.acquire()
+            try:
+                future = asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+            except BaseException:  # the executor is shut down
+                model.slots.release()
+                raise
+            model.in_flight += 1  # until the thread is done, even if the caller is not
+            future.add_done_callback(lambda done: (model.slots.release(), _unpin(done, model)))
+            return await asyncio.shield(future)
+        finally:
+            model.in_flight -= 1
+
     async def _compute(self, model: ModelVersion, request: InferenceRequest) -> tuple[InferenceResponse, int]:
         """The runtime's answer, and when its predict began (the rest was queueing).
 
@@ -114,7 +138,8 @@ class DataPlane:
         # Other predicts on threads take the GIL from this one: its wall time then says little
         # about the model, its CPU time does.
         contended = self.threaded > 0
-        began, cpu = time.perf_counter_ns(), time.thread_time_ns()
+        cpu = time.thread_time_ns() if contended else 0  # a system call: only when it is needed
+        began = time.perf_counter_ns()
         try:
             return model.runtime.predict(request), began
         finally:

@@ -9,6 +9,7 @@ The registry carries out the evictions; this module only keeps the books.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import sys
@@ -137,6 +138,25 @@ def rss(pid: int | str = "self") -> int:
         return 0
 
 
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc
+        return None
+
+
+_libc = _load_libc()
+
+
+def return_freed_memory() -> None:
+    """Hand memory that models freed back to the OS. glibc keeps freed blocks in its arenas for
+    reuse, so without this an unloaded model's weights (torch, onnxruntime, LightGBM buffers)
+    still count in the server's RSS, and the next load's RSS growth reads near zero."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
 def _traced(start: Callable[[], T]) -> tuple[T, int, int, bool]:
     """Run `start`; return its result, the Python heap it kept (numpy arrays included), the RSS
     growth, and whether it imported modules."""
@@ -186,6 +206,7 @@ def start_measured(kind: object, start: Callable[[], T]) -> tuple[T, int, bool]:
         if kind not in _warmed:
             start()
             gc.collect()
+            return_freed_memory()
             _warmed.add(kind)
         with _unmeasured_guard:
             started_before = _unmeasured["started"]
@@ -194,11 +215,14 @@ def start_measured(kind: object, start: Callable[[], T]) -> tuple[T, int, bool]:
         if imported:  # a model that needed modules its kind had not imported yet
             del result
             gc.collect()
+            return_freed_memory()
             result, heap, rss_growth, imported = _traced(start)
         with _unmeasured_guard:
             overlapped = overlapped or _unmeasured["running"] > 0 or _unmeasured["started"] != started_before
-        measured = heap if imported else max(heap, rss_growth)
-        return result, max(0, measured), not overlapped
+        # Modules imported meanwhile (by this load, or by another framework's load on another
+        # thread) swell the RSS growth: still the better figure, since frameworks keep their
+        # weights outside the Python heap, but only an estimate.
+        return result, max(0, heap, rss_growth), not (overlapped or imported)
     finally:
         _measuring.release()
 

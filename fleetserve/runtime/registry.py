@@ -23,10 +23,10 @@ from fleetserve.errors import Busy, FleetError, ModelLoadError, ModelUnavailable
 from fleetserve.runtime import metrics
 from fleetserve.runtime.artifacts import ArtifactCache, cache_key, is_remote
 from fleetserve.runtime.base import Runtime
-from fleetserve.runtime.memory import MemoryManager, format_bytes, start_measured
+from fleetserve.runtime.memory import MemoryManager, format_bytes, return_freed_memory, start_measured
 from fleetserve.runtime.repository import Found, ModelRepository, is_version_number
 from fleetserve.runtime.workers import WorkerPool
-from fleetserve.settings import ModelSettings, check_model_name
+from fleetserve.settings import ModelSettings, TensorMetadata, check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class ModelVersion:
     unmeasured: bool = False  # loaded while another load was measured: measure at the next reload
     reloading: asyncio.Future | None = None
     stats: Statistics = field(default_factory=Statistics)
+    inputs: list[TensorMetadata] = field(default_factory=list)  # as the runtime describes them once loaded
+    outputs: list[TensorMetadata] = field(default_factory=list)
     input_checks: dict | None = None  # the data plane's checks of the declared inputs
     pace: Any = None  # the data plane's Pace: may predict run on the event loop
     batcher: Any = None  # the data plane's AdaptiveBatcher; False when batching is off
@@ -119,6 +121,7 @@ def _refreeze_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    return_freed_memory()
 
 
 def _freeze_new_objects() -> None:
@@ -410,6 +413,8 @@ class Registry:
             await self._admit(version)
             await self._prepare_artifacts(version)
             runtime = await self._start_runtime(version, measure=True)
+            # Kept for metadata requests while the version is evicted.
+            version.inputs, version.outputs = runtime.metadata_inputs(), runtime.metadata_outputs()
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
             reason = describe(error)
             version.state, version.reason = UNAVAILABLE, reason
@@ -473,6 +478,7 @@ class Registry:
             return await self._in_thread(start)
         kind = (inspect.getfile(runtime_class), runtime_class.__qualname__)  # custom classes are fresh per load
         runtime, measured, exact = await self._in_thread(start_measured, kind, start)
+        measured = max(measured, runtime.footprint())
         if not exact:  # an estimate, perhaps swollen by other loads: only when nothing is declared, and capped
             measured = 0 if version.declared else min(measured, self.memory.limit)
         version.measured, version.unmeasured = measured, not exact

@@ -28,7 +28,7 @@ import numpy as np
 from fleetserve.errors import InferenceError, ModelLoadError, ModelUnavailable, describe
 from fleetserve.runtime.base import Runtime
 from fleetserve.runtime.memory import rss
-from fleetserve.settings import ModelSettings
+from fleetserve.settings import ModelSettings, TensorMetadata
 from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,11 @@ def serve(connection: Connection, settings: ModelSettings) -> None:
     try:
         runtime = resolve_runtime(settings, settings.requirements)(settings)
         runtime.load()
+        metadata = (runtime.metadata_inputs(), runtime.metadata_outputs())  # the graph's or signature's, say
     except BaseException as error:
         connection.send(("error", describe(error)))
         return
-    connection.send(("ready", None))
+    connection.send(("ready", metadata))
     inputs, outputs = MappedBlocks(), SharedBlock(f"fleetserve-{os.getpid()}-out")
     try:
         while True:
@@ -196,6 +197,7 @@ class WorkerPool(Runtime):
         self.idle: asyncio.Queue[_Worker | None] | None = None
         self.closed = False
         self.failure = ""  # why a worker could not be started again
+        self.metadata: tuple[list[TensorMetadata], list[TensorMetadata]] = (settings.inputs, settings.outputs)
 
     def load(self) -> None:
         try:
@@ -226,7 +228,14 @@ class WorkerPool(Runtime):
             process.join(5)
             ours.close()
             raise ModelLoadError(f"model '{self.name}' failed to load in its worker process: {detail}")
+        self.metadata = detail
         return _Worker(process, ours, SharedBlock(f"fleetserve-{os.getpid()}-{process.pid}-in"), MappedBlocks())
+
+    def metadata_inputs(self) -> list[TensorMetadata]:
+        return self.metadata[0]
+
+    def metadata_outputs(self) -> list[TensorMetadata]:
+        return self.metadata[1]
 
     def memory_bytes(self) -> int:
         """What the workers hold: their resident memory, interpreter and imports included."""

@@ -21,12 +21,23 @@ from fleetserve.settings import ModelSettings
 
 _SKLEARN = "fleetserve.runtimes.sklearn.SKLearnRuntime"
 _XGBOOST = "fleetserve.runtimes.xgboost.XGBoostRuntime"
+_LIGHTGBM = "fleetserve.runtimes.lightgbm.LightGBMRuntime"
+_ONNX = "fleetserve.runtimes.onnx.OnnxRuntime"
+_MLFLOW = "fleetserve.runtimes.mlflow.MLflowRuntime"
+_HUGGINGFACE = "fleetserve.runtimes.huggingface.HuggingFaceRuntime"
 
 BUILTIN: dict[str, str] = {
     "sklearn": _SKLEARN,
     "mlserver_sklearn.SKLearnModel": _SKLEARN,
     "xgboost": _XGBOOST,
     "mlserver_xgboost.XGBoostModel": _XGBOOST,
+    "lightgbm": _LIGHTGBM,
+    "mlserver_lightgbm.LightGBMModel": _LIGHTGBM,
+    "onnx": _ONNX,
+    "mlflow": _MLFLOW,
+    "mlserver_mlflow.MLflowRuntime": _MLFLOW,
+    "huggingface": _HUGGINGFACE,
+    "mlserver_huggingface.HuggingFaceRuntime": _HUGGINGFACE,
 }
 
 def resolve_runtime(settings: ModelSettings, capabilities: list[str]) -> type[Runtime]:

@@ -20,11 +20,12 @@ from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutpu
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def _parameters(raw: dict, where: str) -> dict[str, Any]:
+def _parameters(raw: dict, kind: str, name: str = "") -> dict[str, Any]:
     parameters = raw.get("parameters")
     if parameters is None:
         return {}
     if not isinstance(parameters, dict):
+        where = f"{kind} '{name}'" if name else kind
         raise InvalidInput(f"{where}: 'parameters' must be an object")
     return parameters
 
@@ -69,7 +70,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise InvalidInput(f"each input must be an object with a 'name', got {_short(raw)}")
         name = raw["name"]
-        parameters = _parameters(raw, f"input '{name}'")
+        parameters = _parameters(raw, "input", name)
         datatype, shape = raw.get("datatype"), raw.get("shape")
         size = parameters.get("binary_data_size")
         if size is not None:
@@ -101,7 +102,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
     for raw in raw_outputs:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise InvalidInput(f"each requested output must be an object with a 'name', got {_short(raw)}")
-        outputs.append(RequestedOutput(raw["name"], _parameters(raw, f"output '{raw['name']}'")))
+        outputs.append(RequestedOutput(raw["name"], _parameters(raw, "output", raw["name"])))
     request_id = document.get("id")
     return InferenceRequest(
         inputs=inputs,
@@ -125,14 +126,16 @@ def encode_response(response: InferenceResponse, request: InferenceRequest) -> t
     any_binary = False
     non_finite = False
     for tensor in response.outputs:
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        datatype = tensor.datatype
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": datatype, "shape": list(tensor.shape)}
         parameters = dict(tensor.parameters)
-        if asked.get(tensor.name, {}).get("binary_data", binary_default):
+        output_parameters = asked.get(tensor.name)
+        if output_parameters.get("binary_data", binary_default) if output_parameters else binary_default:
             blob = array_to_buffer(tensor.data)
             parameters["binary_data_size"] = len(blob)
             blobs.append(blob)
             any_binary = True
-        elif tensor.datatype == "BYTES":
+        elif datatype == "BYTES":
             try:
                 entry["data"] = bytes_to_text(tensor.data)
             except UnicodeDecodeError:

@@ -28,13 +28,12 @@ def server_metadata() -> dict:
 
 def model_metadata(registry: Registry, model: ModelVersion) -> dict:
     versions = [v for v in registry.models[model.name].versions if v is not None]
-    runtime = model.runtime
     return {
         "name": model.name,
         "versions": versions,
         "platform": _platform(model),
-        "inputs": [tensor.as_dict() for tensor in runtime.metadata_inputs()],
-        "outputs": [tensor.as_dict() for tensor in runtime.metadata_outputs()],
+        "inputs": [tensor.as_dict() for tensor in model.inputs],
+        "outputs": [tensor.as_dict() for tensor in model.outputs],
     }
 
 
@@ -61,8 +60,8 @@ def model_config(model: ModelVersion) -> dict:
         "platform": _platform(model),
         "backend": "fleetserve",
         "max_batch_size": settings.max_batch_size,
-        "input": tensors(settings.inputs),
-        "output": tensors(settings.outputs),
+        "input": tensors(model.inputs or settings.inputs),  # the runtime's own once loaded (an ONNX graph's, say)
+        "output": tensors(model.outputs or settings.outputs),
     }
     if batched and settings.max_batch_time:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": int(settings.max_batch_time * 1_000_000)}

@@ -185,6 +185,22 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     async def model_config(name: str, version: str | None = None) -> Response:
         return json_response(documents.model_config(registry.get(name, version)))
 
+    # MLflow's scoring protocol, per MLflow model (what `mlflow models serve` answers at / ).
+
+    @app.post("/v2/models/{name}/invocations")
+    @app.post("/v2/models/{name}/versions/{version}/invocations")
+    async def mlflow_invocations(request: Request, name: str, version: str | None = None) -> Response:
+        body = await read_body(request.receive, request.headers, limit)
+        content_type = request.headers.get("content-type", "application/json")
+        status, content, media_type = await server.dataplane.call(name, version, "invocations", body, content_type)
+        return Response(content, status_code=status, media_type=media_type)
+
+    @app.get("/v2/models/{name}/ping")
+    @app.get("/v2/models/{name}/versions/{version}/ping")
+    async def mlflow_ping(name: str, version: str | None = None) -> Response:
+        registry.get_ready(name, version)
+        return Response("\n", media_type=JSON)
+
     # Repository.
 
     @app.post("/v2/repository/index")
@@ -272,10 +288,15 @@ class InferenceFastPath:
         try:
             body = await read_body(receive, headers, self.limit)
             header_length = headers.get(HEADER_LENGTH)
-            request = await self._off_loop_if_large(_json_size(body, header_length), decode_request, body, header_length)
+            if _json_size(body, header_length) < OFFLOAD_BYTES:
+                request = decode_request(body, header_length)
+            else:
+                request = await self._off_loop(decode_request, body, header_length)
             response = await self.server.dataplane.infer(name, version, request)
-            output_size = sum(tensor.data.nbytes for tensor in response.outputs)
-            content, header_length = await self._off_loop_if_large(output_size, encode_response, response, request)
+            if sum(tensor.data.nbytes for tensor in response.outputs) < OFFLOAD_BYTES:
+                content, header_length = encode_response(response, request)
+            else:
+                content, header_length = await self._off_loop(encode_response, response, request)
             status = 200
             if header_length is None:
                 reply.append((b"content-type", b"application/json"))
@@ -297,10 +318,8 @@ class InferenceFastPath:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
-    async def _off_loop_if_large(self, size: int, function, *args):
-        """Parse or write big bodies on a worker thread, so health checks and small requests keep flowing."""
-        if size < OFFLOAD_BYTES:
-            return function(*args)
+    async def _off_loop(self, function, *args):
+        """Big bodies are parsed and written on a worker thread, so health checks and small requests keep flowing."""
         return await asyncio.get_running_loop().run_in_executor(self.server.executor, function, *args)
 
 

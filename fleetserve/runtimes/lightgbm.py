@@ -1,0 +1,83 @@
+"""LightGBM Booster text files (`booster.save_model("model.txt")`): classifiers answer `predict`
+(class indices) and `predict_proba`, regressors and rankers `predict`, as for sklearn and xgboost.
+The metadata gives the booster's feature count and, for classifiers, its class count."""
+
+from __future__ import annotations
+
+import lightgbm
+import numpy as np
+
+from fleetserve.errors import ModelLoadError
+from fleetserve.runtime.base import MethodRuntime
+from fleetserve.settings import TensorMetadata
+
+# Objectives whose raw output is one probability (binary) or one per class (multiclass).
+_BINARY = ("binary", "cross_entropy", "xentropy")
+_MULTICLASS = ("multiclass", "softmax", "multiclassova", "multiclass_ova", "ova", "ovr")
+
+
+class LightGBMRuntime(MethodRuntime):
+
+    def load(self) -> None:
+        path = self.artifact(("model.txt", "model.bst"), (".txt", ".bst"))
+        try:
+            booster = lightgbm.Booster(model_file=str(path))
+        except lightgbm.basic.LightGBMError as error:
+            raise ModelLoadError(f"model '{self.name}': {path.name} is not a LightGBM model: {error}") from None
+        objective = _objective(path)
+        if objective in _BINARY:
+            self.model, self.classes = _BinaryClassifier(booster), 2
+        elif objective in _MULTICLASS:
+            self.model, self.classes = _MulticlassClassifier(booster), booster.num_model_per_iteration()
+        else:
+            self.model, self.classes = booster, 0
+        self.methods = ("predict", "predict_proba") if self.classes else ("predict",)
+        self.features = booster.num_feature()
+        self.check_methods()
+
+    def metadata_inputs(self) -> list[TensorMetadata]:
+        return self.settings.inputs or [TensorMetadata(name="input-0", datatype="FP64", shape=[-1, self.features])]
+
+    def metadata_outputs(self) -> list[TensorMetadata]:
+        if self.settings.outputs:
+            return self.settings.outputs
+        if not self.classes:
+            return [TensorMetadata(name="predict", datatype="FP64", shape=[-1])]
+        return [TensorMetadata(name="predict", datatype="INT64", shape=[-1]),
+                TensorMetadata(name="predict_proba", datatype="FP64", shape=[-1, self.classes])]
+
+
+def _objective(path) -> str:
+    """The objective's name from the model file's header (`objective=binary sigmoid:1`), read
+    without dumping the model, which takes long for large ones."""
+    with open(path, encoding="utf-8", errors="replace") as file:
+        for line in file:
+            if line.startswith("objective="):
+                words = line[len("objective="):].split()
+                return words[0] if words else ""
+            if line.startswith("Tree="):
+                break
+    return ""
+
+
+class _BinaryClassifier:
+    def __init__(self, booster: lightgbm.Booster):
+        self.booster = booster
+
+    def predict_proba(self, features) -> np.ndarray:
+        positive = self.booster.predict(features)
+        return np.column_stack([1.0 - positive, positive])
+
+    def predict(self, features) -> np.ndarray:
+        return (self.booster.predict(features) > 0.5).astype(np.int64)
+
+
+class _MulticlassClassifier:
+    def __init__(self, booster: lightgbm.Booster):
+        self.booster = booster
+
+    def predict_proba(self, features) -> np.ndarray:
+        return self.booster.predict(features)
+
+    def predict(self, features) -> np.ndarray:
+        return np.argmax(self.booster.predict(features), axis=1).astype(np.int64)

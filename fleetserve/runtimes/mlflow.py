@@ -1,0 +1,157 @@
+"""MLflow models (`mlflow.pyfunc`), served over V2 and over MLflow's own scoring protocol.
+
+The model's signature becomes its V2 metadata (boolean BOOL, integer INT32, long INT64, float
+FP32, double FP64, string and binary BYTES). A request reaches `predict` as the signature
+expects it: a DataFrame for a column signature (one input per column, or one 2-D tensor whose
+columns are the signature's), a dict of arrays for named tensors, the array itself for a single
+tensor. Request parameters other than V2's own become MLflow params when the model declares
+params. Outputs: one per DataFrame column or dict key, else one named `output-1` (MLServer's
+name), unless the signature names it.
+
+`POST /v2/models/{name}/invocations` (JSON or CSV) and `GET /v2/models/{name}/ping` answer as
+`mlflow models serve` does, for each MLflow model.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import mlflow.models.model
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+
+from fleetserve import codecs
+from fleetserve.errors import InvalidInput, ModelLoadError
+from fleetserve.runtime.base import Runtime
+from fleetserve.settings import TensorMetadata
+from fleetserve.types import InferenceRequest, InferenceResponse, Tensor, datatype_of_dtype
+
+_DATATYPES = {
+    DataType.boolean: "BOOL",
+    DataType.integer: "INT32",
+    DataType.long: "INT64",
+    DataType.float: "FP32",
+    DataType.double: "FP64",
+    DataType.string: "BYTES",
+    DataType.binary: "BYTES",
+}
+DEFAULT_OUTPUT = "output-1"
+# Models from code hand their model over through a module global: one load at a time.
+_loading = threading.Lock()
+# V2's own request parameters, never MLflow params.
+_V2_PARAMETERS = {"content_type", "headers", "binary_data_output"}
+
+
+class MLflowRuntime(Runtime):
+
+    def load(self) -> None:
+        folder = self.settings.artifact_path
+        if folder.is_file():  # the uri names the MLmodel file
+            folder = folder.parent
+        if not (folder / "MLmodel").is_file():
+            raise ModelLoadError(f"model '{self.name}': {folder} has no MLmodel file; point the uri at an MLflow model folder")
+        with _loading:
+            modules = set(sys.modules)
+            try:
+                self.model = mlflow.pyfunc.load_model(str(folder))
+            except MlflowException as error:
+                raise ModelLoadError(f"model '{self.name}': MLflow cannot load {folder}: {error.message}") from None
+            finally:
+                # A models-from-code model stays in MLflow's global and its code module in
+                # sys.modules: through them an unloaded model would never be freed.
+                mlflow.models.model.__mlflow_model__ = None
+                for name in set(sys.modules) - modules:
+                    if name.startswith("code_model_"):
+                        del sys.modules[name]
+        metadata = self.model.metadata
+        self.input_schema: Schema | None = metadata.get_input_schema()
+        self.output_schema: Schema | None = metadata.get_output_schema()
+        self.takes_params = metadata.get_params_schema() is not None
+        self.signature_inputs = _metadata(self.input_schema, "input")
+        self.signature_outputs = _metadata(self.output_schema, "output")
+
+    def unload(self) -> None:
+        self.model = None
+
+    def metadata_inputs(self) -> list[TensorMetadata]:
+        return self.settings.inputs or self.signature_inputs
+
+    def metadata_outputs(self) -> list[TensorMetadata]:
+        return self.settings.outputs or self.signature_outputs
+
+    def predict(self, request: InferenceRequest) -> InferenceResponse:
+        data = self._model_input(request)
+        params = {key: value for key, value in request.parameters.items() if key not in _V2_PARAMETERS}
+        try:
+            result = self.model.predict(data, params=params or None) if self.takes_params else self.model.predict(data)
+        except MlflowException as error:  # the signature refused the input or the params
+            raise InvalidInput(f"model '{self.name}': {error.message}") from None
+        return self.response(self._outputs(result), request)
+
+    def _model_input(self, request: InferenceRequest) -> Any:
+        schema = self.input_schema
+        if request.content_type == "pd" or (schema is not None and not schema.is_tensor_spec()):
+            return self._dataframe(request)
+        if schema is not None and schema.has_input_names():
+            return {tensor.name: _value(tensor) for tensor in request.inputs}
+        if len(request.inputs) == 1:
+            return _value(request.inputs[0])
+        return self._dataframe(request)
+
+    def _dataframe(self, request: InferenceRequest) -> pd.DataFrame:
+        """One column per input; a single 2-D input is the table itself, columns named by the signature."""
+        columns = self.input_schema.input_names() if self.input_schema is not None and self.input_schema.has_input_names() else []
+        if len(request.inputs) == 1 and request.inputs[0].data.ndim == 2 and len(columns) == request.inputs[0].data.shape[1] > 1:
+            return pd.DataFrame(request.inputs[0].data, columns=columns)
+        return codecs.to_dataframe(request)
+
+    def _outputs(self, result: Any) -> list[Tensor]:
+        if isinstance(result, pd.DataFrame):
+            return [codecs.encode_tensor(str(column), result[column]) for column in result.columns]
+        if isinstance(result, dict):
+            return [codecs.encode_tensor(str(key), np.asarray(value) if isinstance(value, list) else value) for key, value in result.items()]
+        names = [tensor.name for tensor in self.signature_outputs]
+        name = names[0] if len(names) == 1 else DEFAULT_OUTPUT
+        if isinstance(result, list) and not all(isinstance(item, str) for item in result):
+            result = np.asarray(result)
+        return [codecs.encode_tensor(name, result)]
+
+    def invocations(self, body: bytes, content_type: str) -> tuple[int, str, str]:
+        """MLflow's scoring protocol: (status, body, content type) as `mlflow models serve` answers."""
+        try:
+            answer = scoring_server.invocations(body.decode("utf-8", errors="replace"), content_type, self.model, self.input_schema)
+        except MlflowException as error:  # refused input: MLflow's server answers these as JSON errors
+            return error.get_http_status_code(), error.serialize_as_json(), "application/json"
+        return answer.status, answer.response, answer.mimetype
+
+
+def _value(tensor: Tensor) -> Any:
+    """An input as the model sees it: text for BYTES, the array otherwise."""
+    if tensor.data.dtype.kind == "O":
+        return np.array(codecs.decode_tensor(tensor, "str"), dtype=object).reshape(tensor.data.shape)
+    return tensor.data
+
+
+def _metadata(schema: Schema | None, kind: str) -> list[TensorMetadata]:
+    if schema is None:
+        return []
+    tensors = []
+    for index, spec in enumerate(schema.inputs, start=1):
+        name = spec.name or (DEFAULT_OUTPUT if kind == "output" and len(schema.inputs) == 1 else f"{kind}-{index}")
+        if isinstance(spec, TensorSpec):
+            datatype = datatype_of_dtype(np.dtype(spec.type))
+            shape = list(spec.shape)
+        elif isinstance(spec, ColSpec):
+            # Datetimes, arrays, objects and maps travel as text.
+            datatype = _DATATYPES.get(spec.type, "BYTES") if isinstance(spec.type, DataType) else "BYTES"
+            shape = [-1]
+        else:
+            datatype, shape = "BYTES", [-1]
+        tensors.append(TensorMetadata(name=name, datatype=datatype, shape=shape))
+    return tensors
