@@ -555,9 +555,21 @@ def rss_of(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def rss_reaches(pid: int, reached, seconds: float = 15) -> int:
+    """The server's RSS once `reached(rss)` holds, else its last reading: an unload frees
+    reference cycles, and hands freed memory back to the OS, about a second later."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        value = rss_of(pid)
+        if reached(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.25)
+
+
 def settled_rss(pid: int) -> int:
-    """The server's RSS once it stops changing: an unload frees reference cycles (and hands freed
-    memory back to the OS) about a second later."""
+    """The server's RSS once it stops changing."""
     import time
 
     time.sleep(2)
@@ -594,10 +606,10 @@ def test_each_runtime_is_measured_and_unloading_frees_its_memory(tmp_path_factor
             before = settled_rss(pid)
             assert http.post(f"/v2/repository/models/{name}/load").status_code == 200
             assert outputs(infer(http, name, BIG_REQUESTS[name]))  # weights mapped from files are read now
-            loaded = settled_rss(pid)
+            loaded = rss_reaches(pid, lambda rss: rss - before >= 0.8 * size)
             assert loaded - before >= 0.8 * size, (name, before, loaded)
             assert http.post(f"/v2/repository/models/{name}/unload").status_code == 200
-            after = settled_rss(pid)
             # What the unload gave back, not `after` against `before`: a load on a new thread may
             # leave a malloc arena behind, which is the allocator's, not the model's.
+            after = rss_reaches(pid, lambda rss: loaded - rss >= 0.8 * size)
             assert loaded - after >= 0.8 * size, (name, before, loaded, after)
