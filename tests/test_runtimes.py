@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -56,7 +58,10 @@ def build_lightgbm(repo: Path) -> dict[str, lightgbm.Booster]:
     for name, booster in boosters.items():
         (repo / name).mkdir()
         booster.save_model(str(repo / name / "model.txt"))
-        write_settings(repo / name, {"implementation": "mlserver_lightgbm.LightGBMModel"})
+        write_settings(repo / name, {"implementation": "lightgbm"})
+    (repo / "lgb-as-mlserver").mkdir()
+    boosters["lgb-binary"].save_model(str(repo / "lgb-as-mlserver" / "model.txt"))
+    write_settings(repo / "lgb-as-mlserver", {"implementation": "mlserver_lightgbm.LightGBMModel"})
     return boosters
 
 
@@ -86,6 +91,18 @@ class Echo(mlflow.pyfunc.PythonModel):
 mlflow.models.set_model(Echo())
 '''
 
+SHAPES_PYFUNC = '''
+import mlflow
+
+
+class Shapes(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return {"label": "cat", "scores": [{"cat": 0.9}, {"dog": 0.1}], "ragged": [[1], [2, 3]], "count": 2}
+
+
+mlflow.models.set_model(Shapes())
+'''
+
 COLUMN_TYPES = {"flag": "boolean", "small": "integer", "big": "long", "single": "float", "double": "double", "text": "string"}
 V2_TYPES = {"flag": "BOOL", "small": "INT32", "big": "INT64", "single": "FP32", "double": "FP64", "text": "BYTES"}
 
@@ -113,6 +130,11 @@ def build_mlflow(repo: Path, tmp: Path) -> LogisticRegression:
     )
     mlflow.pyfunc.save_model(repo / "mlflow-tensors", python_model=str(code), signature=signature)
     write_settings(repo / "mlflow-tensors", {"implementation": "mlserver_mlflow.MLflowRuntime"})
+
+    code = tmp / "shapes.py"
+    code.write_text(SHAPES_PYFUNC)
+    mlflow.pyfunc.save_model(repo / "mlflow-shapes", python_model=str(code))
+    write_settings(repo / "mlflow-shapes", {"implementation": "mlflow"})
 
     code = tmp / "echo.py"
     code.write_text(COLUMN_PYFUNC)
@@ -156,6 +178,10 @@ def build_huggingface(repo: Path) -> dict[str, Path]:
         write_settings(folder, {"implementation": "huggingface",
                                 "parameters": {"extra": {"task": name.removeprefix("hf-"), **extra}}})
         folders[name] = folder
+    batched = repo / "hf-batched"
+    shutil.copytree(folders["hf-text-classification"], batched)
+    write_settings(batched, {"implementation": "huggingface", "max_batch_size": 4, "max_batch_time": 0.2,
+                             "parameters": {"extra": {"task": "text-classification"}}})
     write_settings(repo / "hf-from-hub", {"implementation": "huggingface",
                                           "parameters": {"extra": {"task": "text-classification", "pretrained_model": "bert-base-uncased"}}})
     return folders
@@ -272,6 +298,14 @@ def test_lightgbm_classifiers_and_regressor(http, built):
             "no output 'predict_proba'", "['predict']")
 
 
+def test_lightgbm_under_mlservers_name_answers_like_mlserver(http, built):
+    """MLServer's LightGBMModel answers booster.predict() as `predict`: P(positive) here."""
+    answer = outputs(infer(http, "lgb-as-mlserver", [tensor_json("input-0", ROWS)]))
+    np.testing.assert_allclose(answer["predict"]["data"], built["lightgbm"]["lgb-binary"].predict(ROWS), rtol=1e-6)
+    assert answer["predict"]["datatype"] == "FP64"
+    assert http.get("/v2/models/lgb-as-mlserver").json()["outputs"][0] == {"name": "predict", "datatype": "FP64", "shape": [-1]}
+
+
 def test_lightgbm_metadata(http):
     multiclass = http.get("/v2/models/lgb-multiclass").json()
     assert multiclass["inputs"] == [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}]
@@ -335,6 +369,14 @@ def test_mlflow_named_tensors_and_params(server):
     np.testing.assert_array_equal(doubled.as_numpy("sum"), (a + b) * 2)
 
 
+def test_mlflow_answers_of_any_shape_become_tensors(http):
+    answer = outputs(infer(http, "mlflow-shapes", [tensor_json("input-0", ROWS)]))
+    assert answer["label"]["data"] == ["cat"] and answer["label"]["datatype"] == "BYTES"
+    assert [json.loads(text) for text in answer["scores"]["data"]] == [{"cat": 0.9}, {"dog": 0.1}]
+    assert [json.loads(text) for text in answer["ragged"]["data"]] == [[1], [2, 3]]
+    assert answer["count"]["data"] == [2] and answer["count"]["datatype"] == "INT64"
+
+
 def test_mlflow_bad_inputs(http):
     refused(infer(http, "mlflow-iris", [tensor_json("sepal_length", np.array([1.0]))]), "mlflow-iris")
     refused(infer(http, "mlflow-tensors", [tensor_json("a", np.ones((1, 2), np.float32)), tensor_json("b", np.ones((1, 3), np.float32))]),
@@ -363,6 +405,9 @@ def test_mlflow_scoring_protocol(http, built):
     assert http.get("/v2/models/nothing-here/ping").status_code == 404
     not_mlflow = http.post("/v2/models/lgb-binary/invocations", json={"inputs": [[1, 2, 3, 4]]})
     assert not_mlflow.status_code == 404 and "invocations" in not_mlflow.json()["error"]
+    assert http.get("/v2/models/lgb-binary/ping").status_code == 404
+    garbled = http.post("/v2/models/mlflow-iris/invocations", content=b'{"inputs": "\xff\xfe"}', headers={"Content-Type": "application/json"})
+    assert garbled.status_code == 400, garbled.text
 
 
 # --- huggingface ------------------------------------------------------------------------------
@@ -386,7 +431,8 @@ def answers(response: httpx.Response) -> list:
 
 def same(a, b) -> bool:
     """JSON documents equal up to float rounding."""
-    return _strings(a) == _strings(b) and np.allclose(_numbers(a), _numbers(b), rtol=1e-4, atol=1e-5)
+    numbers_a, numbers_b = _numbers(a), _numbers(b)
+    return _strings(a) == _strings(b) and len(numbers_a) == len(numbers_b) and np.allclose(numbers_a, numbers_b, rtol=1e-4, atol=1e-5)
 
 
 def _numbers(value) -> list[float]:
@@ -407,13 +453,8 @@ def _strings(value) -> list[str]:
 
 def test_huggingface_text_tasks_answer_like_the_pipeline(http, built):
     texts = ["the cat sat on the mat .", "a dog ran in the park ."]
-    cases = {
-        "hf-text-classification": ({}, {}),
-        "hf-token-classification": ({}, {}),
-        "hf-feature-extraction": ({}, {}),
-        "hf-fill-mask": ({"top_k": 2}, {}),
-    }
-    for name, (pipeline_kwargs, _) in cases.items():
+    cases = {"hf-text-classification": {}, "hf-token-classification": {}, "hf-feature-extraction": {}, "hf-fill-mask": {"top_k": 2}}
+    for name, pipeline_kwargs in cases.items():
         inputs = [text.replace("cat", "[MASK]").replace("dog", "[MASK]") for text in texts] if name == "hf-fill-mask" else texts
         expected = json.loads(json.dumps(local_pipeline(built, name, **pipeline_kwargs)(inputs), default=_plain))
         got = answers(infer(http, name, [texts_json("args", inputs)]))
@@ -430,12 +471,31 @@ def test_huggingface_question_answering_and_generation(http, built):
     assert len(got) == 2 and same(got, json.loads(json.dumps(expected, default=_plain)))
     assert all(isinstance(answer["answer"], str) for answer in got)
 
+    lone = answers(infer(http, "hf-question-answering", [texts_json("question", questions[:1]), texts_json("context", contexts[:1])]))
+    assert len(lone) == 1 and same(lone[0], json.loads(json.dumps(expected[0], default=_plain)))
+
     metadata = http.get("/v2/models/hf-question-answering").json()
     assert [tensor["name"] for tensor in metadata["inputs"]] == ["question", "context"]
 
     generated = answers(infer(http, "hf-text-generation", [texts_json("args", ["the cat"])], parameters={"max_new_tokens": 3, "do_sample": False}))
     expected = local_pipeline(built, "hf-text-generation")("the cat", max_new_tokens=3, do_sample=False)
     assert generated == [expected]
+
+
+def test_huggingface_max_batch_size_is_the_pipelines_batch_size(server, http, built):
+    """Concurrent requests are merged into one pipeline call of up to max_batch_size texts, and
+    each caller gets its own answer back."""
+    texts = ["the cat sat", "a dog ran", "the red mat", "who is big", "where is paris", "the blue city"]
+    expected = local_pipeline(built, "hf-text-classification")(texts)
+    with ThreadPoolExecutor(len(texts)) as pool:
+        got = list(pool.map(lambda text: answers(infer(http, "hf-batched", [texts_json("args", [text])])), texts))
+    assert all(len(answer) == 1 and same(answer[0], want) for answer, want in zip(got, expected)), (got, expected)
+    assert "hf-batched: text-classification pipeline, batch size 4" in server.log()
+    sizes = [line for line in http.get("/metrics").text.splitlines()
+             if line.startswith("fleetserve_batch_size_sum") and 'model="hf-batched"' in line]
+    counts = [line for line in http.get("/metrics").text.splitlines()
+              if line.startswith("fleetserve_batch_size_count") and 'model="hf-batched"' in line]
+    assert float(sizes[0].rsplit(" ", 1)[1]) == len(texts) and float(counts[0].rsplit(" ", 1)[1]) < len(texts)
 
 
 def test_huggingface_bad_inputs(http):

@@ -82,7 +82,8 @@ class DataPlane:
             self.registry.memory.touch(model)
             function = getattr(model.runtime, method, None)
             if function is None:
-                raise NotFound(f"model '{name}' ({type(model.runtime).__name__}) does not answer {method}")
+                why = " (its runtime runs in worker processes: parallel_workers)" if model.settings.parallel_workers else ""
+                raise NotFound(f"model '{name}' ({type(model.runtime).__name__}) does not answer {method}{why}")
             await model.slots.acquire()
             try:
                 future = asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
@@ -92,6 +93,11 @@ class DataPlane:
             model.in_flight += 1  # until the thread is done, even if the caller is not
             future.add_done_callback(lambda done: (model.slots.release(), _unpin(done, model)))
             return await asyncio.shield(future)
+        except (FleetError, asyncio.CancelledError):
+            raise
+        except BaseException as error:  # the runtime's own code: the client gets the reason
+            log.warning("model %s failed in %s: %s: %s", name, method, type(error).__name__, error)
+            raise InferenceError(f"model '{name}' failed: {describe(error)}") from error
         finally:
             model.in_flight -= 1
 

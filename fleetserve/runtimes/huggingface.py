@@ -16,13 +16,14 @@ holding one JSON document per input.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
 from fleetserve import codecs
-from fleetserve.errors import InvalidInput, ModelLoadError
+from fleetserve.errors import InferenceError, InvalidInput, ModelLoadError
 from fleetserve.runtime.base import Runtime
 from fleetserve.settings import TensorMetadata
 from fleetserve.types import InferenceRequest, InferenceResponse
@@ -31,6 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: ne
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its threads deadlock in forked workers
 
 import transformers  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 OUTPUT = "output"
 # transformers builds models on the meta device by patching torch process-wide: two loads at once
@@ -61,6 +64,10 @@ class HuggingFaceRuntime(Runtime):
         except Exception as error:  # unknown task, a folder without a model, a bad keyword: all say why
             raise ModelLoadError(f"model '{self.name}': cannot build the {task} pipeline: {type(error).__name__}: {error}") from None
         self.task = task
+        log.info("model %s: %s pipeline, batch size %s", self.name, task, kwargs.get("batch_size", 1))
+        # A fast tokenizer is not reentrant (concurrent calls fail with "Already borrowed"); torch
+        # uses every core within one call anyway.
+        self.calling = threading.Lock()
 
     def _local_folder(self, configured: Any, key: str) -> Path:
         if configured is None:
@@ -99,13 +106,16 @@ class HuggingFaceRuntime(Runtime):
             raise InvalidInput(f"model '{self.name}': every input needs as many elements; got { {k: len(v) for k, v in texts.items()} }")
         call_kwargs = {key: value for key, value in request.parameters.items() if key not in _V2_PARAMETERS}
         try:
-            if len(texts) == 1:
-                result = self.pipeline(next(iter(texts.values())), **call_kwargs)
-            else:
-                result = self.pipeline(**texts, **call_kwargs)
+            with self.calling:
+                if len(texts) == 1:
+                    result = self.pipeline(next(iter(texts.values())), **call_kwargs)
+                else:
+                    result = self.pipeline(**texts, **call_kwargs)
         except (ValueError, TypeError, KeyError) as error:  # arguments the pipeline refuses
             raise InvalidInput(f"model '{self.name}' ({self.task}): {type(error).__name__}: {error}") from None
         answers = [codecs.json_text(item) for item in _per_input(self.task, result, count)]
+        if len(answers) != count:  # a task whose answers this runtime does not know how to split
+            raise InferenceError(f"model '{self.name}' ({self.task}) gave {len(answers)} answers for {count} inputs")
         return self.response([codecs.encode_tensor(OUTPUT, answers, "str")], request)
 
     def _texts(self, tensor) -> list[str]:

@@ -1,6 +1,7 @@
 """LightGBM Booster text files (`booster.save_model("model.txt")`): classifiers answer `predict`
 (class indices) and `predict_proba`, regressors and rankers `predict`, as for sklearn and xgboost.
-The metadata gives the booster's feature count and, for classifiers, its class count."""
+The metadata gives the booster's feature count and, for classifiers, its class count. Configured
+with MLServer's class name, `predict` is the booster's own answer, as in MLServer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fleetserve.errors import ModelLoadError
 from fleetserve.runtime.base import MethodRuntime
 from fleetserve.settings import TensorMetadata
 
+MLSERVER_NAME = "mlserver_lightgbm.LightGBMModel"
 # Objectives whose raw output is one probability (binary) or one per class (multiclass).
 _BINARY = ("binary", "cross_entropy", "xentropy")
 _MULTICLASS = ("multiclass", "softmax", "multiclassova", "multiclass_ova", "ova", "ovr")
@@ -33,6 +35,11 @@ class LightGBMRuntime(MethodRuntime):
             self.model, self.classes = booster, 0
         self.methods = ("predict", "predict_proba") if self.classes else ("predict",)
         self.features = booster.num_feature()
+        # MLServer's LightGBMModel answers booster.predict() itself as `predict` (probabilities
+        # for a classifier): a model configured with its name keeps MLServer's answers.
+        self.raw_predict = self.settings.implementation == MLSERVER_NAME and self.classes > 0
+        if self.raw_predict:
+            self.model = _RawPredict(self.model, booster)
         self.check_methods()
 
     def metadata_inputs(self) -> list[TensorMetadata]:
@@ -43,8 +50,11 @@ class LightGBMRuntime(MethodRuntime):
             return self.settings.outputs
         if not self.classes:
             return [TensorMetadata(name="predict", datatype="FP64", shape=[-1])]
-        return [TensorMetadata(name="predict", datatype="INT64", shape=[-1]),
-                TensorMetadata(name="predict_proba", datatype="FP64", shape=[-1, self.classes])]
+        probabilities = TensorMetadata(name="predict_proba", datatype="FP64", shape=[-1, self.classes])
+        if self.raw_predict:
+            raw_shape = [-1] if self.classes == 2 else [-1, self.classes]
+            return [TensorMetadata(name="predict", datatype="FP64", shape=raw_shape), probabilities]
+        return [TensorMetadata(name="predict", datatype="INT64", shape=[-1]), probabilities]
 
 
 def _objective(path) -> str:
@@ -58,6 +68,11 @@ def _objective(path) -> str:
             if line.startswith("Tree="):
                 break
     return ""
+
+
+class _RawPredict:
+    def __init__(self, classifier, booster: lightgbm.Booster):
+        self.predict, self.predict_proba = booster.predict, classifier.predict_proba
 
 
 class _BinaryClassifier:

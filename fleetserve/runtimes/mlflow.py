@@ -27,7 +27,7 @@ from mlflow.pyfunc import scoring_server
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from fleetserve import codecs
-from fleetserve.errors import InvalidInput, ModelLoadError
+from fleetserve.errors import FleetError, InvalidInput, ModelLoadError
 from fleetserve.runtime.base import Runtime
 from fleetserve.settings import TensorMetadata
 from fleetserve.types import InferenceRequest, InferenceResponse, Tensor, datatype_of_dtype
@@ -113,22 +113,37 @@ class MLflowRuntime(Runtime):
 
     def _outputs(self, result: Any) -> list[Tensor]:
         if isinstance(result, pd.DataFrame):
-            return [codecs.encode_tensor(str(column), result[column]) for column in result.columns]
+            return [_tensor(str(column), result[column]) for column in result.columns]
         if isinstance(result, dict):
-            return [codecs.encode_tensor(str(key), np.asarray(value) if isinstance(value, list) else value) for key, value in result.items()]
+            return [_tensor(str(key), value) for key, value in result.items()]
         names = [tensor.name for tensor in self.signature_outputs]
-        name = names[0] if len(names) == 1 else DEFAULT_OUTPUT
-        if isinstance(result, list) and not all(isinstance(item, str) for item in result):
-            result = np.asarray(result)
-        return [codecs.encode_tensor(name, result)]
+        return [_tensor(names[0] if len(names) == 1 else DEFAULT_OUTPUT, result)]
 
     def invocations(self, body: bytes, content_type: str) -> tuple[int, str, str]:
         """MLflow's scoring protocol: (status, body, content type) as `mlflow models serve` answers."""
         try:
-            answer = scoring_server.invocations(body.decode("utf-8", errors="replace"), content_type, self.model, self.input_schema)
+            answer = scoring_server.invocations(body, content_type, self.model, self.input_schema)
         except MlflowException as error:  # refused input: MLflow's server answers these as JSON errors
             return error.get_http_status_code(), error.serialize_as_json(), "application/json"
         return answer.status, answer.response, answer.mimetype
+
+
+def _tensor(name: str, value: Any) -> Tensor:
+    """An output from whatever a pyfunc returns: arrays and Series as they are, text as BYTES, a
+    lone value as one element, and dicts or ragged lists as one JSON text per element."""
+    if isinstance(value, (np.ndarray, pd.Series)):
+        return codecs.encode_tensor(name, value)
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        value = [value]
+    if all(isinstance(item, (str, bytes)) for item in value):
+        return codecs.encode_tensor(name, value)
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged
+        array = None
+    if array is None or array.dtype == object:
+        return codecs.encode_tensor(name, [codecs.json_text(item) for item in value], "str")
+    return codecs.encode_tensor(name, array)
 
 
 def _value(tensor: Tensor) -> Any:
@@ -145,7 +160,10 @@ def _metadata(schema: Schema | None, kind: str) -> list[TensorMetadata]:
     for index, spec in enumerate(schema.inputs, start=1):
         name = spec.name or (DEFAULT_OUTPUT if kind == "output" and len(schema.inputs) == 1 else f"{kind}-{index}")
         if isinstance(spec, TensorSpec):
-            datatype = datatype_of_dtype(np.dtype(spec.type))
+            try:
+                datatype = datatype_of_dtype(np.dtype(spec.type))
+            except FleetError:  # a dtype V2 has no name for (datetime64, ...): it travels as text
+                datatype = "BYTES"
             shape = list(spec.shape)
         elif isinstance(spec, ColSpec):
             # Datetimes, arrays, objects and maps travel as text.

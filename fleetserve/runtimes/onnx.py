@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from fleetserve import codecs
 from fleetserve.codecs.numpy import as_bytes
@@ -46,7 +46,7 @@ class OnnxRuntime(Runtime):
         options = session_options(self.name, self.settings.extra)
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except (Fail, InvalidArgument, RuntimeError) as error:
+        except Exception as error:  # onnxruntime's own kinds (InvalidProtobuf, NoSuchFile, Fail, ...) say why
             raise ModelLoadError(f"model '{self.name}': onnxruntime cannot load {path.name}: {error}") from None
         self.graph_inputs = [_metadata(node) for node in self.session.get_inputs()]
         self.graph_outputs = [_metadata(node) for node in self.session.get_outputs()]

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from fleetserve.errors import FleetError, InvalidInput, PayloadTooLarge, ServerUnavailable, describe
+from fleetserve.errors import FleetError, InvalidInput, NotFound, PayloadTooLarge, ServerUnavailable, describe
 from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
 from fleetserve.server import documents
 from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object
@@ -198,7 +198,10 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     @app.get("/v2/models/{name}/ping")
     @app.get("/v2/models/{name}/versions/{version}/ping")
     async def mlflow_ping(name: str, version: str | None = None) -> Response:
-        registry.get_ready(name, version)
+        model = registry.get_ready(name, version)
+        # An evicted model's runtime is not there to ask: it answers as ready, like any ready model.
+        if model.runtime is not None and not hasattr(model.runtime, "invocations"):
+            raise NotFound(f"model '{name}' is not an MLflow model: it has no /ping")
         return Response("\n", media_type=JSON)
 
     # Repository.
