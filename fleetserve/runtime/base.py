@@ -17,6 +17,11 @@ from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
 
 
 class Runtime:
+    # What the model itself says of its tensors (an ONNX graph, an MLflow signature), set by
+    # load(); the tensors declared in model-settings.json win. Never mutated, only replaced.
+    own_inputs: list[TensorMetadata] = []
+    own_outputs: list[TensorMetadata] = []
+
     def __init__(self, settings: ModelSettings):
         self.settings = settings
 
@@ -75,10 +80,10 @@ class Runtime:
         )
 
     def metadata_inputs(self) -> list[TensorMetadata]:
-        return self.settings.inputs
+        return self.settings.inputs or self.own_inputs
 
     def metadata_outputs(self) -> list[TensorMetadata]:
-        return self.settings.outputs
+        return self.settings.outputs or self.own_outputs
 
 
 class MethodRuntime(Runtime):

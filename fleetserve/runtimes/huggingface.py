@@ -64,6 +64,9 @@ class HuggingFaceRuntime(Runtime):
         except Exception as error:  # unknown task, a folder without a model, a bad keyword: all say why
             raise ModelLoadError(f"model '{self.name}': cannot build the {task} pipeline: {type(error).__name__}: {error}") from None
         self.task = task
+        names = ("question", "context") if task == "question-answering" else ("args",)
+        self.own_inputs = [TensorMetadata(name=name, datatype="BYTES", shape=[-1]) for name in names]
+        self.own_outputs = [TensorMetadata(name=OUTPUT, datatype="BYTES", shape=[-1])]
         log.info("model %s: %s pipeline, batch size %s", self.name, task, kwargs.get("batch_size", 1))
         # A fast tokenizer is not reentrant (concurrent calls fail with "Already borrowed"); torch
         # uses every core within one call anyway.
@@ -89,15 +92,6 @@ class HuggingFaceRuntime(Runtime):
         # Weights are mapped from their safetensors files, and count in RSS only once read.
         model = self.pipeline.model
         return sum(tensor.numel() * tensor.element_size() for tensor in itertools.chain(model.parameters(), model.buffers()))
-
-    def metadata_inputs(self) -> list[TensorMetadata]:
-        if self.settings.inputs:
-            return self.settings.inputs
-        names = ("question", "context") if self.task == "question-answering" else ("args",)
-        return [TensorMetadata(name=name, datatype="BYTES", shape=[-1]) for name in names]
-
-    def metadata_outputs(self) -> list[TensorMetadata]:
-        return self.settings.outputs or [TensorMetadata(name=OUTPUT, datatype="BYTES", shape=[-1])]
 
     def predict(self, request: InferenceRequest) -> InferenceResponse:
         texts = {tensor.name: self._texts(tensor) for tensor in request.inputs}

@@ -34,20 +34,16 @@ class LightGBMRuntime(MethodRuntime):
         else:
             self.model, self.classes = booster, 0
         self.methods = ("predict", "predict_proba") if self.classes else ("predict",)
-        self.features = booster.num_feature()
         # MLServer's LightGBMModel answers booster.predict() itself as `predict` (probabilities
         # for a classifier): a model configured with its name keeps MLServer's answers.
         self.raw_predict = self.settings.implementation == MLSERVER_NAME and self.classes > 0
         if self.raw_predict:
             self.model = _RawPredict(self.model, booster)
         self.check_methods()
+        self.own_inputs = [TensorMetadata(name="input-0", datatype="FP64", shape=[-1, booster.num_feature()])]
+        self.own_outputs = self._outputs()
 
-    def metadata_inputs(self) -> list[TensorMetadata]:
-        return self.settings.inputs or [TensorMetadata(name="input-0", datatype="FP64", shape=[-1, self.features])]
-
-    def metadata_outputs(self) -> list[TensorMetadata]:
-        if self.settings.outputs:
-            return self.settings.outputs
+    def _outputs(self) -> list[TensorMetadata]:
         if not self.classes:
             return [TensorMetadata(name="predict", datatype="FP64", shape=[-1])]
         probabilities = TensorMetadata(name="predict_proba", datatype="FP64", shape=[-1, self.classes])

@@ -73,17 +73,11 @@ class MLflowRuntime(Runtime):
         self.input_schema: Schema | None = metadata.get_input_schema()
         self.output_schema: Schema | None = metadata.get_output_schema()
         self.takes_params = metadata.get_params_schema() is not None
-        self.signature_inputs = _metadata(self.input_schema, "input")
-        self.signature_outputs = _metadata(self.output_schema, "output")
+        self.own_inputs = _metadata(self.input_schema, "input")
+        self.own_outputs = _metadata(self.output_schema, "output")
 
     def unload(self) -> None:
         self.model = None
-
-    def metadata_inputs(self) -> list[TensorMetadata]:
-        return self.settings.inputs or self.signature_inputs
-
-    def metadata_outputs(self) -> list[TensorMetadata]:
-        return self.settings.outputs or self.signature_outputs
 
     def predict(self, request: InferenceRequest) -> InferenceResponse:
         data = self._model_input(request)
@@ -116,7 +110,7 @@ class MLflowRuntime(Runtime):
             return [_tensor(str(column), result[column]) for column in result.columns]
         if isinstance(result, dict):
             return [_tensor(str(key), value) for key, value in result.items()]
-        names = [tensor.name for tensor in self.signature_outputs]
+        names = [tensor.name for tensor in self.own_outputs]
         return [_tensor(names[0] if len(names) == 1 else DEFAULT_OUTPUT, result)]
 
     def invocations(self, body: bytes, content_type: str) -> tuple[int, str, str]:

@@ -48,19 +48,13 @@ class OnnxRuntime(Runtime):
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime's own kinds (InvalidProtobuf, NoSuchFile, Fail, ...) say why
             raise ModelLoadError(f"model '{self.name}': onnxruntime cannot load {path.name}: {error}") from None
-        self.graph_inputs = [_metadata(node) for node in self.session.get_inputs()]
-        self.graph_outputs = [_metadata(node) for node in self.session.get_outputs()]
-        self.input_types = {tensor.name: tensor.datatype for tensor in self.graph_inputs}
-        self.output_names = [tensor.name for tensor in self.graph_outputs]
+        self.own_inputs = [_metadata(node) for node in self.session.get_inputs()]
+        self.own_outputs = [_metadata(node) for node in self.session.get_outputs()]
+        self.input_types = {tensor.name: tensor.datatype for tensor in self.own_inputs}
+        self.output_names = [tensor.name for tensor in self.own_outputs]
 
     def unload(self) -> None:
         self.session = None
-
-    def metadata_inputs(self) -> list[TensorMetadata]:
-        return self.settings.inputs or self.graph_inputs
-
-    def metadata_outputs(self) -> list[TensorMetadata]:
-        return self.settings.outputs or self.graph_outputs
 
     def predict(self, request: InferenceRequest) -> InferenceResponse:
         feeds = {}
