@@ -124,6 +124,14 @@ class InferenceRequest:
     def content_type(self) -> str | None:
         return self.parameters.get("content_type")
 
+    def model_parameters(self) -> dict[str, Any]:
+        """The request's parameters without the protocol's own: what a framework takes as
+        arguments (MLflow params, pipeline call arguments)."""
+        return {key: value for key, value in self.parameters.items() if key not in _PROTOCOL_PARAMETERS}
+
+
+_PROTOCOL_PARAMETERS = frozenset({"content_type", "headers", "binary_data_output"})
+
 
 @dataclass(slots=True)
 class InferenceResponse:

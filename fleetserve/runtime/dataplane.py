@@ -199,7 +199,8 @@ class Pace:
     for the GIL): when its moving average passes SLOW_FACTOR * `below_ns` the model goes back to
     the threads, needing twice the count to return. A single outlier (a GC pass, a preempted
     core) moves the average little; one stall of 16 times the limit is enough. So the loop pays
-    for a misjudged model a few stalls shorter than WAIT_NS, ever more rarely. Object (BYTES) inputs are sized by their element count, not contents."""
+    for a misjudged model a few stalls shorter than WAIT_NS, ever more rarely. Object (BYTES)
+    inputs are sized by their element count, not contents."""
 
     STREAK = 32
     MAX_STREAK = 4096

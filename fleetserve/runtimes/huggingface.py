@@ -40,7 +40,6 @@ OUTPUT = "output"
 # on two threads leave one model's weights on the meta device ("Cannot copy out of meta tensor").
 _loading = threading.Lock()
 _OWN_KEYS = ("task", "task_suffix", "pretrained_model", "pretrained_tokenizer")
-_V2_PARAMETERS = {"content_type", "headers", "binary_data_output"}
 
 
 class HuggingFaceRuntime(Runtime):
@@ -98,7 +97,7 @@ class HuggingFaceRuntime(Runtime):
         count = len(next(iter(texts.values())))
         if any(len(values) != count for values in texts.values()):
             raise InvalidInput(f"model '{self.name}': every input needs as many elements; got { {k: len(v) for k, v in texts.items()} }")
-        call_kwargs = {key: value for key, value in request.parameters.items() if key not in _V2_PARAMETERS}
+        call_kwargs = request.model_parameters()
         try:
             with self.calling:
                 if len(texts) == 1:

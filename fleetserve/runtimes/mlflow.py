@@ -44,8 +44,6 @@ _DATATYPES = {
 DEFAULT_OUTPUT = "output-1"
 # Models from code hand their model over through a module global: one load at a time.
 _loading = threading.Lock()
-# V2's own request parameters, never MLflow params.
-_V2_PARAMETERS = {"content_type", "headers", "binary_data_output"}
 
 
 class MLflowRuntime(Runtime):
@@ -81,7 +79,7 @@ class MLflowRuntime(Runtime):
 
     def predict(self, request: InferenceRequest) -> InferenceResponse:
         data = self._model_input(request)
-        params = {key: value for key, value in request.parameters.items() if key not in _V2_PARAMETERS}
+        params = request.model_parameters()
         try:
             result = self.model.predict(data, params=params or None) if self.takes_params else self.model.predict(data)
         except MlflowException as error:  # the signature refused the input or the params
