@@ -663,13 +663,21 @@ def test_each_runtime_is_measured_and_unloading_frees_its_memory(tmp_path_factor
             # A first predict may start the framework's thread pools for good: not the model's memory.
             assert outputs(infer(http, name, BIG_REQUESTS[name]))
             assert http.post(f"/v2/repository/models/{name}/unload").status_code == 200
-            before = settled_rss(pid)
-            assert http.post(f"/v2/repository/models/{name}/load").status_code == 200
-            assert outputs(infer(http, name, BIG_REQUESTS[name]))  # weights mapped from files are read now
-            loaded = rss_reaches(pid, lambda rss: rss - before >= 0.8 * size)
-            assert loaded - before >= 0.8 * size, (name, before, loaded)
-            assert http.post(f"/v2/repository/models/{name}/unload").status_code == 200
-            # What the unload gave back, not `after` against `before`: a load on a new thread may
-            # leave a malloc arena behind, which is the allocator's, not the model's.
-            after = rss_reaches(pid, lambda rss: loaded - rss >= 0.8 * size)
-            assert loaded - after >= 0.8 * size, (name, before, loaded, after)
+            # Where a load's blocks interleaved with other allocations, glibc cannot hand all of
+            # an unload's pages back at once (LightGBM: half of them on the first cycle, all later),
+            # so up to three cycles; a model that is never freed never gives memory back.
+            given_back = []
+            for _ in range(3):
+                before = settled_rss(pid)
+                assert http.post(f"/v2/repository/models/{name}/load").status_code == 200
+                assert outputs(infer(http, name, BIG_REQUESTS[name]))  # weights mapped from files are read now
+                loaded = rss_reaches(pid, lambda rss: rss - before >= 0.8 * size)
+                if not given_back:  # later loads may reuse what the allocator kept
+                    assert loaded - before >= 0.8 * size, (name, before, loaded)
+                assert http.post(f"/v2/repository/models/{name}/unload").status_code == 200
+                # What the unload gave back, not `after` against `before`: a load on a new thread may
+                # leave a malloc arena behind, which is the allocator's, not the model's.
+                given_back.append(loaded - rss_reaches(pid, lambda rss: loaded - rss >= 0.8 * size))
+                if given_back[-1] >= 0.8 * size:
+                    break
+            assert max(given_back) >= 0.8 * size, (name, size, given_back)
