@@ -264,6 +264,10 @@ def _json_size(body: bytes, header_length: str | None) -> int:
     return len(body)
 
 
+# The headers an inference reads (ASGI gives names in lower case); the rest are not decoded.
+_INFER_HEADERS = frozenset({b"content-length", b"content-encoding", b"x-request-id", HEADER_LENGTH.encode()})
+
+
 class InferenceFastPath:
     """POST .../infer goes straight to the data plane; every other request to the FastAPI app.
 
@@ -280,7 +284,10 @@ class InferenceFastPath:
         target = _infer_target(scope["path"]) if scope["type"] == "http" else None
         if target is None:
             return await self.app(scope, receive, send)
-        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        headers = {}
+        for key, value in scope["headers"]:
+            if key in _INFER_HEADERS:
+                headers[key.decode()] = value.decode("latin-1")
         reply = [(b"x-request-id", request_id.encode("latin-1"))] if (request_id := headers.get("x-request-id")) else []
         if scope["method"] != "POST":
             reply += [(b"content-type", b"application/json"), (b"allow", b"POST")]
