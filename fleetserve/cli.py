@@ -1,4 +1,4 @@
-"""`fleetserve start | status | infer | load | unload`."""
+"""`fleetserve start | status | infer | apply | delete | load | unload | pipeline | experiment`."""
 
 from __future__ import annotations
 
@@ -70,6 +70,25 @@ def _manifests(method: str):
     return command
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "list":
+            return _print_or_fail(client.get("/v2/pipelines"))
+        if not args.target:
+            print(json.dumps({"error": f"pipeline {args.action} needs a pipeline name"}, indent=2))
+            return 1
+        name, _, narrower = args.target.partition(".")
+        if args.action == "status":
+            return _print_or_fail(client.get(f"/v2/pipelines/{name}"))
+        path = f"/v2/pipelines/{name}/inspect" + (f"/{narrower}" if narrower else "")
+        return _print_or_fail(client.get(path, params={"limit": args.limit} if args.limit else None))
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _print_or_fail(client.get("/v2/experiments" + (f"/{args.name}" if args.name else "")))
+
+
 def _repository(action: str):
     def command(args: argparse.Namespace) -> int:
         with _client(args) as client:
@@ -112,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     infer.add_argument("data", help="the JSON request body, or - to read it from stdin")
     infer.add_argument("--version")
     for name, method, help_text in (
-        ("apply", "POST", "load the models of Seldon Core 2 manifests (kind: Model)"),
-        ("delete", "DELETE", "unload the models of Seldon Core 2 manifests"),
+        ("apply", "POST", "apply Seldon Core 2 manifests (kind: Model, Pipeline, Experiment)"),
+        ("delete", "DELETE", "delete what Seldon Core 2 manifests applied"),
     ):
         client_command(name, help_text, _manifests(method)).add_argument(
             "-f", "--file", required=True, help="a YAML file (several documents allowed), or - for stdin"
         )
+    pipeline = client_command("pipeline", "list pipelines, show one's status, or inspect its recent messages", _pipeline)
+    pipeline.add_argument("action", choices=("list", "status", "inspect"))
+    pipeline.add_argument("target", nargs="?", help="NAME, or for inspect NAME[.STEP[.inputs|outputs[.TENSOR]]]")
+    pipeline.add_argument("--limit", type=int, help="inspect: the last N messages per step (default all kept, 10)")
+    client_command("experiment", "list experiments, or show one with its traffic so far", _experiment).add_argument(
+        "name", nargs="?")
     for action in ("load", "unload"):
         client_command(action, f"{action} a model through the repository API", _repository(action)).add_argument("model")
 

@@ -33,6 +33,10 @@ class ModelUnavailable(FleetError):
     """The model exists but is not ready (loading, failed, unloaded)."""
 
 
+class NotReady(FleetError):
+    """A pipeline or experiment whose models are not all ready."""
+
+
 class PayloadTooLarge(FleetError):
     """The request body exceeds the configured limit."""
 
@@ -70,6 +74,7 @@ STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     InvalidInput: (400, grpc.StatusCode.INVALID_ARGUMENT),
     NotFound: (404, grpc.StatusCode.NOT_FOUND),
     ModelUnavailable: (400, grpc.StatusCode.UNAVAILABLE),
+    NotReady: (424, grpc.StatusCode.UNAVAILABLE),
     PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ModelLoadError: (400, grpc.StatusCode.INVALID_ARGUMENT),
     InferenceError: (400, grpc.StatusCode.INTERNAL),

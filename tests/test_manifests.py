@@ -46,7 +46,8 @@ def test_multi_document_apply_and_delete(server, http, artifacts):
 @pytest.mark.parametrize(
     "text, fragment",
     [
-        ("kind: Pipeline\nmetadata: {name: p}\n", "unsupported kind 'Pipeline'"),
+        ("kind: Server\nmetadata: {name: p}\n", "unsupported kind 'Server'"),
+        ("kind: Pipeline\nmetadata: {name: p}\n", "pipeline 'p': spec must be a mapping"),
         ("kind: Model\nspec: {storageUri: /x}\n", "needs metadata.name"),
         ("kind: Model\nmetadata: {name: ../x}\nspec: {storageUri: /x}\n", "invalid model name"),
         ("kind: Model\nmetadata: {name: m}\nspec: {requirements: [sklearn]}\n", "spec.storageUri must be a non-empty string"),

@@ -1,7 +1,5 @@
-"""Seldon Core 2 manifests, as users already write them: `kind: Model` (multi-document YAML too).
-
-Pipelines and Experiments arrive with the graph engine; until then they are refused by name.
-"""
+"""Seldon Core 2 manifests, as users already write them: `kind: Model | Pipeline | Experiment`
+(multi-document YAML too; JSON is YAML)."""
 
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ from fleetserve.errors import InvalidInput
 from fleetserve.runtime.repository import Found
 from fleetserve.settings import ModelSettings, check_model_name, parse_quantity
 
-SUPPORTED_KINDS = ("Model",)
+SUPPORTED_KINDS = ("Model", "Pipeline", "Experiment")
 _MODEL_SPEC = {"storageUri", "requirements", "memory", "parameters"}
 
 

@@ -18,6 +18,7 @@ import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
 from fleetserve.errors import describe
+from fleetserve.graph.router import GraphCollector, Router
 from fleetserve.runtime.artifacts import ArtifactCache
 from fleetserve.runtime.dataplane import DataPlane
 from fleetserve.runtime.memory import MemoryCollector, MemoryManager
@@ -67,6 +68,8 @@ class FleetServer:
         REGISTRY.register(InferenceCollector(self.registry.all_versions))
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
+        self.router = Router(self.registry, self.dataplane)
+        REGISTRY.register(GraphCollector(self.router))
         self.ready = False
         self.stopping = False
         self.predicts_still_running = 0

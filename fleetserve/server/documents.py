@@ -1,4 +1,5 @@
-"""The V2 documents both front doors serve: server and model metadata, model config, statistics.
+"""The V2 documents both front doors serve: server and model metadata, model config, statistics;
+and the status of pipelines and experiments.
 
 They are built once here as plain dicts in their JSON form; gRPC parses the same dicts into
 its messages, so REST and gRPC can never disagree.
@@ -7,8 +8,11 @@ its messages, so REST and gRPC can never disagree.
 from __future__ import annotations
 
 from fleetserve import __version__
-from fleetserve.errors import InvalidInput
+from fleetserve.errors import InvalidInput, NotFound
+from fleetserve.graph.pipeline import Pipeline
+from fleetserve.graph.router import Router
 from fleetserve.runtime.registry import ModelVersion, Registry
+from fleetserve.types import Tensor
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
 
@@ -104,3 +108,80 @@ def _statistics(model: ModelVersion) -> dict:
         },
         "batch_stats": [],
     }
+
+
+# Pipelines and experiments.
+
+def pipeline_status(router: Router, name: str, with_manifest: bool = False) -> dict:
+    pipeline = router.pipelines[name]
+    problem = router.pipeline_problem(name)
+    document = {
+        "name": name,
+        "ready": problem is None,
+        "steps": pipeline.models,
+        "output": [str(ref) for ref in pipeline.output.inputs.refs] if pipeline.output else [],
+    }
+    if problem:
+        document["reason"] = problem
+    if with_manifest:
+        document["manifest"] = pipeline.manifest
+    return document
+
+
+def experiment_status(router: Router, name: str, with_manifest: bool = False) -> dict:
+    experiment = router.experiments[name]
+    problem = router.experiment_problem(name)
+    total = sum(weight for _, weight in experiment.candidates)
+    document = {
+        "name": name,
+        "ready": problem is None,
+        "resourceType": experiment.resource_type,
+        "default": experiment.default,
+        "candidates": [{"name": candidate, "weight": weight, "share": weight / total} for candidate, weight in experiment.candidates],
+        "mirror": {"name": experiment.mirror, "percent": experiment.mirror_percent} if experiment.mirror else None,
+        "requests": dict(router.routed.get(name, {})),
+    }
+    if problem:
+        document["reason"] = problem
+    if with_manifest:
+        document["manifest"] = experiment.manifest
+    return document
+
+
+def pipeline_messages(pipeline: Pipeline, target: str | None, limit: int | None) -> dict:
+    """The last messages per step (the pipeline's own under its name), newest last, narrowed
+    by `target`: STEP, STEP.inputs|outputs or STEP.inputs|outputs.TENSOR."""
+    step, _, rest = (target or "").partition(".")
+    kind, _, tensor = rest.partition(".")
+    if step and step != pipeline.name and step not in pipeline.steps:
+        raise NotFound(f"pipeline '{pipeline.name}' has no step '{step}'")
+    if kind and kind not in ("inputs", "outputs"):
+        raise InvalidInput(f"inspect STEP.inputs or STEP.outputs, not '{kind}'")
+    if limit is not None and limit < 1:
+        raise InvalidInput("limit must be a positive integer")
+    kinds = [kind] if kind else ["inputs", "outputs"]
+    found = {}
+    for key, recent in list(pipeline.inspect.items()):
+        if step and key != step:
+            continue
+        messages = list(recent)[-limit:] if limit else list(recent)
+        found[key] = [_message(message, kinds, tensor or None) for message in messages]
+    return {"pipeline": pipeline.name, "messages": found}
+
+
+def _message(message: dict, kinds: list[str], tensor: str | None) -> dict:
+    document = {"id": message["id"]}
+    for kind in kinds:
+        document[kind] = [_tensor(t) for t in message[kind] if tensor is None or t.name == tensor]
+    if "error" in message:
+        document["error"] = message["error"]
+    return document
+
+
+def _tensor(tensor: Tensor) -> dict:
+    data = tensor.data
+    if data.dtype.kind in "OSU":
+        values = [item.decode(errors="replace") if isinstance(item, bytes) else str(item) for item in data.flat]
+    else:
+        values = data.ravel().tolist()
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(data.shape), "data": values}

@@ -120,7 +120,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, server: "FleetServer"):
         self.server = server
         self.registry = server.registry
-        self.dataplane = server.dataplane
+        self.router = server.router
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -146,12 +146,18 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_aborts_on_error
     async def ModelInfer(self, request, context):
-        return await self._infer(request)
+        response, route = await self._infer(request, context)
+        if route is not None:  # a header, as Seldon sends it
+            await context.send_initial_metadata((("x-seldon-route", route),))
+        return response
 
-    async def _infer(self, message: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+    async def _infer(self, message: service_pb2.ModelInferRequest, context) -> tuple[service_pb2.ModelInferResponse, str | None]:
+        """The answer, and the experiment's route when one chose (a stream cannot send it per message)."""
         request = decode_infer_request(message)
-        response = await self.dataplane.infer(message.model_name, message.model_version or None, request)
-        return encode_infer_response(response)
+        headers = dict(context.invocation_metadata() or ())
+        response, route = await self.router.infer(
+            message.model_name, message.model_version or None, request, headers.get("seldon-model"), headers.get("x-seldon-route"))
+        return encode_infer_response(response), route
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         # Errors travel in the stream (as Triton does), so one bad request does not end it. The
@@ -167,13 +173,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 message = read.result()
                 if message is grpc.aio.EOF:
                     return
-                yield await self._stream_response(message)
+                yield await self._stream_response(message, context)
         finally:
             stop.cancel()
 
-    async def _stream_response(self, message: service_pb2.ModelInferRequest) -> service_pb2.ModelStreamInferResponse:
+    async def _stream_response(self, message: service_pb2.ModelInferRequest, context) -> service_pb2.ModelStreamInferResponse:
         try:
-            return service_pb2.ModelStreamInferResponse(infer_response=await self._infer(message))
+            return service_pb2.ModelStreamInferResponse(infer_response=(await self._infer(message, context))[0])
         except Exception as error:
             if isinstance(error, FleetError):
                 text = error.message

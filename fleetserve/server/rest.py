@@ -20,8 +20,10 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from fleetserve.errors import FleetError, InvalidInput, NotFound, PayloadTooLarge, ServerUnavailable, describe
+from fleetserve.errors import FleetError, InvalidInput, NotFound, NotReady, PayloadTooLarge, ServerUnavailable, describe
+from fleetserve.graph.experiment import experiment_from_manifest
 from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
+from fleetserve.graph.pipeline import pipeline_from_manifest
 from fleetserve.server import documents
 from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object
 
@@ -129,6 +131,7 @@ class _AnswerUnexpectedErrors:
 
 def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     registry = server.registry
+    router = server.router
     limit = server.settings.max_message_size
     app = FastAPI(title="fleetserve", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -228,32 +231,104 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         await registry.unload(name, server.settings.shutdown_grace)
         return json_response({})
 
-    # Seldon Core 2 manifests (YAML or JSON, several documents allowed).
+    # Seldon Core 2 manifests (YAML or JSON, several documents allowed). Every document is
+    # checked before the first is applied.
+
+    async def apply_one(kind: str, parsed) -> None:
+        if kind == "Model":
+            await registry.apply(parsed)
+        elif kind == "Pipeline":
+            router.add_pipeline(parsed)
+        else:
+            router.add_experiment(parsed)
+
+    async def delete_one(kind: str, name: str) -> None:
+        if kind == "Model":
+            await registry.delete(name, server.settings.shutdown_grace)
+        elif kind == "Pipeline":
+            router.delete_pipeline(name)
+        else:
+            router.delete_experiment(name)
 
     @app.post("/v2/manifests")
     async def apply_manifests(request: Request) -> Response:
-        models = [model_from_manifest(document) for document in parse_manifests(await read_body(request.receive, request.headers, limit))]
-        return json_response({"applied": await _each(models, registry.apply, "applied")})
+        documents_ = parse_manifests(await read_body(request.receive, request.headers, limit))
+        items = [(document["kind"], _PARSERS[document["kind"]](document)) for document in documents_]
+        return json_response({"applied": await _each(items, apply_one, "applied")})
 
     @app.delete("/v2/manifests")
     async def delete_manifests(request: Request) -> Response:
-        names = [manifest_name(document) for document in parse_manifests(await read_body(request.receive, request.headers, limit))]
-        grace = server.settings.shutdown_grace
-        return json_response({"deleted": await _each(names, lambda name: registry.delete(name, grace), "deleted")})
+        documents_ = parse_manifests(await read_body(request.receive, request.headers, limit))
+        items = [(document["kind"], manifest_name(document)) for document in documents_]
+        return json_response({"deleted": await _each(items, delete_one, "deleted")})
+
+    # Pipelines and experiments (inference on a pipeline takes the fast path below).
+
+    async def manifests_of(request: Request, kind: str) -> list:
+        documents_ = parse_manifests(await read_body(request.receive, request.headers, limit))
+        wrong = [document["kind"] for document in documents_ if document["kind"] != kind]
+        if wrong:
+            raise InvalidInput(f"this endpoint takes kind: {kind} manifests, got {wrong}")
+        return [_PARSERS[kind](document) for document in documents_]
+
+    def graph_routes(kind: str, names, get, status, problem, delete) -> None:
+        """The same API for pipelines and experiments: create (manifests), list, status, ready, delete."""
+        path = f"/v2/{kind.lower()}s"
+
+        async def create(request: Request) -> Response:
+            items = [(kind, parsed) for parsed in await manifests_of(request, kind)]
+            return json_response({"applied": await _each(items, apply_one, "applied")})
+
+        async def listing() -> Response:
+            return json_response([status(router, name) for name in names()])
+
+        async def one(name: str) -> Response:
+            get(name)
+            return json_response(status(router, name, with_manifest=True))
+
+        async def ready(name: str) -> Response:
+            get(name)
+            if reason := problem(name):
+                raise NotReady(f"{kind.lower()} '{name}' is not ready: {reason}")
+            return json_response({"name": name, "ready": True})
+
+        async def remove(name: str) -> Response:
+            delete(name)
+            return json_response({})
+
+        app.post(path)(create)
+        app.get(path)(listing)
+        app.get(path + "/{name}")(one)
+        app.get(path + "/{name}/ready")(ready)
+        app.delete(path + "/{name}")(remove)
+
+    graph_routes("Pipeline", lambda: list(router.pipelines), router.get_pipeline, documents.pipeline_status,
+                 router.pipeline_problem, router.delete_pipeline)
+    graph_routes("Experiment", lambda: list(router.experiments), router.get_experiment, documents.experiment_status,
+                 router.experiment_problem, router.delete_experiment)
+
+    @app.get("/v2/pipelines/{name}/inspect")
+    @app.get("/v2/pipelines/{name}/inspect/{target}")
+    async def inspect_pipeline(name: str, target: str | None = None, limit: int | None = None) -> Response:
+        return json_response(documents.pipeline_messages(router.get_pipeline(name), target, limit))
 
     app.get("/metrics")(metrics)
     return InferenceFastPath(app, server)
 
 
-def _infer_target(path: str) -> tuple[str, str | None] | None:
-    """(model, version) for /v2/models/{m}/infer and /v2/models/{m}/versions/{v}/infer, else None."""
+_PARSERS = {"Model": model_from_manifest, "Pipeline": pipeline_from_manifest, "Experiment": experiment_from_manifest}
+
+
+def _infer_target(path: str) -> tuple[str, str, str | None] | None:
+    """("models", model, version) for /v2/models/{m}[/versions/{v}]/infer, ("pipelines",
+    pipeline, None) for /v2/pipelines/{p}/infer, else None."""
     parts = path.split("/")
-    if parts[-1] != "infer" or parts[1:3] != ["v2", "models"]:
+    if parts[-1] != "infer" or parts[1] != "v2" or parts[2] not in ("models", "pipelines"):
         return None
     if len(parts) == 5:
-        return parts[3], None
-    if len(parts) == 7 and parts[4] == "versions":
-        return parts[3], parts[5]
+        return parts[2], parts[3], None
+    if len(parts) == 7 and parts[4] == "versions" and parts[2] == "models":
+        return parts[2], parts[3], parts[5]
     return None
 
 
@@ -265,7 +340,8 @@ def _json_size(body: bytes, header_length: str | None) -> int:
 
 
 # The headers an inference reads (ASGI gives names in lower case); the rest are not decoded.
-_INFER_HEADERS = frozenset({b"content-length", b"content-encoding", b"x-request-id", HEADER_LENGTH.encode()})
+_INFER_HEADERS = frozenset({b"content-length", b"content-encoding", b"x-request-id", HEADER_LENGTH.encode(),
+                            b"seldon-model", b"x-seldon-route"})
 
 
 class InferenceFastPath:
@@ -278,6 +354,7 @@ class InferenceFastPath:
     def __init__(self, app: FastAPI, server: "FleetServer"):
         self.app = app
         self.server = server
+        self.router = server.router
         self.limit = server.settings.max_message_size
 
     async def __call__(self, scope, receive, send):
@@ -294,7 +371,8 @@ class InferenceFastPath:
             return await self._send(send, 405, orjson.dumps({"error": "Method Not Allowed"}), reply)
         await self.infer(scope, receive, send, headers, reply, *target)
 
-    async def infer(self, scope, receive, send, headers: dict[str, str], reply: list, name: str, version: str | None) -> None:
+    async def infer(self, scope, receive, send, headers: dict[str, str], reply: list,
+                    kind: str, name: str, version: str | None) -> None:
         try:
             body = await read_body(receive, headers, self.limit)
             header_length = headers.get(HEADER_LENGTH)
@@ -302,7 +380,13 @@ class InferenceFastPath:
                 request = decode_request(body, header_length)
             else:
                 request = await self._off_loop(decode_request, body, header_length)
-            response = await self.server.dataplane.infer(name, version, request)
+            if kind == "models":
+                response, route = await self.router.infer(
+                    name, version, request, headers.get("seldon-model"), headers.get("x-seldon-route"))
+            else:
+                response, route = await self.router.infer_pipeline(name, request, headers.get("x-seldon-route"))
+            if route is not None:
+                reply.append((b"x-seldon-route", route.encode("latin-1")))
             if sum(tensor.data.nbytes for tensor in response.outputs) < OFFLOAD_BYTES:
                 content, header_length = encode_response(response, request)
             else:
@@ -338,18 +422,17 @@ async def metrics() -> Response:
     return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _each(items: list, action, done_word: str) -> list[dict]:
-    """Apply `action` to each manifest's model in order; a failure says which ones were done before it."""
+async def _each(items: list[tuple[str, Any]], action, done_word: str) -> list[dict]:
+    """Apply `action(kind, item)` to each manifest in order; a failure says which ones were done before it."""
     done: list[dict] = []
-    for item in items:
-        name = getattr(item, "name", item)
+    for kind, item in items:
         try:
-            await action(item)
+            await action(kind, item)
         except FleetError as error:
             if done:
                 error.message = f"{[entry['name'] for entry in done]} {done_word}; then {error.message}"
             raise
-        done.append({"kind": "Model", "name": name})
+        done.append({"kind": kind, "name": getattr(item, "name", item)})
     return done
 
 

@@ -1,0 +1,530 @@
+"""Seldon Core 2 Pipelines: the spec, checked once when a manifest arrives, and one run per request.
+
+A run is dataflow, as in Seldon's Kafka streams but in process: every step that completes
+delivers its tensors to the steps (and the output) that read them; a step fires when its
+`inputs` and `triggers` joins are satisfied. So a step whose wanted tensors never come does
+not run (conditional routing), `any` joins take what arrives first, `outer` joins take what
+has arrived once nothing more can come (or `joinWindowMs` passed), and cycles simply
+deliver again, bounded by `maxStepRevisits`. The response is sent as soon as the output's
+join fires; steps the output does not depend on keep running after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from fleetserve.errors import FleetError, InferenceError, InvalidInput
+from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+JOIN_TYPES = ("inner", "outer", "any")
+OUTPUT = ""  # the output's key among the consumers: no step can be named so
+INSPECT_DEPTH = 10  # messages kept per step for `inspect`
+
+_STEP_KEYS = {"name", "inputs", "triggers", "tensorMap", "inputsJoinType", "triggersJoinType", "joinWindowMs", "batch"}
+_OUTPUT_KEYS = {"steps", "stepsJoin", "tensorMap", "joinWindowMs"}
+_SPEC_KEYS = {"steps", "output", "allowCycles", "maxStepRevisits", "dataflow", "input"}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """`source[.inputs|.outputs[.TENSOR]]`: a step's or the pipeline's tensors, or one of them."""
+
+    source: str
+    kind: str  # "inputs" or "outputs"
+    tensor: str | None
+
+    def __str__(self) -> str:
+        return f"{self.source}.{self.kind}" + (f".{self.tensor}" if self.tensor is not None else "")
+
+
+@dataclass
+class Join:
+    refs: list[Ref]
+    how: str  # inner, outer or any
+    window_s: float | None
+
+    def ready(self, arrived: dict[Ref, list[Tensor]], force: bool) -> bool:
+        """Whether the arrived refs satisfy the join; `force`: nothing more will arrive in time."""
+        if not self.refs:
+            return True
+        if self.how == "inner":
+            return len(arrived) == len(self.refs)
+        if self.how == "any" or force:
+            return bool(arrived)
+        return len(arrived) == len(self.refs)
+
+
+@dataclass
+class Step:
+    name: str
+    inputs: Join
+    triggers: Join
+    tensor_map: dict[str, str]
+    batch_size: int = 1
+    batch_window_s: float | None = None
+    cyclic: bool = False  # on a cycle: may fire again for one request
+
+
+@dataclass
+class Pipeline:
+    name: str
+    steps: dict[str, Step]
+    output: Step | None
+    allow_cycles: bool
+    max_step_revisits: int
+    manifest: dict[str, Any]
+    consumers: dict[str, list[str]] = field(default_factory=dict)  # source -> steps (and OUTPUT) reading it
+    needed: frozenset[str] = frozenset()  # the steps the output depends on
+    batches: dict[str, "StepBatch"] = field(default_factory=dict)
+    inspect: dict[str, deque] = field(default_factory=dict)  # step (or the pipeline's name) -> recent messages
+    step_errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.steps)
+
+
+# --- the spec ------------------------------------------------------------------------------
+
+def pipeline_from_manifest(document: dict[str, Any]) -> Pipeline:
+    """A `kind: Pipeline` manifest, checked: names, references, joins, cycles."""
+    name, spec = graph_manifest(document, "pipeline", _SPEC_KEYS)
+    where = f"pipeline '{name}'"
+    if spec.get("input") is not None:
+        raise InvalidInput(f"{where}: spec.input (reading other pipelines' data) is not supported; "
+                           "call the pipelines one after the other, or put their steps in one pipeline")
+    raw_steps = spec.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise InvalidInput(f"{where}: spec.steps must be a non-empty list of steps")
+    names: list[str] = []
+    for raw in raw_steps:
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"{where}: each step must be a mapping, got {raw!r}")
+        step_name = raw.get("name")
+        if not isinstance(step_name, str) or not NAME.match(step_name):
+            raise InvalidInput(f"{where}: invalid step name {step_name!r}: lower-case letters, digits and '-'")
+        if step_name == name:
+            raise InvalidInput(f"{where}: a step cannot have the pipeline's name '{name}'")
+        if step_name in names:
+            raise InvalidInput(f"{where}: step '{step_name}' appears twice")
+        names.append(step_name)
+    steps = {raw["name"]: _step(raw, name, names) for raw in raw_steps}
+    output = _output(spec.get("output"), name, names)
+    allow_cycles = spec.get("allowCycles", False)
+    if not isinstance(allow_cycles, bool):
+        raise InvalidInput(f"{where}: allowCycles must be true or false")
+    revisits = spec.get("maxStepRevisits", 0)
+    if not isinstance(revisits, int) or isinstance(revisits, bool) or revisits < 0:
+        raise InvalidInput(f"{where}: maxStepRevisits must be a non-negative integer")
+    pipeline = Pipeline(name, steps, output, allow_cycles, revisits, document)
+    _wire(pipeline)
+    return pipeline
+
+
+def graph_manifest(document: dict[str, Any], kind: str, known: set[str]) -> tuple[str, dict[str, Any]]:
+    """A pipeline's or experiment's name (Seldon's rule for them) and spec, checked for typos."""
+    name = (document.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise InvalidInput(f"invalid {kind} name {name!r}: lower-case letters, digits and '-', "
+                           "starting and ending with a letter or digit")
+    spec = document.get("spec")
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"{kind} '{name}': spec must be a mapping")
+    _refuse_unknown(spec, known, f"{kind} '{name}': spec")
+    return name, spec
+
+
+def _refuse_unknown(raw: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+
+
+def _ref(text: Any, pipeline: str, steps: list[str], where: str) -> Ref:
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInput(f"{where}: empty reference; use step, step.outputs[.TENSOR] or {pipeline}.inputs[.TENSOR]")
+    source, _, rest = text.partition(".")
+    kind, _, tensor = rest.partition(".")
+    if source != pipeline and source not in steps:
+        raise InvalidInput(f"{where}: '{text}' refers to '{source}', which is neither a step ({steps}) nor the pipeline")
+    if not kind:
+        kind = "inputs" if source == pipeline else "outputs"
+    if kind not in ("inputs", "outputs"):
+        raise InvalidInput(f"{where}: '{text}': after the step comes 'inputs' or 'outputs', not '{kind}'")
+    if source == pipeline and kind == "outputs":
+        raise InvalidInput(f"{where}: '{text}': a pipeline's steps cannot read its own outputs")
+    if rest and "." in rest and not tensor:
+        raise InvalidInput(f"{where}: '{text}' ends with '.' where a tensor name belongs")
+    return Ref(source, kind, tensor or None)
+
+
+def _refs(raw: Any, field_name: str, pipeline: str, steps: list[str], where: str) -> list[Ref]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidInput(f"{where}: {field_name} must be a list")
+    return [_ref(item, pipeline, steps, f"{where}: {field_name}") for item in raw]
+
+
+def _join_type(raw: dict, key: str, where: str) -> str:
+    how = raw.get(key, "inner")
+    if how not in JOIN_TYPES:
+        raise InvalidInput(f"{where}: {key} must be one of {list(JOIN_TYPES)}, got {how!r}")
+    return how
+
+
+def _window(raw: dict, where: str) -> float | None:
+    window = raw.get("joinWindowMs")
+    if window is None:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise InvalidInput(f"{where}: joinWindowMs must be a non-negative integer")
+    return window / 1000
+
+
+def _tensor_map(raw: dict, pipeline: str, steps: list[str], where: str) -> dict[str, str]:
+    mapping = raw.get("tensorMap") or {}
+    if not isinstance(mapping, dict):
+        raise InvalidInput(f"{where}: tensorMap must be a mapping from source.outputs.TENSOR to a new name")
+    checked = {}
+    for key, value in mapping.items():
+        ref = _ref(key, pipeline, steps, f"{where}: tensorMap")
+        if ref.tensor is None:
+            raise InvalidInput(f"{where}: tensorMap key '{key}' must name a tensor (source.outputs.TENSOR)")
+        if not isinstance(value, str) or not value:
+            raise InvalidInput(f"{where}: tensorMap '{key}' must map to a tensor name")
+        checked[str(ref)] = value
+    return checked
+
+
+def _step(raw: dict, pipeline: str, steps: list[str]) -> Step:
+    where = f"pipeline '{pipeline}': step '{raw['name']}'"
+    _refuse_unknown(raw, _STEP_KEYS, where)
+    window = _window(raw, where)
+    inputs = _refs(raw.get("inputs"), "inputs", pipeline, steps, where) or [Ref(pipeline, "inputs", None)]
+    triggers = _refs(raw.get("triggers"), "triggers", pipeline, steps, where)
+    batch = raw.get("batch") or {}
+    if not isinstance(batch, dict):
+        raise InvalidInput(f"{where}: batch must be a mapping with size and windowMs")
+    _refuse_unknown(batch, {"size", "windowMs", "rolling"}, f"{where}: batch")
+    if batch.get("rolling"):
+        raise InvalidInput(f"{where}: batch.rolling is not supported")
+    size = batch.get("size", 1)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise InvalidInput(f"{where}: batch.size must be a positive integer")
+    batch_window = _window({"joinWindowMs": batch.get("windowMs")}, f"{where}: batch.windowMs")
+    return Step(
+        name=raw["name"],
+        inputs=Join(inputs, _join_type(raw, "inputsJoinType", where), window),
+        triggers=Join(triggers, _join_type(raw, "triggersJoinType", where), window),
+        tensor_map=_tensor_map(raw, pipeline, steps, where),
+        batch_size=size,
+        batch_window_s=batch_window,
+    )
+
+
+def _output(raw: Any, pipeline: str, steps: list[str]) -> Step | None:
+    if raw is None:
+        return None
+    where = f"pipeline '{pipeline}': output"
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{where} must be a mapping with steps")
+    _refuse_unknown(raw, _OUTPUT_KEYS, where)
+    refs = _refs(raw.get("steps"), "steps", pipeline, steps, where)
+    if not refs:
+        raise InvalidInput(f"{where}: steps must name at least one step")
+    return Step(
+        name=OUTPUT,
+        inputs=Join(refs, _join_type(raw, "stepsJoin", where), _window(raw, where)),
+        triggers=Join([], "inner", None),
+        tensor_map=_tensor_map(raw, pipeline, steps, where),
+    )
+
+
+def _wire(pipeline: Pipeline) -> None:
+    """Consumers per source, cycles (refused unless allowed), and the steps the output needs."""
+    readers = list(pipeline.steps.values()) + ([pipeline.output] if pipeline.output else [])
+    for reader in readers:
+        for ref in reader.inputs.refs + reader.triggers.refs:
+            consumers = pipeline.consumers.setdefault(ref.source, [])
+            if reader.name not in consumers:
+                consumers.append(reader.name)
+    sources = {step.name: {ref.source for ref in step.inputs.refs + step.triggers.refs if ref.source in pipeline.steps}
+               for step in pipeline.steps.values()}
+    for step in pipeline.steps.values():
+        step.cyclic = step.name in _reachable(step.name, sources)  # the step reads, at some remove, itself
+    cyclic = [step.name for step in pipeline.steps.values() if step.cyclic]
+    if cyclic and not pipeline.allow_cycles:
+        raise InvalidInput(f"pipeline '{pipeline.name}': steps {cyclic} form a cycle; set allowCycles: true "
+                           "(and maxStepRevisits) to allow it")
+    if pipeline.output:
+        wanted = {ref.source for ref in pipeline.output.inputs.refs}
+        pipeline.needed = frozenset(wanted | set().union(*(_reachable(name, sources) for name in wanted)))
+    for step in pipeline.steps.values():
+        if step.batch_size > 1:
+            pipeline.batches[step.name] = StepBatch(step.batch_size, step.batch_window_s)
+
+
+def _reachable(start: str, sources: dict[str, set[str]]) -> set[str]:
+    """Every step `start` reads from, directly or through others."""
+    seen: set[str] = set()
+    stack = list(sources[start])
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(sources[name])
+    return seen
+
+
+# --- a run ---------------------------------------------------------------------------------
+
+Call = Callable[[str, InferenceRequest], Awaitable[InferenceResponse]]
+
+
+class StepBatch:
+    """`batch.size` for one step across requests: the step runs once per `size` messages, on
+    their tensors joined along the first axis, and its answer goes to the message that completed
+    the batch (with `windowMs`, a partial batch runs when the window ends, answering the last)."""
+
+    def __init__(self, size: int, window_s: float | None):
+        self.size = size
+        self.window_s = window_s
+        self.waiting: list[tuple[list[Tensor], asyncio.Future]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def submit(self, inputs: list[Tensor], run: Callable[[list[Tensor]], Awaitable[list[Tensor]]]) -> asyncio.Future:
+        """A future for this message's answer: the outputs, or None when another message's run carries it."""
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((inputs, future))
+        if len(self.waiting) >= self.size:
+            self._flush(run)
+        elif self.timer is None and self.window_s is not None:
+            self.timer = asyncio.get_running_loop().call_later(self.window_s, self._flush, run)
+        return future
+
+    def _flush(self, run) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        batch, self.waiting = self.waiting, []
+        if not batch:
+            return
+        *carried, (_, last) = batch
+        for _, future in carried:
+            if not future.done():
+                future.set_result(None)
+        try:
+            merged = _concatenate([inputs for inputs, _ in batch])
+        except InvalidInput as error:
+            last.set_exception(error)
+            return
+        task = asyncio.ensure_future(run(merged))
+        task.add_done_callback(lambda done: _settle(last, done))
+
+
+def _settle(future: asyncio.Future, done: asyncio.Future) -> None:
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif done.exception() is not None:
+        future.set_exception(done.exception())
+    else:
+        future.set_result(done.result())
+
+
+def _concatenate(messages: list[list[Tensor]]) -> list[Tensor]:
+    names = [tensor.name for tensor in messages[0]]
+    for message in messages[1:]:
+        if [tensor.name for tensor in message] != names:
+            raise InvalidInput(f"batched messages differ in tensors: {names} and {[t.name for t in message]}")
+    try:
+        return [Tensor(name, np.concatenate([message[index].data for message in messages]), messages[-1][index].parameters)
+                for index, name in enumerate(names)]
+    except ValueError as error:
+        raise InvalidInput(f"batched messages cannot be joined: {error}") from None
+
+
+class PipelineRun:
+    """One request through a pipeline. `call(model, request)` is the data plane."""
+
+    def __init__(self, pipeline: Pipeline, request: InferenceRequest, request_id: str, call: Call):
+        self.pipeline = pipeline
+        self.request_id = request_id
+        self.call = call
+        self.arrived: dict[str, dict[Ref, list[Tensor]]] = {name: {} for name in [*pipeline.steps, OUTPUT]}
+        self.triggered: dict[str, dict[Ref, list[Tensor]]] = {name: {} for name in pipeline.steps}
+        self.fired: dict[str, int] = {name: 0 for name in pipeline.steps}
+        self.running: dict[str, int] = {name: 0 for name in pipeline.steps}
+        self.windows: dict[str, asyncio.TimerHandle] = {}
+        self.tasks: dict[asyncio.Task, str] = {}  # running step -> its name
+        self.response: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.inputs = request.inputs
+
+    async def run(self) -> list[Tensor]:
+        """The output's tensors; steps off the response path may still be running after it."""
+        if self.pipeline.output is None:
+            raise InvalidInput(f"pipeline '{self.pipeline.name}' has no output steps, so it has no answer to give")
+        self._deliver(self.pipeline.name, self.inputs, [])
+        self._check_settled()
+        try:
+            outputs = await asyncio.shield(self.response)
+        except asyncio.CancelledError:  # the caller went away: stop what only its answer needed
+            for task, step in list(self.tasks.items()):
+                if step in self.pipeline.needed:
+                    task.cancel()
+            raise
+        except FleetError as error:
+            self._record(self.pipeline.name, self.inputs, [], error.message)
+            raise
+        self._record(self.pipeline.name, self.inputs, outputs)
+        return outputs
+
+    # Tensors arrive ...
+
+    def _deliver(self, source: str, inputs: list[Tensor], outputs: list[Tensor]) -> None:
+        """A step (or the pipeline's input) produced a message: hand each reader what it asked for."""
+        for reader in self.pipeline.consumers.get(source, ()):
+            step = self.pipeline.output if reader == OUTPUT else self.pipeline.steps[reader]
+            for refs, arrived in ((step.inputs.refs, self.arrived[reader]), (step.triggers.refs, self.triggered.get(reader))):
+                for ref in refs:
+                    if ref.source == source:
+                        tensors = _select(ref, inputs if ref.kind == "inputs" else outputs)
+                        if tensors is not None:
+                            arrived[ref] = tensors
+            self._try_fire(step, force=False)
+
+    def _try_fire(self, step: Step, force: bool) -> bool:
+        if self.response.done() and step.name not in self.pipeline.steps:
+            return False
+        if step.name != OUTPUT and self.fired[step.name] and not step.cyclic:
+            return False  # off a cycle, a step runs once per request: later arrivals are too late
+        arrived, triggered = self.arrived[step.name], self.triggered.get(step.name, {})
+        if not (step.inputs.ready(arrived, force) and step.triggers.ready(triggered, force)):
+            if (arrived or triggered) and step.inputs.how == "outer" and step.inputs.window_s is not None:
+                self._open_window(step)
+            return False
+        tensors = [_renamed(tensor, ref, step.tensor_map) for ref in step.inputs.refs if ref in arrived for tensor in arrived[ref]]
+        arrived.clear()
+        triggered.clear()
+        window = self.windows.pop(step.name, None)
+        if window is not None:
+            window.cancel()
+        if step.name == OUTPUT:
+            if not self.response.done():
+                self.response.set_result(tensors)
+            return True
+        self.fired[step.name] += 1
+        if self.fired[step.name] > 1 + self.pipeline.max_step_revisits:
+            self._fail(step.name, InferenceError(
+                f"step '{step.name}' would run {self.fired[step.name]} times; maxStepRevisits is "
+                f"{self.pipeline.max_step_revisits}"))
+            return True
+        self.running[step.name] += 1
+        task = asyncio.ensure_future(self._run_step(step, tensors))
+        self.tasks[task] = step.name
+        task.add_done_callback(self.tasks.pop)
+        return True
+
+    def _open_window(self, step: Step) -> None:
+        if step.name not in self.windows:
+            loop = asyncio.get_running_loop()
+            self.windows[step.name] = loop.call_later(step.inputs.window_s, self._window_closed, step)
+
+    def _window_closed(self, step: Step) -> None:
+        self.windows.pop(step.name, None)
+        self._try_fire(step, force=True)
+        self._check_settled()
+
+    async def _run_step(self, step: Step, inputs: list[Tensor]) -> None:
+        try:
+            outputs = await self._answer(step, inputs)
+        except FleetError as error:
+            self._fail(step.name, error)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug: still this request's error, not the loop's
+            log.exception("pipeline %s: step %s", self.pipeline.name, step.name)
+            self._fail(step.name, InferenceError(f"{type(error).__name__}: {error}"))
+            return
+        finally:
+            self.running[step.name] -= 1
+        if outputs is not None:
+            self._record(step.name, inputs, outputs)
+            self._deliver(step.name, inputs, outputs)
+        self._check_settled()
+
+    async def _answer(self, step: Step, inputs: list[Tensor]) -> list[Tensor] | None:
+        async def run(tensors: list[Tensor]) -> list[Tensor]:
+            response = await self.call(step.name, InferenceRequest(inputs=tensors, id=self.request_id))
+            return response.outputs
+
+        batch = self.pipeline.batches.get(step.name)
+        if batch is None:
+            return await run(inputs)
+        return await batch.submit(inputs, run)
+
+    def _fail(self, step: str, error: FleetError) -> None:
+        message = f"{step} : {error.message}"
+        self.pipeline.step_errors[step] = self.pipeline.step_errors.get(step, 0) + 1
+        if step in self.pipeline.needed and not self.response.done():
+            self.response.set_exception(InferenceError(message))
+            return
+        log.warning("pipeline %s (request %s): %s", self.pipeline.name, self.request_id, message)
+
+    def _check_settled(self) -> None:
+        """When no step the output needs is running or waiting for a window, nothing more can
+        arrive for it: outer joins take what they have; if the output still cannot be formed,
+        the request gets the reason instead of waiting for ever."""
+        needed = self.pipeline.needed
+
+        def busy() -> bool:
+            return self.response.done() or any(self.running[name] or name in self.windows for name in needed)
+
+        while not busy():
+            fired = False
+            for name in needed:  # outer joins left waiting for sources that will not come
+                if self.arrived[name] or self.triggered[name]:
+                    fired = self._try_fire(self.pipeline.steps[name], force=True) or fired
+            if not fired:
+                break
+        if busy():
+            return
+        if not self._try_fire(self.pipeline.output, force=True):
+            missing = [str(ref) for ref in self.pipeline.output.inputs.refs if ref not in self.arrived[OUTPUT]]
+            self.response.set_exception(InferenceError(
+                f"pipeline '{self.pipeline.name}' produced no output: {missing} did not arrive "
+                f"(stepsJoin {self.pipeline.output.inputs.how})"))
+
+    def _record(self, key: str, inputs: list[Tensor], outputs: list[Tensor], error: str | None = None) -> None:
+        message = {"id": self.request_id, "inputs": inputs, "outputs": outputs}
+        if error is not None:
+            message["error"] = error
+        self.pipeline.inspect.setdefault(key, deque(maxlen=INSPECT_DEPTH)).append(message)
+
+
+def _select(ref: Ref, tensors: list[Tensor]) -> list[Tensor] | None:
+    """What `ref` reads from a message, or None when the message lacks it."""
+    if ref.tensor is None:
+        return tensors if tensors or ref.kind == "inputs" else None
+    for tensor in tensors:
+        if tensor.name == ref.tensor:
+            return [tensor]
+    return None
+
+
+def _renamed(tensor: Tensor, ref: Ref, tensor_map: dict[str, str]) -> Tensor:
+    new_name = tensor_map.get(f"{ref.source}.{ref.kind}.{tensor.name}")
+    return tensor if new_name is None else Tensor(new_name, tensor.data, tensor.parameters)

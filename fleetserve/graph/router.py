@@ -1,0 +1,266 @@
+"""Where an inference goes: a model, a pipeline or an experiment.
+
+The front doors call `Router.infer()` with the path's model and the `seldon-model` and
+`x-seldon-route` headers; every model call still goes through `DataPlane.infer()`. An
+experiment with a `default` takes over that model's (or pipeline's) own endpoint while all its
+candidates are ready; removing it gives the endpoint back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+from fleetserve.errors import FleetError, InvalidInput, NotFound, NotReady
+from fleetserve.graph.experiment import Experiment
+from fleetserve.graph.pipeline import Pipeline, PipelineRun
+from fleetserve.runtime.dataplane import DataPlane
+from fleetserve.runtime.metrics import LATENCY_BUCKETS, LATENCY_BUCKETS_NS
+from fleetserve.runtime.registry import READY, Registry
+from fleetserve.types import InferenceRequest, InferenceResponse
+
+log = logging.getLogger(__name__)
+
+PIPELINE_SUFFIX, EXPERIMENT_SUFFIX = ".pipeline", ".experiment"
+
+
+# An answer, and the `x-seldon-route` to send with it when an experiment chose where it went.
+Routed = tuple[InferenceResponse, str | None]
+
+
+@dataclass
+class GraphStats:
+    """Per pipeline or experiment, read by GraphCollector at scrape time."""
+
+    outcomes: dict[str, int]
+    latency_buckets: list[int]
+    latency_ns: int = 0
+
+    @classmethod
+    def empty(cls) -> "GraphStats":
+        return cls({}, [0] * (len(LATENCY_BUCKETS_NS) + 1))
+
+    def record(self, outcome: str, elapsed_ns: int) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if outcome == "success":
+            self.latency_ns += elapsed_ns
+            self.latency_buckets[bisect_left(LATENCY_BUCKETS_NS, elapsed_ns)] += 1
+
+
+class Router:
+    def __init__(self, registry: Registry, dataplane: DataPlane):
+        self.registry = registry
+        self.dataplane = dataplane
+        self.pipelines: dict[str, Pipeline] = {}
+        self.experiments: dict[str, Experiment] = {}
+        self.takeovers: dict[tuple[str, str], Experiment] = {}  # (resource type, default) -> experiment
+        self.stats: dict[str, GraphStats] = {}  # "pipeline/NAME" or "experiment/NAME"
+        self.routed: dict[str, dict[str, int]] = {}  # experiment -> candidate (or "mirror:NAME") -> requests
+        self.background: set[asyncio.Task] = set()
+
+    # Manifests.
+
+    def add_pipeline(self, pipeline: Pipeline) -> None:
+        """Create or replace a pipeline; it serves once all its step models are ready."""
+        self.pipelines[pipeline.name] = pipeline
+        self.stats.setdefault(f"pipeline/{pipeline.name}", GraphStats.empty())
+
+    def delete_pipeline(self, name: str) -> None:
+        if self.pipelines.pop(name, None) is None:
+            raise NotFound(f"pipeline '{name}' not found")
+        self.stats.pop(f"pipeline/{name}", None)
+
+    def add_experiment(self, experiment: Experiment) -> None:
+        if experiment.default is not None:
+            key = (experiment.resource_type, experiment.default)
+            holder = self.takeovers.get(key)
+            if holder is not None and holder.name != experiment.name:
+                raise InvalidInput(f"experiment '{experiment.name}': {experiment.resource_type} '{experiment.default}' "
+                                   f"is already the default of experiment '{holder.name}'")
+        previous = self.experiments.get(experiment.name)
+        if previous is not None and previous.default is not None:
+            self.takeovers.pop((previous.resource_type, previous.default), None)
+        self.experiments[experiment.name] = experiment
+        if experiment.default is not None:
+            self.takeovers[(experiment.resource_type, experiment.default)] = experiment
+        self.stats.setdefault(f"experiment/{experiment.name}", GraphStats.empty())
+        self.routed.setdefault(experiment.name, {})
+
+    def delete_experiment(self, name: str) -> None:
+        experiment = self.experiments.pop(name, None)
+        if experiment is None:
+            raise NotFound(f"experiment '{name}' not found")
+        if experiment.default is not None:
+            self.takeovers.pop((experiment.resource_type, experiment.default), None)
+        self.stats.pop(f"experiment/{name}", None)
+        self.routed.pop(name, None)
+
+    # Readiness.
+
+    def model_problem(self, name: str) -> str | None:
+        try:
+            state = self.registry.get(name).state
+        except FleetError as error:
+            return error.message
+        return None if state == READY else f"model '{name}' is {state.lower()}"
+
+    def pipeline_problem(self, name: str) -> str | None:
+        pipeline = self.pipelines.get(name)
+        if pipeline is None:
+            return f"pipeline '{name}' not found"
+        problems = [problem for model in pipeline.models if (problem := self.model_problem(model))]
+        return "; ".join(problems) or None
+
+    def experiment_problem(self, name: str) -> str | None:
+        experiment = self.experiments[name]
+        check = self.pipeline_problem if experiment.resource_type == "pipeline" else self.model_problem
+        targets = [candidate for candidate, _ in experiment.candidates] + ([experiment.mirror] if experiment.mirror else [])
+        problems = [problem for target in targets if (problem := check(target))]
+        return "; ".join(problems) or None
+
+    def get_pipeline(self, name: str) -> Pipeline:
+        pipeline = self.pipelines.get(name)
+        if pipeline is None:
+            raise NotFound(f"pipeline '{name}' not found")
+        return pipeline
+
+    def get_experiment(self, name: str) -> Experiment:
+        experiment = self.experiments.get(name)
+        if experiment is None:
+            raise NotFound(f"experiment '{name}' not found")
+        return experiment
+
+    # Inference.
+
+    async def infer(self, name: str, version: str | None, request: InferenceRequest,
+                    seldon_model: str | None = None, route: str | None = None) -> Routed:
+        """An inference addressed by path (`name`, `version`) and `seldon-model`, which wins."""
+        if seldon_model:
+            if seldon_model.endswith(EXPERIMENT_SUFFIX):
+                return await self.infer_experiment(seldon_model[: -len(EXPERIMENT_SUFFIX)], request, route)
+            if seldon_model.endswith(PIPELINE_SUFFIX):
+                return await self.infer_pipeline(seldon_model[: -len(PIPELINE_SUFFIX)], request, route)
+            if seldon_model != name:
+                name, version = seldon_model, None
+        if version is None and self.takeovers:
+            experiment = self.takeovers.get(("model", name))
+            if experiment is not None and self.experiment_problem(experiment.name) is None:
+                return await self._split(experiment, request, route)
+        return await self.dataplane.infer(name, version, request), None
+
+    async def infer_pipeline(self, name: str, request: InferenceRequest, route: str | None = None) -> Routed:
+        experiment = self.takeovers.get(("pipeline", name))
+        if experiment is not None and self.experiment_problem(experiment.name) is None:
+            return await self._split(experiment, request, route)
+        return await self.run_pipeline(name, request), None
+
+    async def infer_experiment(self, name: str, request: InferenceRequest, route: str | None) -> Routed:
+        experiment = self.get_experiment(name)
+        problem = self.experiment_problem(name)
+        if problem:
+            raise NotReady(f"experiment '{name}' is not ready: {problem}")
+        return await self._split(experiment, request, route)
+
+    async def run_pipeline(self, name: str, request: InferenceRequest) -> InferenceResponse:
+        pipeline = self.get_pipeline(name)
+        problem = self.pipeline_problem(name)
+        if problem:
+            raise NotReady(f"pipeline '{name}' is not ready: {problem}")
+        request_id = request.id or uuid.uuid4().hex
+        stats = self.stats[f"pipeline/{name}"]
+        started = time.perf_counter_ns()
+        try:
+            outputs = await PipelineRun(pipeline, request, request_id, self._call_model).run()
+            if request.outputs:
+                produced = {tensor.name: tensor for tensor in outputs}
+                missing = [wanted.name for wanted in request.outputs if wanted.name not in produced]
+                if missing:
+                    raise InvalidInput(f"pipeline '{name}' has no output {missing}; it produced {list(produced)}")
+                outputs = [produced[wanted.name] for wanted in request.outputs]
+        except FleetError as error:
+            stats.record(type(error).__name__, 0)
+            raise
+        except asyncio.CancelledError:
+            stats.record("Cancelled", 0)
+            raise
+        stats.record("success", time.perf_counter_ns() - started)
+        # Seldon answers for a pipeline with an empty model name.
+        return InferenceResponse(model_name="", outputs=outputs, id=request_id)
+
+    async def _call_model(self, model: str, request: InferenceRequest) -> InferenceResponse:
+        return await self.dataplane.infer(model, None, request)
+
+    async def _split(self, experiment: Experiment, request: InferenceRequest, route: str | None) -> Routed:
+        candidate = experiment.choose(route)
+        routed = self.routed[experiment.name]
+        routed[candidate] = routed.get(candidate, 0) + 1
+        if experiment.mirrors():
+            mirror = f"mirror:{experiment.mirror}"
+            routed[mirror] = routed.get(mirror, 0) + 1
+            copy = InferenceRequest(inputs=list(request.inputs), id=request.id, parameters=dict(request.parameters),
+                                    outputs=list(request.outputs))
+            task = asyncio.ensure_future(self._mirror(experiment, copy))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+        stats = self.stats[f"experiment/{experiment.name}"]
+        started = time.perf_counter_ns()
+        try:
+            response = await self._call_target(experiment, candidate, request)
+        except FleetError as error:
+            stats.record(type(error).__name__, 0)
+            raise
+        stats.record("success", time.perf_counter_ns() - started)
+        return response, experiment.route_entry(candidate)
+
+    async def _call_target(self, experiment: Experiment, target: str, request: InferenceRequest) -> InferenceResponse:
+        if experiment.resource_type == "pipeline":
+            return await self.run_pipeline(target, request)
+        return await self.dataplane.infer(target, None, request)
+
+    async def _mirror(self, experiment: Experiment, request: InferenceRequest) -> None:
+        try:
+            await self._call_target(experiment, experiment.mirror, request)
+        except FleetError as error:  # the mirror's answer is never the caller's, nor its errors
+            log.info("experiment %s: mirror %s failed: %s", experiment.name, experiment.mirror, error.message)
+
+
+class GraphCollector:
+    """fleetserve_pipeline_* and fleetserve_experiment_* series, read from the router at scrape time."""
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    def collect(self):
+        requests = CounterMetricFamily("fleetserve_pipeline_requests", "Pipeline requests by outcome.",
+                                       labels=["pipeline", "outcome"])
+        latency = HistogramMetricFamily("fleetserve_pipeline_duration_seconds",
+                                        "Time from a pipeline request to its answer (successes).", labels=["pipeline"])
+        step_errors = CounterMetricFamily("fleetserve_pipeline_step_errors", "Failed step runs, by pipeline and step.",
+                                          labels=["pipeline", "step"])
+        routed = CounterMetricFamily("fleetserve_experiment_requests",
+                                     "Experiment requests by the candidate (or mirror:NAME) they went to.",
+                                     labels=["experiment", "target"])
+        for key, stats in list(self.router.stats.items()):
+            kind, name = key.split("/", 1)
+            if kind != "pipeline":
+                continue
+            for outcome, count in dict(stats.outcomes).items():
+                requests.add_metric([name, outcome], count)
+            cumulative = list(itertools.accumulate(stats.latency_buckets))
+            buckets = [(floatToGoString(bound), count) for bound, count in zip(LATENCY_BUCKETS, cumulative)]
+            latency.add_metric([name], [*buckets, ("+Inf", cumulative[-1])], stats.latency_ns / 1e9)
+        for pipeline in list(self.router.pipelines.values()):
+            for step, count in dict(pipeline.step_errors).items():
+                step_errors.add_metric([pipeline.name, step], count)
+        for experiment, targets in list(self.router.routed.items()):
+            for target, count in dict(targets).items():
+                routed.add_metric([experiment, target], count)
+        yield from (requests, latency, step_errors, routed)
