@@ -130,8 +130,12 @@ def _convert(name: str, raw: str, kind: type) -> Any:
 _VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
+def is_model_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(_VALID_NAME.match(name)) and ".." not in name
+
+
 def check_model_name(name: Any) -> str:
-    if not isinstance(name, str) or not _VALID_NAME.match(name) or ".." in name:
+    if not is_model_name(name):
         raise InvalidInput(
             f"invalid model name {name!r}: use letters, digits, '.', '_' and '-', no path separators or '..'"
         )

@@ -1,6 +1,8 @@
 """Models for the pipeline and experiment tests: Seldon Core 2's samples (tfsimple, conditional,
 mul10/add10, a counter loop) as custom Python runtimes. Each test model folder gets a copy."""
 
+import asyncio
+
 import numpy as np
 
 from fleetserve.errors import InvalidInput
@@ -70,3 +72,11 @@ class Identity(Runtime):
 class Refuse(Runtime):
     def predict(self, request):
         raise InvalidInput("this step refuses every request")
+
+
+class Slow(Runtime):
+    """Identity after `extra.seconds` (default 1) of sleep: a step that takes its time."""
+
+    async def predict(self, request):
+        await asyncio.sleep(float(self.settings.extra.get("seconds", 1)))
+        return self.response([Tensor(t.name, t.data) for t in request.inputs], request)

@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from conftest import http_client, running_server, write_settings
 
@@ -23,7 +25,7 @@ MODELS = {
     "tfsimple1": "AddSub", "tfsimple2": "AddSub", "tfsimple3": "AddSub",
     "conditional": "Conditional", "mul10": "Mul10", "add10": "Add10", "check": "Check",
     "rows": "RowCount", "counter": "Counter", "identity-loop": "Identity", "identity-output": "Identity",
-    "refuse": "Refuse",
+    "refuse": "Refuse", "slow": "Slow", "slow-side": "Slow",
 }
 ONES = list(range(1, 17))
 TFSIMPLE_INPUTS = {"inputs": [
@@ -37,7 +39,8 @@ def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("graph-repo")
     source = Path(__file__).with_name("graph_models.py")
     for name, cls in MODELS.items():
-        write_settings(repo / name, {"implementation": f"graph_models.{cls}"})
+        extra = {"seconds": 1} if cls == "Slow" else {}
+        write_settings(repo / name, {"implementation": f"graph_models.{cls}", "parameters": {"extra": extra}})
         shutil.copy(source, repo / name / "graph_models.py")
     with running_server(repo, tmp_path_factory.mktemp("graph-logs") / "server.log") as running:
         yield running
@@ -219,8 +222,6 @@ spec:
   output:
     steps: [tfsimple3]
 """)
-    inspected = http.get("/v2/pipelines/joincheck/inspect/tfsimple3.inputs").json()["messages"]
-    assert inspected == {}
     assert outputs(infer(http, "joincheck", TFSIMPLE_INPUTS))["OUTPUT0"] == [2 * v for v in ONES]
     # tfsimple3 received the two joined tensors, not the trigger.
     recent = http.get("/v2/pipelines/joincheck/inspect/tfsimple3.inputs").json()["messages"]["tfsimple3"][-1]
@@ -286,6 +287,126 @@ spec:
     assert refused.status_code == 400 and "form a cycle" in refused.json()["error"]
 
 
+def test_outer_join_takes_what_came(http):
+    create(http, """
+kind: Pipeline
+metadata: {name: outer}
+spec:
+  steps:
+    - name: conditional
+    - name: identity-output
+      inputs: [conditional.outputs.OUTPUT0, conditional.outputs.OUTPUT1]
+      inputsJoinType: outer
+  output:
+    steps: [identity-output]
+""")
+    assert outputs(infer(http, "outer", conditional_body(0))) == {"OUTPUT0": [1, 2, 3, 4]}
+    assert outputs(infer(http, "outer", conditional_body(1))) == {"OUTPUT1": [1, 2, 3, 4]}
+
+
+def test_outer_join_window_does_not_wait_for_a_slow_source(http):
+    create(http, """
+kind: Pipeline
+metadata: {name: outer-window}
+spec:
+  steps:
+    - name: identity-loop
+    - name: slow
+    - name: identity-output
+      inputs: [identity-loop.outputs.INPUT, slow.outputs.INPUT]
+      tensorMap: {identity-loop.outputs.INPUT: FAST, slow.outputs.INPUT: SLOW}
+      inputsJoinType: outer
+      joinWindowMs: 100
+  output:
+    steps: [identity-output]
+""")
+    started = time.monotonic()
+    answer = outputs(infer(http, "outer-window", {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1], "data": [7]}]}))
+    assert answer == {"FAST": [7]} and time.monotonic() - started < 0.9  # slow sleeps 1 s
+
+
+def test_steps_off_the_output_path_run_after_the_answer(http):
+    create(http, """
+kind: Pipeline
+metadata: {name: side-slow}
+spec:
+  steps:
+    - name: tfsimple1
+    - name: slow-side
+      inputs: [tfsimple1.outputs.OUTPUT0]
+  output:
+    steps: [tfsimple1]
+""")
+    counted = lambda: http.get("/v2/models/slow-side/stats").json()["model_stats"][0]["inference_count"]  # noqa: E731
+    before = counted()
+    started = time.monotonic()
+    assert outputs(infer(http, "side-slow", TFSIMPLE_INPUTS))["OUTPUT0"] == [2 * v for v in ONES]
+    assert time.monotonic() - started < 0.9  # slow sleeps 1 s, after the answer
+    deadline = time.monotonic() + 5
+    while counted() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counted() == before + 1
+
+
+def test_reading_a_step_inputs_and_outputs_in_source_order(http):
+    manifest = {"kind": "Pipeline", "metadata": {"name": "reads-inputs"}, "spec": {
+        "steps": [{"name": "tfsimple1"},
+                  {"name": "identity-output", "inputs": ["tfsimple1.inputs.INPUT1", "tfsimple1.outputs.OUTPUT0"]}],
+        "output": {"steps": ["identity-output"]}}}
+    create(http, json.dumps(manifest))  # JSON is YAML
+    answer = infer(http, "reads-inputs", TFSIMPLE_INPUTS).json()["outputs"]
+    assert [(tensor["name"], tensor["data"]) for tensor in answer] == [("INPUT1", ONES), ("OUTPUT0", [2 * v for v in ONES])]
+
+
+def test_side_step_outer_join_runs_with_what_came(http):
+    create(http, """
+kind: Pipeline
+metadata: {name: side-outer}
+spec:
+  steps:
+    - name: conditional
+    - name: identity-loop
+      inputs: [conditional.outputs.OUTPUT0, conditional.outputs.OUTPUT1]
+      inputsJoinType: outer
+  output:
+    steps: [conditional]
+""")
+    assert outputs(infer(http, "side-outer", {**conditional_body(1), "id": "side"})) == {"OUTPUT1": [1, 2, 3, 4]}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        seen = http.get("/v2/pipelines/side-outer/inspect/identity-loop.outputs").json()["messages"]
+        if seen:
+            break
+        time.sleep(0.05)
+    assert [(m["id"], [t["name"] for t in m["outputs"]]) for m in seen["identity-loop"]] == [("side", ["OUTPUT1"])]
+
+
+def test_output_tensor_map_and_pipeline_input_echo(http):
+    create(http, """
+kind: Pipeline
+metadata: {name: echoes}
+spec:
+  steps: [{name: tfsimple1}]
+  output:
+    steps: [echoes.inputs.INPUT0, tfsimple1.outputs.OUTPUT1]
+    tensorMap: {echoes.inputs.INPUT0: ECHO, tfsimple1.outputs.OUTPUT1: ZERO}
+""")
+    for n in range(12):
+        answer = outputs(infer(http, "echoes", {**TFSIMPLE_INPUTS, "id": f"e{n}"}))
+        assert answer == {"ECHO": ONES, "ZERO": [0] * 16}
+    kept = http.get("/v2/pipelines/echoes/inspect/echoes", params={"limit": 2}).json()["messages"]["echoes"]
+    assert [message["id"] for message in kept] == ["e10", "e11"]
+    assert len(http.get("/v2/pipelines/echoes/inspect").json()["messages"]["tfsimple1"]) == 10  # the last ten
+
+
+def test_pipeline_with_curl(server, http):
+    create(http, TFSIMPLES.replace("name: tfsimples", "name: curled"))
+    result = subprocess.run(["curl", "-s", "-X", "POST", f"{server.url}/v2/models/curled/infer",
+                             "-H", "seldon-model: curled.pipeline", "-d", json.dumps(TFSIMPLE_INPUTS)],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout)["outputs"][0]["data"] == [2 * v for v in ONES]
+
+
 def test_failing_step_answers_400_with_its_name(http):
     create(http, """
 kind: Pipeline
@@ -343,6 +464,12 @@ spec:
     ("steps: []", "spec.steps must be a non-empty list"),
     ("steps: [{name: a, inputs: [b]}, {name: b, inputs: [a]}]", "form a cycle"),
     ("steps: [{name: a}]\noutput: {steps: [b]}", "'b' refers to 'b'"),
+    ("steps: [{name: a}, {name: b, inputs: [a, a.outputs]}]", "lists ['a.outputs'] more than once"),
+    ("steps: [{name: a}, {name: b, inputs: [a.]}]", "'a.' ends with '.'"),
+    ("steps: [{name: a}, {name: b, inputs: [a], tensorMap: {checked.inputs.X: Y}}]", "renames a tensor it does not read"),
+    ("steps: [{name: a, batch: {size: 3}}]\noutput: {steps: [a]}", "give batch.windowMs too"),
+    ("steps: [{name: a, batch: {size: 3, rolling: true}}]", "batch.rolling is not supported"),
+    ("steps: [{name: a}]\ninput: {externalInputs: [other.outputs]}", "spec.input (reading other pipelines' data)"),
 ])
 def test_invalid_pipelines_are_refused_clearly(http, spec, fragment):
     assert_refused(http, "Pipeline", spec, fragment)
@@ -395,7 +522,7 @@ def called(response: httpx.Response) -> str:
     return response.json()["model_name"]
 
 
-def test_weighted_split_is_measured_over_many_requests(http):
+def test_weighted_split_is_measured_over_many_requests(server, http):
     experiment(http, """
 kind: Experiment
 metadata: {name: split}
@@ -415,6 +542,16 @@ spec:
     status = http.get("/v2/experiments/split").json()
     assert status["requests"] == {"tfsimple1": chosen.count("tfsimple1"), "tfsimple2": chosen.count("tfsimple2")}
     assert 'fleetserve_experiment_requests_total{experiment="split",target="tfsimple2"}' in http.get("/metrics").text
+
+    # gRPC: the route comes back as a header (initial metadata).
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        message = service_pb2.ModelInferRequest(model_name="split", inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(
+                name=name, datatype="INT32", shape=[1, 16], contents=service_pb2.InferTensorContents(int_contents=ONES))
+            for name in ("INPUT0", "INPUT1")])
+        reply, call = stub.ModelInfer.with_call(message, metadata=(("seldon-model", "split.experiment"),))
+        assert dict(call.initial_metadata())["x-seldon-route"] == f":{reply.model_name}:"
 
     # Sticky: a route sent back is kept, whatever the weights say.
     route = next(r.headers["x-seldon-route"] for r in answers if r.headers["x-seldon-route"] == ":tfsimple2:")
@@ -505,6 +642,8 @@ spec:
     ("candidates: [{name: tfsimple1, weight: 0}]", "weights add up to 0"),
     ("candidates: [{name: tfsimple1, weight: 1}]\nresourceType: server", "resourceType must be one of"),
     ("candidates: [{name: tfsimple1, weight: 1}]\nmirror: {name: tfsimple2, percent: 150}", "mirror.percent"),
+    ("candidates: [{name: ../etc, weight: 1}]", "candidate '../etc' is not a valid model name"),
+    ("candidates: [{name: Upper, weight: 1}]\nresourceType: pipeline", "candidate 'Upper' is not a valid pipeline name"),
 ])
 def test_invalid_experiments_are_refused_clearly(http, spec, fragment):
     assert_refused(http, "Experiment", spec, fragment)
@@ -515,6 +654,11 @@ def test_one_experiment_per_default(http):
     experiment(http, first.replace("NAME", "first"))
     second = http.post("/v2/experiments", content=first.replace("NAME", "second"))
     assert second.status_code == 400 and "already the default of experiment 'first'" in second.json()["error"]
+    # Checked before anything of a multi-document apply is applied.
+    both = first.replace("NAME", "third") + "---\n" + first.replace("NAME", "fourth")
+    refused = http.post("/v2/manifests", content=both.replace("tfsimple3", "tfsimple2"))
+    assert refused.status_code == 400 and "already the default of experiment 'third'" in refused.json()["error"]
+    assert http.get("/v2/experiments/third").status_code == 404
     assert http.delete("/v2/experiments/first").status_code == 200
     not_ready = "kind: Experiment\nmetadata: {name: waiting}\nspec:\n  candidates: [{name: not-there, weight: 1}]\n"
     experiment(http, not_ready)

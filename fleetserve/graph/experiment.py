@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetserve.errors import InvalidInput
-from fleetserve.graph.pipeline import graph_manifest
+from fleetserve.graph.pipeline import NAME, graph_manifest
+from fleetserve.settings import is_model_name
 
 RESOURCE_TYPES = ("model", "pipeline")
 _SPEC_KEYS = {"default", "candidates", "mirror", "resourceType"}
@@ -52,7 +53,7 @@ def experiment_from_manifest(document: dict[str, Any]) -> Experiment:
         raise InvalidInput(f"{where}: candidates must be a non-empty list of {{name, weight}}")
     candidates: list[tuple[str, int]] = []
     for raw in raw_candidates:
-        candidate = _target(raw, where, "candidate")
+        candidate = _target(raw, where, "candidate", resource_type)
         weight = raw.get("weight")
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
             raise InvalidInput(f"{where}: candidate '{candidate}' needs a weight, a non-negative integer")
@@ -67,7 +68,7 @@ def experiment_from_manifest(document: dict[str, Any]) -> Experiment:
     mirror, percent = None, 0.0
     if spec.get("mirror") is not None:
         raw_mirror = spec["mirror"]
-        mirror = _target(raw_mirror, where, "mirror")
+        mirror = _target(raw_mirror, where, "mirror", resource_type)
         percent = raw_mirror.get("percent", 100)
         if not isinstance(percent, (int, float)) or isinstance(percent, bool) or not 0 <= percent <= 100:
             raise InvalidInput(f"{where}: mirror.percent must be a number from 0 to 100")
@@ -76,11 +77,11 @@ def experiment_from_manifest(document: dict[str, Any]) -> Experiment:
     return Experiment(name, resource_type, candidates, default, mirror, float(percent), document)
 
 
-def _target(raw: Any, where: str, role: str) -> str:
+def _target(raw: Any, where: str, role: str, resource_type: str) -> str:
     """A candidate's or the mirror's name (`name`, or the older `modelName`)."""
     if not isinstance(raw, dict):
         raise InvalidInput(f"{where}: each {role} must be a mapping with a name")
     name = raw.get("name", raw.get("modelName"))
-    if not isinstance(name, str) or not name:
-        raise InvalidInput(f"{where}: each {role} needs a name")
+    if not (isinstance(name, str) and NAME.match(name) if resource_type == "pipeline" else is_model_name(name)):
+        raise InvalidInput(f"{where}: {role} {name!r} is not a valid {resource_type} name")
     return name

@@ -12,6 +12,7 @@ join fires; steps the output does not depend on keep running after it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections import deque
@@ -29,9 +30,11 @@ NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 JOIN_TYPES = ("inner", "outer", "any")
 OUTPUT = ""  # the output's key among the consumers: no step can be named so
 INSPECT_DEPTH = 10  # messages kept per step for `inspect`
+INSPECT_TENSOR_BYTES = 64 * 1024  # larger tensors are kept as their name, datatype and shape
 
 _STEP_KEYS = {"name", "inputs", "triggers", "tensorMap", "inputsJoinType", "triggersJoinType", "joinWindowMs", "batch"}
 _OUTPUT_KEYS = {"steps", "stepsJoin", "tensorMap", "joinWindowMs"}
+# `dataflow` tells Seldon what to do with Kafka topics: nothing to do in process.
 _SPEC_KEYS = {"steps", "output", "allowCycles", "maxStepRevisits", "dataflow", "input"}
 
 
@@ -51,7 +54,6 @@ class Ref:
 class Join:
     refs: list[Ref]
     how: str  # inner, outer or any
-    window_s: float | None
 
     def ready(self, arrived: dict[Ref, list[Tensor]], force: bool) -> bool:
         """Whether the arrived refs satisfy the join; `force`: nothing more will arrive in time."""
@@ -70,6 +72,7 @@ class Step:
     inputs: Join
     triggers: Join
     tensor_map: dict[str, str]
+    window_s: float | None = None  # joinWindowMs: how long an outer join waits for the rest
     batch_size: int = 1
     batch_window_s: float | None = None
     cyclic: bool = False  # on a cycle: may fire again for one request
@@ -126,7 +129,7 @@ def pipeline_from_manifest(document: dict[str, Any]) -> Pipeline:
     revisits = spec.get("maxStepRevisits", 0)
     if not isinstance(revisits, int) or isinstance(revisits, bool) or revisits < 0:
         raise InvalidInput(f"{where}: maxStepRevisits must be a non-negative integer")
-    pipeline = Pipeline(name, steps, output, allow_cycles, revisits, document)
+    pipeline = Pipeline(name, steps, output, allow_cycles, revisits, as_json(document))
     _wire(pipeline)
     return pipeline
 
@@ -144,6 +147,11 @@ def graph_manifest(document: dict[str, Any], kind: str, known: set[str]) -> tupl
     return name, spec
 
 
+def as_json(document: dict[str, Any]) -> dict[str, Any]:
+    """A manifest as it can be shown back: YAML allows keys and values JSON has no words for."""
+    return json.loads(json.dumps(document, default=str, skipkeys=True))
+
+
 def _refuse_unknown(raw: dict, known: set[str], where: str) -> None:
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -153,8 +161,10 @@ def _refuse_unknown(raw: dict, known: set[str], where: str) -> None:
 def _ref(text: Any, pipeline: str, steps: list[str], where: str) -> Ref:
     if not isinstance(text, str) or not text.strip():
         raise InvalidInput(f"{where}: empty reference; use step, step.outputs[.TENSOR] or {pipeline}.inputs[.TENSOR]")
-    source, _, rest = text.partition(".")
-    kind, _, tensor = rest.partition(".")
+    source, dot, rest = text.partition(".")
+    kind, dot_tensor, tensor = rest.partition(".")
+    if (dot and not kind) or (dot_tensor and not tensor):
+        raise InvalidInput(f"{where}: '{text}' ends with '.' where a name belongs")
     if source != pipeline and source not in steps:
         raise InvalidInput(f"{where}: '{text}' refers to '{source}', which is neither a step ({steps}) nor the pipeline")
     if not kind:
@@ -163,8 +173,6 @@ def _ref(text: Any, pipeline: str, steps: list[str], where: str) -> Ref:
         raise InvalidInput(f"{where}: '{text}': after the step comes 'inputs' or 'outputs', not '{kind}'")
     if source == pipeline and kind == "outputs":
         raise InvalidInput(f"{where}: '{text}': a pipeline's steps cannot read its own outputs")
-    if rest and "." in rest and not tensor:
-        raise InvalidInput(f"{where}: '{text}' ends with '.' where a tensor name belongs")
     return Ref(source, kind, tensor or None)
 
 
@@ -173,7 +181,11 @@ def _refs(raw: Any, field_name: str, pipeline: str, steps: list[str], where: str
         return []
     if not isinstance(raw, list):
         raise InvalidInput(f"{where}: {field_name} must be a list")
-    return [_ref(item, pipeline, steps, f"{where}: {field_name}") for item in raw]
+    refs = [_ref(item, pipeline, steps, f"{where}: {field_name}") for item in raw]
+    repeated = sorted({str(ref) for ref in refs if refs.count(ref) > 1})
+    if repeated:  # an inner join would wait for the same tensors twice
+        raise InvalidInput(f"{where}: {field_name} lists {repeated} more than once")
+    return refs
 
 
 def _join_type(raw: dict, key: str, where: str) -> str:
@@ -192,7 +204,7 @@ def _window(raw: dict, where: str) -> float | None:
     return window / 1000
 
 
-def _tensor_map(raw: dict, pipeline: str, steps: list[str], where: str) -> dict[str, str]:
+def _tensor_map(raw: dict, refs: list[Ref], pipeline: str, steps: list[str], where: str) -> dict[str, str]:
     mapping = raw.get("tensorMap") or {}
     if not isinstance(mapping, dict):
         raise InvalidInput(f"{where}: tensorMap must be a mapping from source.outputs.TENSOR to a new name")
@@ -201,6 +213,8 @@ def _tensor_map(raw: dict, pipeline: str, steps: list[str], where: str) -> dict[
         ref = _ref(key, pipeline, steps, f"{where}: tensorMap")
         if ref.tensor is None:
             raise InvalidInput(f"{where}: tensorMap key '{key}' must name a tensor (source.outputs.TENSOR)")
+        if not any(read.source == ref.source and read.kind == ref.kind and read.tensor in (None, ref.tensor) for read in refs):
+            raise InvalidInput(f"{where}: tensorMap key '{key}' renames a tensor it does not read ({[str(r) for r in refs]})")
         if not isinstance(value, str) or not value:
             raise InvalidInput(f"{where}: tensorMap '{key}' must map to a tensor name")
         checked[str(ref)] = value
@@ -225,9 +239,10 @@ def _step(raw: dict, pipeline: str, steps: list[str]) -> Step:
     batch_window = _window({"joinWindowMs": batch.get("windowMs")}, f"{where}: batch.windowMs")
     return Step(
         name=raw["name"],
-        inputs=Join(inputs, _join_type(raw, "inputsJoinType", where), window),
-        triggers=Join(triggers, _join_type(raw, "triggersJoinType", where), window),
-        tensor_map=_tensor_map(raw, pipeline, steps, where),
+        inputs=Join(inputs, _join_type(raw, "inputsJoinType", where)),
+        triggers=Join(triggers, _join_type(raw, "triggersJoinType", where)),
+        tensor_map=_tensor_map(raw, inputs, pipeline, steps, where),
+        window_s=window,
         batch_size=size,
         batch_window_s=batch_window,
     )
@@ -245,9 +260,10 @@ def _output(raw: Any, pipeline: str, steps: list[str]) -> Step | None:
         raise InvalidInput(f"{where}: steps must name at least one step")
     return Step(
         name=OUTPUT,
-        inputs=Join(refs, _join_type(raw, "stepsJoin", where), _window(raw, where)),
-        triggers=Join([], "inner", None),
-        tensor_map=_tensor_map(raw, pipeline, steps, where),
+        inputs=Join(refs, _join_type(raw, "stepsJoin", where)),
+        triggers=Join([], "inner"),
+        tensor_map=_tensor_map(raw, refs, pipeline, steps, where),
+        window_s=_window(raw, where),
     )
 
 
@@ -268,11 +284,16 @@ def _wire(pipeline: Pipeline) -> None:
         raise InvalidInput(f"pipeline '{pipeline.name}': steps {cyclic} form a cycle; set allowCycles: true "
                            "(and maxStepRevisits) to allow it")
     if pipeline.output:
-        wanted = {ref.source for ref in pipeline.output.inputs.refs}
-        pipeline.needed = frozenset(wanted | set().union(*(_reachable(name, sources) for name in wanted)))
+        wanted = {ref.source for ref in pipeline.output.inputs.refs if ref.source in pipeline.steps}
+        pipeline.needed = frozenset(wanted.union(*(_reachable(name, sources) for name in wanted)))
     for step in pipeline.steps.values():
-        if step.batch_size > 1:
-            pipeline.batches[step.name] = StepBatch(step.batch_size, step.batch_window_s)
+        if step.batch_size == 1:
+            continue
+        if step.name in pipeline.needed and step.batch_window_s is None:
+            raise InvalidInput(
+                f"pipeline '{pipeline.name}': step '{step.name}' has batch.size {step.batch_size} and the output "
+                "needs it, so a request could wait for ever for the rest of its batch: give batch.windowMs too")
+        pipeline.batches[step.name] = StepBatch(step.batch_size, step.batch_window_s)
 
 
 def _reachable(start: str, sources: dict[str, set[str]]) -> set[str]:
@@ -290,6 +311,16 @@ def _reachable(start: str, sources: dict[str, set[str]]) -> set[str]:
 # --- a run ---------------------------------------------------------------------------------
 
 Call = Callable[[str, InferenceRequest], Awaitable[InferenceResponse]]
+Run = Callable[[list[Tensor]], Awaitable[list[Tensor]]]
+
+# The loop keeps tasks only weakly: steps still running after their request answered are held here.
+_RUNNING: set[asyncio.Task] = set()
+
+
+def _keep(task: asyncio.Task) -> asyncio.Task:
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+    return task
 
 
 class StepBatch:
@@ -300,46 +331,56 @@ class StepBatch:
     def __init__(self, size: int, window_s: float | None):
         self.size = size
         self.window_s = window_s
-        self.waiting: list[tuple[list[Tensor], asyncio.Future]] = []
+        self.waiting: list[tuple[list[Tensor], asyncio.Future, Run]] = []
         self.timer: asyncio.TimerHandle | None = None
 
-    def submit(self, inputs: list[Tensor], run: Callable[[list[Tensor]], Awaitable[list[Tensor]]]) -> asyncio.Future:
+    def submit(self, inputs: list[Tensor], run: Run) -> asyncio.Future:
         """A future for this message's answer: the outputs, or None when another message's run carries it."""
         future = asyncio.get_running_loop().create_future()
-        self.waiting.append((inputs, future))
+        self.waiting.append((inputs, future, run))
         if len(self.waiting) >= self.size:
-            self._flush(run)
+            self._flush()
         elif self.timer is None and self.window_s is not None:
-            self.timer = asyncio.get_running_loop().call_later(self.window_s, self._flush, run)
+            self.timer = asyncio.get_running_loop().call_later(self.window_s, self._flush)
         return future
 
-    def _flush(self, run) -> None:
+    def close(self) -> None:
+        """The pipeline is gone: messages still waiting get no answer."""
+        if self.timer is not None:
+            self.timer.cancel()
+        for _, future, _ in self.waiting:
+            if not future.done():
+                future.set_result(None)
+        self.waiting = []
+
+    def _flush(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         batch, self.waiting = self.waiting, []
         if not batch:
             return
-        *carried, (_, last) = batch
-        for _, future in carried:
+        *carried, (_, last, run) = batch
+        for _, future, _ in carried:
             if not future.done():
                 future.set_result(None)
         try:
-            merged = _concatenate([inputs for inputs, _ in batch])
+            merged = _concatenate([inputs for inputs, _, _ in batch])
         except InvalidInput as error:
-            last.set_exception(error)
+            if not last.done():
+                last.set_exception(error)
             return
-        task = asyncio.ensure_future(run(merged))
-        task.add_done_callback(lambda done: _settle(last, done))
+        _keep(asyncio.ensure_future(run(merged))).add_done_callback(lambda done: _settle(last, done))
 
 
 def _settle(future: asyncio.Future, done: asyncio.Future) -> None:
+    error = None if done.cancelled() else done.exception()  # read even when nobody waits any more
     if future.done():
         return
     if done.cancelled():
         future.cancel()
-    elif done.exception() is not None:
-        future.set_exception(done.exception())
+    elif error is not None:
+        future.set_exception(error)
     else:
         future.set_result(done.result())
 
@@ -356,6 +397,21 @@ def _concatenate(messages: list[list[Tensor]]) -> list[Tensor]:
         raise InvalidInput(f"batched messages cannot be joined: {error}") from None
 
 
+@dataclass
+class Seen:
+    """A tensor as `inspect` keeps it: a copy of its data when small, else only its description."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray | None
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> "Seen":
+        data = tensor.data.copy() if tensor.data.nbytes <= INSPECT_TENSOR_BYTES else None
+        return cls(tensor.name, tensor.datatype, list(tensor.data.shape), data)
+
+
 class PipelineRun:
     """One request through a pipeline. `call(model, request)` is the data plane."""
 
@@ -364,7 +420,7 @@ class PipelineRun:
         self.request_id = request_id
         self.call = call
         self.arrived: dict[str, dict[Ref, list[Tensor]]] = {name: {} for name in [*pipeline.steps, OUTPUT]}
-        self.triggered: dict[str, dict[Ref, list[Tensor]]] = {name: {} for name in pipeline.steps}
+        self.triggered: dict[str, dict[Ref, list[Tensor]]] = {name: {} for name in [*pipeline.steps, OUTPUT]}
         self.fired: dict[str, int] = {name: 0 for name in pipeline.steps}
         self.running: dict[str, int] = {name: 0 for name in pipeline.steps}
         self.windows: dict[str, asyncio.TimerHandle] = {}
@@ -381,9 +437,7 @@ class PipelineRun:
         try:
             outputs = await asyncio.shield(self.response)
         except asyncio.CancelledError:  # the caller went away: stop what only its answer needed
-            for task, step in list(self.tasks.items()):
-                if step in self.pipeline.needed:
-                    task.cancel()
+            self._abandon()
             raise
         except FleetError as error:
             self._record(self.pipeline.name, self.inputs, [], error.message)
@@ -391,14 +445,24 @@ class PipelineRun:
         self._record(self.pipeline.name, self.inputs, outputs)
         return outputs
 
-    # Tensors arrive ...
+    def _abandon(self) -> None:
+        needed = self.pipeline.needed
+        for task, step in list(self.tasks.items()):
+            if step in needed:
+                task.cancel()
+        for step in [step for step in self.windows if step in needed or step == OUTPUT]:
+            self.windows.pop(step).cancel()
+        if not self.response.done():
+            self.response.cancel()
+
+    # Tensors arrive, steps fire.
 
     def _deliver(self, source: str, inputs: list[Tensor], outputs: list[Tensor]) -> None:
         """A step (or the pipeline's input) produced a message: hand each reader what it asked for."""
         for reader in self.pipeline.consumers.get(source, ()):
             step = self.pipeline.output if reader == OUTPUT else self.pipeline.steps[reader]
-            for refs, arrived in ((step.inputs.refs, self.arrived[reader]), (step.triggers.refs, self.triggered.get(reader))):
-                for ref in refs:
+            for join, arrived in ((step.inputs, self.arrived[reader]), (step.triggers, self.triggered[reader])):
+                for ref in join.refs:
                     if ref.source == source:
                         tensors = _select(ref, inputs if ref.kind == "inputs" else outputs)
                         if tensors is not None:
@@ -406,14 +470,17 @@ class PipelineRun:
             self._try_fire(step, force=False)
 
     def _try_fire(self, step: Step, force: bool) -> bool:
-        if self.response.done() and step.name not in self.pipeline.steps:
-            return False
-        if step.name != OUTPUT and self.fired[step.name] and not step.cyclic:
+        """Run `step` if its joins are satisfied; `force`: nothing more will arrive in time."""
+        if step.name == OUTPUT:
+            if self.response.done():
+                return False
+        elif self.fired[step.name] and not step.cyclic:
             return False  # off a cycle, a step runs once per request: later arrivals are too late
-        arrived, triggered = self.arrived[step.name], self.triggered.get(step.name, {})
+        arrived, triggered = self.arrived[step.name], self.triggered[step.name]
         if not (step.inputs.ready(arrived, force) and step.triggers.ready(triggered, force)):
-            if (arrived or triggered) and step.inputs.how == "outer" and step.inputs.window_s is not None:
-                self._open_window(step)
+            outer = "outer" in (step.inputs.how, step.triggers.how)
+            if (arrived or triggered) and outer and step.window_s is not None and step.name not in self.windows:
+                self.windows[step.name] = asyncio.get_running_loop().call_later(step.window_s, self._window_closed, step)
             return False
         tensors = [_renamed(tensor, ref, step.tensor_map) for ref in step.inputs.refs if ref in arrived for tensor in arrived[ref]]
         arrived.clear()
@@ -422,8 +489,7 @@ class PipelineRun:
         if window is not None:
             window.cancel()
         if step.name == OUTPUT:
-            if not self.response.done():
-                self.response.set_result(tensors)
+            self.response.set_result(tensors)
             return True
         self.fired[step.name] += 1
         if self.fired[step.name] > 1 + self.pipeline.max_step_revisits:
@@ -432,15 +498,10 @@ class PipelineRun:
                 f"{self.pipeline.max_step_revisits}"))
             return True
         self.running[step.name] += 1
-        task = asyncio.ensure_future(self._run_step(step, tensors))
+        task = _keep(asyncio.ensure_future(self._run_step(step, tensors)))
         self.tasks[task] = step.name
         task.add_done_callback(self.tasks.pop)
         return True
-
-    def _open_window(self, step: Step) -> None:
-        if step.name not in self.windows:
-            loop = asyncio.get_running_loop()
-            self.windows[step.name] = loop.call_later(step.inputs.window_s, self._window_closed, step)
 
     def _window_closed(self, step: Step) -> None:
         self.windows.pop(step.name, None)
@@ -451,22 +512,27 @@ class PipelineRun:
         try:
             outputs = await self._answer(step, inputs)
         except FleetError as error:
-            self._fail(step.name, error)
-            return
+            outputs, failure = None, error
         except asyncio.CancelledError:
-            raise
+            if asyncio.current_task().cancelling():  # this request was abandoned
+                raise
+            outputs, failure = None, InferenceError("cancelled (the server is stopping)")
         except Exception as error:  # a bug: still this request's error, not the loop's
             log.exception("pipeline %s: step %s", self.pipeline.name, step.name)
-            self._fail(step.name, InferenceError(f"{type(error).__name__}: {error}"))
-            return
+            outputs, failure = None, InferenceError(f"{type(error).__name__}: {error}")
+        else:
+            failure = None
         finally:
             self.running[step.name] -= 1
-        if outputs is not None:
+        if failure is not None:
+            self._fail(step.name, failure)
+        elif outputs is not None:
             self._record(step.name, inputs, outputs)
             self._deliver(step.name, inputs, outputs)
         self._check_settled()
 
     async def _answer(self, step: Step, inputs: list[Tensor]) -> list[Tensor] | None:
+        """The step's outputs; None when it is batched and another request's message carries the batch."""
         async def run(tensors: list[Tensor]) -> list[Tensor]:
             response = await self.call(step.name, InferenceRequest(inputs=tensors, id=self.request_id))
             return response.outputs
@@ -484,32 +550,39 @@ class PipelineRun:
             return
         log.warning("pipeline %s (request %s): %s", self.pipeline.name, self.request_id, message)
 
-    def _check_settled(self) -> None:
-        """When no step the output needs is running or waiting for a window, nothing more can
-        arrive for it: outer joins take what they have; if the output still cannot be formed,
-        the request gets the reason instead of waiting for ever."""
-        needed = self.pipeline.needed
+    # Nothing more can come.
 
-        def busy() -> bool:
-            return self.response.done() or any(self.running[name] or name in self.windows for name in needed)
+    def _busy(self, steps) -> bool:
+        return any(self.running[name] or name in self.windows for name in steps)
 
-        while not busy():
+    def _force_outer_joins(self, steps) -> None:
+        """Outer joins among `steps` left waiting for sources that will not come take what they have."""
+        while not self._busy(steps):
             fired = False
-            for name in needed:  # outer joins left waiting for sources that will not come
+            for name in steps:
                 if self.arrived[name] or self.triggered[name]:
                     fired = self._try_fire(self.pipeline.steps[name], force=True) or fired
             if not fired:
-                break
-        if busy():
-            return
-        if not self._try_fire(self.pipeline.output, force=True):
-            missing = [str(ref) for ref in self.pipeline.output.inputs.refs if ref not in self.arrived[OUTPUT]]
-            self.response.set_exception(InferenceError(
-                f"pipeline '{self.pipeline.name}' produced no output: {missing} did not arrive "
-                f"(stepsJoin {self.pipeline.output.inputs.how})"))
+                return
+
+    def _check_settled(self) -> None:
+        """When no step the output needs is running or waiting for a window, nothing more can
+        arrive for it: its outer joins take what they have, and if the output still cannot be
+        formed the request gets the reason instead of waiting for ever. Steps off the response
+        path get the same treatment once nothing at all is running."""
+        needed = self.pipeline.needed
+        if not self.response.done():
+            self._force_outer_joins(needed)
+            if not self._busy(needed) and not self.response.done() and not self._try_fire(self.pipeline.output, force=True):
+                missing = [str(ref) for ref in self.pipeline.output.inputs.refs if ref not in self.arrived[OUTPUT]]
+                self.response.set_exception(InferenceError(
+                    f"pipeline '{self.pipeline.name}' produced no output: {missing} did not arrive "
+                    f"(stepsJoin {self.pipeline.output.inputs.how})"))
+        if not self._busy(self.pipeline.steps):
+            self._force_outer_joins([name for name in self.pipeline.steps if name not in needed])
 
     def _record(self, key: str, inputs: list[Tensor], outputs: list[Tensor], error: str | None = None) -> None:
-        message = {"id": self.request_id, "inputs": inputs, "outputs": outputs}
+        message = {"id": self.request_id, "inputs": [Seen.of(t) for t in inputs], "outputs": [Seen.of(t) for t in outputs]}
         if error is not None:
             message["error"] = error
         self.pipeline.inspect.setdefault(key, deque(maxlen=INSPECT_DEPTH)).append(message)

@@ -30,6 +30,7 @@ from fleetserve.types import InferenceRequest, InferenceResponse
 log = logging.getLogger(__name__)
 
 PIPELINE_SUFFIX, EXPERIMENT_SUFFIX = ".pipeline", ".experiment"
+MIRRORS_IN_FLIGHT = 256  # copies still running, over all experiments; more are skipped and counted
 
 
 # An answer, and the `x-seldon-route` to send with it when an experiment chose where it went.
@@ -38,7 +39,7 @@ Routed = tuple[InferenceResponse, str | None]
 
 @dataclass
 class GraphStats:
-    """Per pipeline or experiment, read by GraphCollector at scrape time."""
+    """Per pipeline, read by GraphCollector at scrape time."""
 
     outcomes: dict[str, int]
     latency_buckets: list[int]
@@ -62,36 +63,47 @@ class Router:
         self.pipelines: dict[str, Pipeline] = {}
         self.experiments: dict[str, Experiment] = {}
         self.takeovers: dict[tuple[str, str], Experiment] = {}  # (resource type, default) -> experiment
-        self.stats: dict[str, GraphStats] = {}  # "pipeline/NAME" or "experiment/NAME"
+        self.stats: dict[str, GraphStats] = {}  # per pipeline
         self.routed: dict[str, dict[str, int]] = {}  # experiment -> candidate (or "mirror:NAME") -> requests
-        self.background: set[asyncio.Task] = set()
+        self.mirroring: set[asyncio.Task] = set()
 
     # Manifests.
 
     def add_pipeline(self, pipeline: Pipeline) -> None:
         """Create or replace a pipeline; it serves once all its step models are ready."""
+        previous = self.pipelines.get(pipeline.name)
         self.pipelines[pipeline.name] = pipeline
-        self.stats.setdefault(f"pipeline/{pipeline.name}", GraphStats.empty())
+        self.stats.setdefault(pipeline.name, GraphStats.empty())
+        if previous is not None:
+            _close(previous)
 
     def delete_pipeline(self, name: str) -> None:
-        if self.pipelines.pop(name, None) is None:
+        pipeline = self.pipelines.pop(name, None)
+        if pipeline is None:
             raise NotFound(f"pipeline '{name}' not found")
-        self.stats.pop(f"pipeline/{name}", None)
+        self.stats.pop(name, None)
+        _close(pipeline)
+
+    def check_experiments(self, experiments: list[Experiment]) -> None:
+        """Refuse, before any is applied, an experiment whose default another one already takes over."""
+        holders = {key: experiment.name for key, experiment in self.takeovers.items()}
+        for experiment in experiments:
+            if experiment.default is None:
+                continue
+            key = (experiment.resource_type, experiment.default)
+            holder = holders.setdefault(key, experiment.name)
+            if holder != experiment.name:
+                raise InvalidInput(f"experiment '{experiment.name}': {experiment.resource_type} '{experiment.default}' "
+                                   f"is already the default of experiment '{holder}'")
 
     def add_experiment(self, experiment: Experiment) -> None:
-        if experiment.default is not None:
-            key = (experiment.resource_type, experiment.default)
-            holder = self.takeovers.get(key)
-            if holder is not None and holder.name != experiment.name:
-                raise InvalidInput(f"experiment '{experiment.name}': {experiment.resource_type} '{experiment.default}' "
-                                   f"is already the default of experiment '{holder.name}'")
+        self.check_experiments([experiment])
         previous = self.experiments.get(experiment.name)
         if previous is not None and previous.default is not None:
             self.takeovers.pop((previous.resource_type, previous.default), None)
         self.experiments[experiment.name] = experiment
         if experiment.default is not None:
             self.takeovers[(experiment.resource_type, experiment.default)] = experiment
-        self.stats.setdefault(f"experiment/{experiment.name}", GraphStats.empty())
         self.routed.setdefault(experiment.name, {})
 
     def delete_experiment(self, name: str) -> None:
@@ -100,7 +112,6 @@ class Router:
             raise NotFound(f"experiment '{name}' not found")
         if experiment.default is not None:
             self.takeovers.pop((experiment.resource_type, experiment.default), None)
-        self.stats.pop(f"experiment/{name}", None)
         self.routed.pop(name, None)
 
     # Readiness.
@@ -175,7 +186,7 @@ class Router:
         if problem:
             raise NotReady(f"pipeline '{name}' is not ready: {problem}")
         request_id = request.id or uuid.uuid4().hex
-        stats = self.stats[f"pipeline/{name}"]
+        stats = self.stats[name]
         started = time.perf_counter_ns()
         try:
             outputs = await PipelineRun(pipeline, request, request_id, self._call_model).run()
@@ -203,21 +214,16 @@ class Router:
         routed = self.routed[experiment.name]
         routed[candidate] = routed.get(candidate, 0) + 1
         if experiment.mirrors():
-            mirror = f"mirror:{experiment.mirror}"
-            routed[mirror] = routed.get(mirror, 0) + 1
-            copy = InferenceRequest(inputs=list(request.inputs), id=request.id, parameters=dict(request.parameters),
-                                    outputs=list(request.outputs))
-            task = asyncio.ensure_future(self._mirror(experiment, copy))
-            self.background.add(task)
-            task.add_done_callback(self.background.discard)
-        stats = self.stats[f"experiment/{experiment.name}"]
-        started = time.perf_counter_ns()
-        try:
-            response = await self._call_target(experiment, candidate, request)
-        except FleetError as error:
-            stats.record(type(error).__name__, 0)
-            raise
-        stats.record("success", time.perf_counter_ns() - started)
+            # A mirror slower than the traffic would pile up copies (and their tensors) without end.
+            target = f"mirror:{experiment.mirror}" if len(self.mirroring) < MIRRORS_IN_FLIGHT else f"mirror-skipped:{experiment.mirror}"
+            routed[target] = routed.get(target, 0) + 1
+            if target.startswith("mirror:"):
+                copy = InferenceRequest(inputs=list(request.inputs), id=request.id, parameters=dict(request.parameters),
+                                        outputs=list(request.outputs))
+                task = asyncio.ensure_future(self._mirror(experiment, copy))
+                self.mirroring.add(task)
+                task.add_done_callback(self.mirroring.discard)
+        response = await self._call_target(experiment, candidate, request)
         return response, experiment.route_entry(candidate)
 
     async def _call_target(self, experiment: Experiment, target: str, request: InferenceRequest) -> InferenceResponse:
@@ -230,6 +236,11 @@ class Router:
             await self._call_target(experiment, experiment.mirror, request)
         except FleetError as error:  # the mirror's answer is never the caller's, nor its errors
             log.info("experiment %s: mirror %s failed: %s", experiment.name, experiment.mirror, error.message)
+
+
+def _close(pipeline: Pipeline) -> None:
+    for batch in pipeline.batches.values():
+        batch.close()
 
 
 class GraphCollector:
@@ -248,10 +259,7 @@ class GraphCollector:
         routed = CounterMetricFamily("fleetserve_experiment_requests",
                                      "Experiment requests by the candidate (or mirror:NAME) they went to.",
                                      labels=["experiment", "target"])
-        for key, stats in list(self.router.stats.items()):
-            kind, name = key.split("/", 1)
-            if kind != "pipeline":
-                continue
+        for name, stats in list(self.router.stats.items()):
             for outcome, count in dict(stats.outcomes).items():
                 requests.add_metric([name, outcome], count)
             cumulative = list(itertools.accumulate(stats.latency_buckets))

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from fleetserve import __version__
 from fleetserve.errors import InvalidInput, NotFound
-from fleetserve.graph.pipeline import Pipeline
+from fleetserve.graph.pipeline import INSPECT_TENSOR_BYTES, Pipeline, Seen
 from fleetserve.graph.router import Router
 from fleetserve.runtime.registry import ModelVersion, Registry
-from fleetserve.types import Tensor
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
 
@@ -178,10 +177,13 @@ def _message(message: dict, kinds: list[str], tensor: str | None) -> dict:
     return document
 
 
-def _tensor(tensor: Tensor) -> dict:
-    data = tensor.data
-    if data.dtype.kind in "OSU":
-        values = [item.decode(errors="replace") if isinstance(item, bytes) else str(item) for item in data.flat]
+def _tensor(seen: Seen) -> dict:
+    document = {"name": seen.name, "datatype": seen.datatype, "shape": seen.shape}
+    if seen.data is None:
+        document["data"] = None
+        document["note"] = f"larger than {INSPECT_TENSOR_BYTES} bytes: not kept"
+    elif seen.data.dtype.kind in "OSU":
+        document["data"] = [item.decode(errors="replace") if isinstance(item, bytes) else str(item) for item in seen.data.flat]
     else:
-        values = data.ravel().tolist()
-    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(data.shape), "data": values}
+        document["data"] = seen.data.ravel().tolist()
+    return document

@@ -232,7 +232,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         return json_response({})
 
     # Seldon Core 2 manifests (YAML or JSON, several documents allowed). Every document is
-    # checked before the first is applied.
+    # checked before the first is applied (a model's load can still fail after others applied).
 
     async def apply_one(kind: str, parsed) -> None:
         if kind == "Model":
@@ -254,6 +254,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     async def apply_manifests(request: Request) -> Response:
         documents_ = parse_manifests(await read_body(request.receive, request.headers, limit))
         items = [(document["kind"], _PARSERS[document["kind"]](document)) for document in documents_]
+        router.check_experiments([parsed for kind, parsed in items if kind == "Experiment"])
         return json_response({"applied": await _each(items, apply_one, "applied")})
 
     @app.delete("/v2/manifests")
@@ -277,6 +278,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
 
         async def create(request: Request) -> Response:
             items = [(kind, parsed) for parsed in await manifests_of(request, kind)]
+            router.check_experiments([parsed for kind_, parsed in items if kind_ == "Experiment"])
             return json_response({"applied": await _each(items, apply_one, "applied")})
 
         async def listing() -> Response:
