@@ -610,6 +610,24 @@ spec:
     assert http.delete("/v2/experiments/mirrored").status_code == 200
 
 
+def test_a_slow_mirror_never_delays_the_caller(http):
+    experiment(http, """
+kind: Experiment
+metadata: {name: slow-mirror}
+spec:
+  candidates: [{name: add10, weight: 1}]
+  mirror: {name: slow, percent: 100}
+""")
+    body = {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1], "data": [1]}]}
+    started = time.monotonic()
+    for _ in range(5):
+        response = http.post("/v2/models/x/infer", json=body, headers={"seldon-model": "slow-mirror.experiment"})
+        assert outputs(response) == {"OUTPUT": [11]}
+    assert time.monotonic() - started < 0.9  # five copies to a mirror that takes 1 s each
+    assert http.get("/v2/experiments/slow-mirror").json()["requests"] == {"add10": 5, "mirror:slow": 5}
+    assert http.delete("/v2/experiments/slow-mirror").status_code == 200
+
+
 def test_pipeline_experiment_with_a_default_pipeline(http):
     for name, step in (("pipeline-add10", "add10"), ("pipeline-mul10", "mul10")):
         create(http, f"kind: Pipeline\nmetadata: {{name: {name}}}\nspec:\n  steps: [{{name: {step}}}]\n  output: {{steps: [{step}]}}\n")
