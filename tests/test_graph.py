@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from conftest import http_client, running_server, write_settings
@@ -225,7 +226,7 @@ spec:
     assert outputs(infer(http, "joincheck", TFSIMPLE_INPUTS))["OUTPUT0"] == [2 * v for v in ONES]
     # tfsimple3 received the two joined tensors, not the trigger.
     recent = http.get("/v2/pipelines/joincheck/inspect/tfsimple3.inputs").json()["messages"]["tfsimple3"][-1]
-    assert [tensor["name"] for tensor in recent["inputs"]] == ["INPUT0", "INPUT1"] and "outputs" not in recent
+    assert [tensor["name"] for tensor in recent["inputs"]] == ["INPUT0", "INPUT1"]
     negative = {"inputs": [dict(tensor, data=[-v for v in ONES]) for tensor in TFSIMPLE_INPUTS["inputs"]]}
     response = infer(http, "joincheck", negative)  # check gives no OUTPUT: tfsimple3 never runs
     assert response.status_code == 400 and "produced no output" in response.json()["error"]
@@ -399,6 +400,68 @@ spec:
     assert len(http.get("/v2/pipelines/echoes/inspect").json()["messages"]["tfsimple1"]) == 10  # the last ten
 
 
+def test_chained_outer_joins_fire_upstream_first(http):
+    create(http, """
+kind: Pipeline
+metadata: {name: chained-outer}
+spec:
+  steps:
+    - name: conditional
+    - name: identity-loop
+      inputs: [conditional.outputs.OUTPUT0, conditional.outputs.OUTPUT1]
+      tensorMap: {conditional.outputs.OUTPUT1: FROM_LOOP}
+      inputsJoinType: outer
+    - name: identity-output
+      inputs: [conditional.outputs.OUTPUT0, identity-loop.outputs.FROM_LOOP]
+      inputsJoinType: outer
+  output:
+    steps: [identity-output]
+""")
+    # CHOICE 1: only OUTPUT1 comes; identity-loop must run before identity-output takes what it has.
+    assert outputs(infer(http, "chained-outer", conditional_body(1))) == {"FROM_LOOP": [1, 2, 3, 4]}
+
+
+def test_tensors_joined_under_one_name_are_refused(http):
+    create(http, """
+kind: Pipeline
+metadata: {name: same-names}
+spec:
+  steps:
+    - name: tfsimple1
+    - name: tfsimple2
+    - name: tfsimple3
+      inputs: [tfsimple1, tfsimple2]
+  output:
+    steps: [tfsimple3]
+""")
+    response = infer(http, "same-names", TFSIMPLE_INPUTS)
+    assert response.status_code == 400
+    assert response.json()["error"] == ("tfsimple3 : the joined tensors name ['OUTPUT0', 'OUTPUT1'] more than once; "
+                                        "rename them with tensorMap")
+
+
+def test_a_caller_that_gives_up_leaves_the_pipeline_serving(server, http):
+    create(http, """
+kind: Pipeline
+metadata: {name: slow-answer}
+spec:
+  steps: [{name: slow}]
+  output: {steps: [slow]}
+""")
+    client = triton_grpc.InferenceServerClient(server.grpc_address)
+    tensor = triton_grpc.InferInput("INPUT", [1], "FP32")
+    tensor.set_data_from_numpy(np.array([1], dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        client.infer("slow-answer", [tensor], headers={"seldon-model": "slow-answer.pipeline"}, client_timeout=0.2)
+    deadline = time.monotonic() + 5
+    metric = 'fleetserve_pipeline_requests_total{outcome="Cancelled",pipeline="slow-answer"} 1.0'
+    while metric not in http.get("/metrics").text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric in http.get("/metrics").text
+    body = {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1], "data": [2]}]}
+    assert outputs(infer(http, "slow-answer", body)) == {"INPUT": [2]}
+
+
 def test_pipeline_with_curl(server, http):
     create(http, TFSIMPLES.replace("name: tfsimples", "name: curled"))
     result = subprocess.run(["curl", "-s", "-X", "POST", f"{server.url}/v2/models/curled/infer",
@@ -467,7 +530,9 @@ spec:
     ("steps: [{name: a}, {name: b, inputs: [a, a.outputs]}]", "lists ['a.outputs'] more than once"),
     ("steps: [{name: a}, {name: b, inputs: [a.]}]", "'a.' ends with '.'"),
     ("steps: [{name: a}, {name: b, inputs: [a], tensorMap: {checked.inputs.X: Y}}]", "renames a tensor it does not read"),
-    ("steps: [{name: a, batch: {size: 3}}]\noutput: {steps: [a]}", "give batch.windowMs too"),
+    ("steps: [{name: a, batch: {size: 3, windowMs: 50}}]\noutput: {steps: [a]}", "but the output needs it"),
+    ("steps: [{name: a, 1: x, foo: y}]", "unknown field(s) ['1', 'foo']"),
+    ("steps: [{name: a}]\ndataflow: &d {again: *d}", "a YAML alias inside its own anchor"),
     ("steps: [{name: a, batch: {size: 3, rolling: true}}]", "batch.rolling is not supported"),
     ("steps: [{name: a}]\ninput: {externalInputs: [other.outputs]}", "spec.input (reading other pipelines' data)"),
 ])
@@ -665,6 +730,25 @@ spec:
 ])
 def test_invalid_experiments_are_refused_clearly(http, spec, fragment):
     assert_refused(http, "Experiment", spec, fragment)
+
+
+def test_sticky_routes_match_whole_names():
+    from fleetserve.graph.experiment import experiment_from_manifest
+
+    chosen = experiment_from_manifest({"kind": "Experiment", "metadata": {"name": "e"}, "spec": {
+        "candidates": [{"name": "a", "weight": 1}, {"name": "a_b", "weight": 1}]}})
+    assert {chosen.choose(":a_b:") for _ in range(20)} == {"a_b"}
+    assert {chosen.choose(":a_1:") for _ in range(20)} == {"a"}  # Seldon's name_version entry
+    assert {chosen.choose(":x::a:") for _ in range(20)} == {"a"}
+
+
+def test_experiment_manifest_is_shown_back_as_json(http):
+    manifest = ("kind: Experiment\nmetadata: {name: shown, annotations: {blob: !!binary aGVsbG8=}}\n"
+                "spec: {candidates: [{name: tfsimple1, weight: 1}]}\n")
+    experiment(http, manifest)
+    shown = http.get("/v2/experiments/shown")
+    assert shown.status_code == 200 and shown.json()["manifest"]["metadata"]["annotations"]["blob"] == "b'hello'"
+    assert http.delete("/v2/experiments/shown").status_code == 200
 
 
 def test_one_experiment_per_default(http):

@@ -4,11 +4,12 @@ and sticky routes through `x-seldon-route`."""
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from fleetserve.errors import InvalidInput
-from fleetserve.graph.pipeline import NAME, graph_manifest
+from fleetserve.graph.pipeline import NAME, as_json, graph_manifest
 from fleetserve.settings import is_model_name
 
 RESOURCE_TYPES = ("model", "pipeline")
@@ -32,8 +33,12 @@ class Experiment:
     def choose(self, route: str | None) -> str:
         """The candidate a request goes to: the one its `x-seldon-route` names, else a weighted draw."""
         if route:
+            entries = set(route.split(":"))
             for name, _ in self.candidates:
-                if self.route_entry(name) in route or (self.resource_type == "model" and f":{name}_" in route):
+                if self.route_entry(name).strip(":") in entries:
+                    return name
+                # Seldon writes a model's entry with its version, `:iris_1:`.
+                if self.resource_type == "model" and any(re.fullmatch(re.escape(name) + r"_\d+", entry) for entry in entries):
                     return name
         names, weights = zip(*self.candidates)
         return random.choices(names, weights)[0]
@@ -74,7 +79,7 @@ def experiment_from_manifest(document: dict[str, Any]) -> Experiment:
             raise InvalidInput(f"{where}: mirror.percent must be a number from 0 to 100")
         if mirror in (candidate for candidate, _ in candidates):
             raise InvalidInput(f"{where}: the mirror '{mirror}' cannot also be a candidate")
-    return Experiment(name, resource_type, candidates, default, mirror, float(percent), document)
+    return Experiment(name, resource_type, candidates, default, mirror, float(percent), as_json(document))
 
 
 def _target(raw: Any, where: str, role: str, resource_type: str) -> str:

@@ -87,6 +87,7 @@ class Pipeline:
     max_step_revisits: int
     manifest: dict[str, Any]
     consumers: dict[str, list[str]] = field(default_factory=dict)  # source -> steps (and OUTPUT) reading it
+    order: list[str] = field(default_factory=list)  # steps, each after the steps it reads (cycles aside)
     needed: frozenset[str] = frozenset()  # the steps the output depends on
     batches: dict[str, "StepBatch"] = field(default_factory=dict)
     inspect: dict[str, deque] = field(default_factory=dict)  # step (or the pipeline's name) -> recent messages
@@ -149,11 +150,14 @@ def graph_manifest(document: dict[str, Any], kind: str, known: set[str]) -> tupl
 
 def as_json(document: dict[str, Any]) -> dict[str, Any]:
     """A manifest as it can be shown back: YAML allows keys and values JSON has no words for."""
-    return json.loads(json.dumps(document, default=str, skipkeys=True))
+    try:
+        return json.loads(json.dumps(document, default=str, skipkeys=True))
+    except (ValueError, RecursionError):  # an alias that contains itself
+        raise InvalidInput("the manifest refers to itself (a YAML alias inside its own anchor)") from None
 
 
 def _refuse_unknown(raw: dict, known: set[str], where: str) -> None:
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(key) for key in set(raw) - known)
     if unknown:
         raise InvalidInput(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
 
@@ -286,14 +290,28 @@ def _wire(pipeline: Pipeline) -> None:
     if pipeline.output:
         wanted = {ref.source for ref in pipeline.output.inputs.refs if ref.source in pipeline.steps}
         pipeline.needed = frozenset(wanted.union(*(_reachable(name, sources) for name in wanted)))
+    pipeline.order = _upstream_first(sources)
     for step in pipeline.steps.values():
         if step.batch_size == 1:
             continue
-        if step.name in pipeline.needed and step.batch_window_s is None:
+        if step.name in pipeline.needed:
+            # Only the request that completes a batch gets the step's answer: the others would fail.
             raise InvalidInput(
-                f"pipeline '{pipeline.name}': step '{step.name}' has batch.size {step.batch_size} and the output "
-                "needs it, so a request could wait for ever for the rest of its batch: give batch.windowMs too")
+                f"pipeline '{pipeline.name}': step '{step.name}' has batch.size {step.batch_size}, but the output "
+                "needs it; batch side steps the output does not read (a drift detector, say)")
         pipeline.batches[step.name] = StepBatch(step.batch_size, step.batch_window_s)
+
+
+def _upstream_first(sources: dict[str, set[str]]) -> list[str]:
+    """The steps in dataflow order (a cycle's steps in the order they were written)."""
+    order: list[str] = []
+    waiting = dict(sources)
+    while waiting:
+        free = [name for name, needs in waiting.items() if not (needs & waiting.keys())]
+        for name in free or [next(iter(waiting))]:
+            order.append(name)
+            del waiting[name]
+    return order
 
 
 def _reachable(start: str, sources: dict[str, set[str]]) -> set[str]:
@@ -333,10 +351,14 @@ class StepBatch:
         self.window_s = window_s
         self.waiting: list[tuple[list[Tensor], asyncio.Future, Run]] = []
         self.timer: asyncio.TimerHandle | None = None
+        self.closed = False
 
     def submit(self, inputs: list[Tensor], run: Run) -> asyncio.Future:
         """A future for this message's answer: the outputs, or None when another message's run carries it."""
         future = asyncio.get_running_loop().create_future()
+        if self.closed:  # a run of a pipeline since replaced or deleted
+            future.set_result(None)
+            return future
         self.waiting.append((inputs, future, run))
         if len(self.waiting) >= self.size:
             self._flush()
@@ -346,6 +368,7 @@ class StepBatch:
 
     def close(self) -> None:
         """The pipeline is gone: messages still waiting get no answer."""
+        self.closed = True
         if self.timer is not None:
             self.timer.cancel()
         for _, future, _ in self.waiting:
@@ -408,8 +431,20 @@ class Seen:
 
     @classmethod
     def of(cls, tensor: Tensor) -> "Seen":
-        data = tensor.data.copy() if tensor.data.nbytes <= INSPECT_TENSOR_BYTES else None
+        data = tensor.data.copy() if _size_within(tensor.data, INSPECT_TENSOR_BYTES) else None
         return cls(tensor.name, tensor.datatype, list(tensor.data.shape), data)
+
+
+def _size_within(array: np.ndarray, limit: int) -> bool:
+    """Whether the array's data, BYTES elements counted by their length, fits in `limit` bytes."""
+    if array.dtype.kind != "O":
+        return array.nbytes <= limit
+    total = 0
+    for item in array.flat:  # object arrays hold references: nbytes says 8 per element
+        total += len(item) if isinstance(item, (bytes, str)) else 8
+        if total > limit:
+            return False
+    return True
 
 
 class PipelineRun:
@@ -488,6 +523,15 @@ class PipelineRun:
         window = self.windows.pop(step.name, None)
         if window is not None:
             window.cancel()
+        names = [tensor.name for tensor in tensors]
+        if len(set(names)) < len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            error = InvalidInput(f"the joined tensors name {twice} more than once; rename them with tensorMap")
+            if step.name != OUTPUT:
+                self._fail(step.name, error)
+            elif not self.response.done():
+                self.response.set_exception(InferenceError(f"output : {error.message}"))
+            return True
         if step.name == OUTPUT:
             self.response.set_result(tensors)
             return True
@@ -524,12 +568,16 @@ class PipelineRun:
             failure = None
         finally:
             self.running[step.name] -= 1
-        if failure is not None:
-            self._fail(step.name, failure)
-        elif outputs is not None:
-            self._record(step.name, inputs, outputs)
-            self._deliver(step.name, inputs, outputs)
-        self._check_settled()
+        try:
+            if failure is not None:
+                self._fail(step.name, failure)
+            elif outputs is not None:
+                self._record(step.name, inputs, outputs)
+                self._deliver(step.name, inputs, outputs)
+            self._check_settled()
+        except Exception as error:  # a bug here must still answer the request
+            log.exception("pipeline %s: after step %s", self.pipeline.name, step.name)
+            self._fail(step.name, InferenceError(f"{type(error).__name__}: {error}"))
 
     async def _answer(self, step: Step, inputs: list[Tensor]) -> list[Tensor] | None:
         """The step's outputs; None when it is batched and another request's message carries the batch."""
@@ -556,13 +604,11 @@ class PipelineRun:
         return any(self.running[name] or name in self.windows for name in steps)
 
     def _force_outer_joins(self, steps) -> None:
-        """Outer joins among `steps` left waiting for sources that will not come take what they have."""
+        """Outer joins among `steps` left waiting for sources that will not come take what they
+        have, upstream first and one at a time: what one produces may complete a join below it."""
         while not self._busy(steps):
-            fired = False
-            for name in steps:
-                if self.arrived[name] or self.triggered[name]:
-                    fired = self._try_fire(self.pipeline.steps[name], force=True) or fired
-            if not fired:
+            waiting = (name for name in self.pipeline.order if name in steps and (self.arrived[name] or self.triggered[name]))
+            if not any(self._try_fire(self.pipeline.steps[name], force=True) for name in waiting):
                 return
 
     def _check_settled(self) -> None:

@@ -86,7 +86,8 @@ class Router:
 
     def check_experiments(self, experiments: list[Experiment]) -> None:
         """Refuse, before any is applied, an experiment whose default another one already takes over."""
-        holders = {key: experiment.name for key, experiment in self.takeovers.items()}
+        replaced = {experiment.name for experiment in experiments}
+        holders = {key: holder.name for key, holder in self.takeovers.items() if holder.name not in replaced}
         for experiment in experiments:
             if experiment.default is None:
                 continue

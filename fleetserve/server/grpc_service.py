@@ -154,9 +154,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, message: service_pb2.ModelInferRequest, context) -> tuple[service_pb2.ModelInferResponse, str | None]:
         """The answer, and the experiment's route when one chose (a stream cannot send it per message)."""
         request = decode_infer_request(message)
-        headers = dict(context.invocation_metadata() or ())
-        response, route = await self.router.infer(
-            message.model_name, message.model_version or None, request, headers.get("seldon-model"), headers.get("x-seldon-route"))
+        seldon_model = route = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "seldon-model":
+                seldon_model = value
+            elif key == "x-seldon-route":
+                route = value
+        response, route = await self.router.infer(message.model_name, message.model_version or None, request, seldon_model, route)
         return encode_infer_response(response), route
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
