@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--cache-dir", help="where remote artifacts are downloaded (FLEETSERVE_CACHE_DIR)")
     start.add_argument("--capabilities", help="comma-separated; replaces the default capabilities")
     start.add_argument("--extra-capabilities", help="comma-separated; added to the capabilities")
+    start.add_argument("--triton-url", help="gRPC address of a Triton server (explicit model control) for GPU models")
+    start.add_argument("--triton-repository", help="a model repository folder Triton also reads (else files go in load requests)")
     start.set_defaults(run=_start)
 
     def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:

@@ -52,6 +52,11 @@ class ServerSettings:
     extra_capabilities: str = ""
     # Seconds a load waits for a busy model to finish so it can be evicted, before answering 503.
     eviction_wait: float = 30.0
+    # A Triton server (explicit model control) that serves the GPU models: its gRPC address, and
+    # a model repository folder both servers see (else a model's files travel inside Triton's
+    # load request).
+    triton_url: str = ""
+    triton_repository: str = ""
 
     @property
     def memory_limit_bytes(self) -> int:
@@ -65,7 +70,8 @@ class ServerSettings:
     @property
     def capability_list(self) -> list[str]:
         chosen = _split(self.capabilities) or list(DEFAULT_CAPABILITIES)
-        return chosen + [item for item in _split(self.extra_capabilities) if item not in chosen]
+        extra = _split(self.extra_capabilities) + (list(TRITON_CAPABILITIES) if self.triton_url else [])
+        return chosen + [item for item in dict.fromkeys(extra) if item not in chosen]
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerSettings":
@@ -83,6 +89,8 @@ class ServerSettings:
 DEFAULT_CAPABILITIES = (
     "sklearn", "xgboost", "lightgbm", "mlflow", "onnx", "huggingface", "alibi-explain", "alibi-detect", "python",
 )
+# What a model may require when a Triton backend is configured (--triton-url); any of them sends it there.
+TRITON_CAPABILITIES = ("triton", "tensorrt", "onnx-gpu", "pytorch", "tensorflow", "openvino", "python-backend")
 
 _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)\s*([KMGTPE]i?|k)?\s*$")
 _UNITS = {None: 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5, "E": 1000**6,

@@ -2,7 +2,8 @@
 
 A model is a folder holding `model-settings.json` (MLServer's format), or numbered version
 sub-folders, each with the artifacts of one version and optionally its own
-`model-settings.json` (else the parent's is shared). The folder name is the default model name.
+`model-settings.json` (else the parent's is shared). A Triton model folder (`config.pbtxt`) is
+one model: its numbered folders are Triton's versions. The folder name is the default model name.
 A folder that cannot be read becomes an entry with its reason: it never hides the others.
 """
 
@@ -18,6 +19,9 @@ from fleetserve.settings import ModelSettings, check_model_name
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "model-settings.json"
+
+
+TRITON_CONFIG = "config.pbtxt"
 
 
 def is_version_number(name: str) -> bool:
@@ -87,7 +91,7 @@ class ModelRepository:
     def _read(self, folder: Path) -> list[ModelSettings]:
         shared = folder / SETTINGS_FILE
         version_folders = self._version_folders(folder)
-        if not version_folders:
+        if not version_folders or (folder / TRITON_CONFIG).is_file():  # a Triton model folder keeps its versions itself
             return [ModelSettings.from_file(shared, folder.name)]
         versions: list[ModelSettings] = []
         for version_folder in version_folders:

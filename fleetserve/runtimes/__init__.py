@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fleetserve.errors import ModelLoadError
 from fleetserve.runtime.base import Runtime
-from fleetserve.settings import ModelSettings
+from fleetserve.settings import TRITON_CAPABILITIES, ModelSettings
 
 _SKLEARN = "fleetserve.runtimes.sklearn.SKLearnRuntime"
 _XGBOOST = "fleetserve.runtimes.xgboost.XGBoostRuntime"
@@ -25,6 +25,7 @@ _LIGHTGBM = "fleetserve.runtimes.lightgbm.LightGBMRuntime"
 _ONNX = "fleetserve.runtimes.onnx.OnnxRuntime"
 _MLFLOW = "fleetserve.runtimes.mlflow.MLflowRuntime"
 _HUGGINGFACE = "fleetserve.runtimes.huggingface.HuggingFaceRuntime"
+_TRITON = "fleetserve.runtimes.triton.TritonRuntime"
 
 BUILTIN: dict[str, str] = {
     "sklearn": _SKLEARN,
@@ -38,17 +39,21 @@ BUILTIN: dict[str, str] = {
     "mlserver_mlflow.MLflowRuntime": _MLFLOW,
     "huggingface": _HUGGINGFACE,
     "mlserver_huggingface.HuggingFaceRuntime": _HUGGINGFACE,
+    "triton": _TRITON,
 }
 
 def resolve_runtime(settings: ModelSettings, capabilities: list[str]) -> type[Runtime]:
     """The runtime class for a model; its `requirements` must all be among the server's `capabilities`."""
     missing = [item for item in settings.requirements if item not in capabilities]
     if missing:
+        triton_only = " (served by Triton: start the server with --triton-url)" if set(missing) <= set(TRITON_CAPABILITIES) else ""
         raise ModelLoadError(
             f"model '{settings.name}' requires {settings.requirements} but this server provides "
-            f"{capabilities}: {missing} missing"
+            f"{capabilities}: {missing} missing{triton_only}"
         )
     implementation = settings.implementation
+    if not implementation and any(item in TRITON_CAPABILITIES for item in settings.requirements):
+        implementation = "triton"
     if not implementation:
         implementation = next((item for item in settings.requirements if item in BUILTIN), None)
         if implementation is None:

@@ -26,7 +26,7 @@ from fleetserve.runtime.metrics import InferenceCollector
 from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
 from fleetserve.runtime.workers import remove_stale_blocks
-from fleetserve.runtimes import resolve_runtime
+from fleetserve.runtimes import resolve_runtime, triton
 from fleetserve.server.grpc_service import build_grpc_server, set_serving
 from fleetserve.server.rest import build_metrics_app, build_rest_app
 from fleetserve.settings import ServerSettings
@@ -55,6 +55,7 @@ class FleetServer:
         self.repository = ModelRepository(settings.model_repository)
         remove_stale_blocks()  # shared memory left by a server or worker that was killed
         capabilities = settings.capability_list
+        triton.configure(settings)
         self.memory = MemoryManager(settings.memory_limit_bytes, settings.overcommit_percent)
         self.registry = Registry(
             self.repository,

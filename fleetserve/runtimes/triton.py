@@ -1,0 +1,129 @@
+"""Models served by a Triton Inference Server beside fleetserve: the GPU models (TensorRT,
+PyTorch, TensorFlow, ONNX on GPU, OpenVINO, Triton's Python backend).
+
+The model's artifact is a Triton model folder (`config.pbtxt` and version folders). It reaches
+Triton inside the load request (Triton's repository API takes a config override and files, so
+no shared volume is needed), or, with `--triton-repository`, as a copy in a folder Triton also
+reads. Inference is forwarded with tritonclient's asyncio gRPC client; clients keep talking to
+fleetserve only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import aio as triton
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+from fleetserve.errors import FleetError, InferenceError, InvalidInput, ModelLoadError, ServerUnavailable
+from fleetserve.runtime.base import Runtime
+from fleetserve.settings import ServerSettings, TensorMetadata
+from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
+
+
+class TritonBackend:
+    """The Triton server the proxied models live in; one gRPC channel, opened on first use."""
+
+    def __init__(self, url: str, repository: str = ""):
+        self.url = url
+        self.repository = Path(repository) if repository else None
+        self._client: triton.InferenceServerClient | None = None
+
+    @property
+    def client(self) -> triton.InferenceServerClient:
+        if self._client is None:  # bound to the running event loop, so made there
+            self._client = triton.InferenceServerClient(self.url)
+        return self._client
+
+
+class TritonRuntime(Runtime):
+    """A model whose load, predict and unload are Triton's."""
+
+    backend: TritonBackend | None = None  # set by configure() when the server has --triton-url
+
+    async def load(self) -> None:
+        backend = self._backend()
+        folder = self.settings.artifact_path
+        config_file = folder / "config.pbtxt"
+        if not config_file.is_file():
+            raise ModelLoadError(f"model '{self.name}': {folder} is not a Triton model folder (no config.pbtxt)")
+        try:
+            config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig())
+        except text_format.ParseError as error:
+            raise ModelLoadError(f"model '{self.name}': config.pbtxt: {error}") from None
+        config.name = self.name  # Triton knows the model by fleetserve's name, whatever the folder says
+        if backend.repository is not None:
+            _copy_into(folder, backend.repository / self.name, config)
+            await _call(backend.client.load_model(self.name), f"loading model '{self.name}' in Triton", ModelLoadError)
+        else:
+            files = {f"file:{path.relative_to(folder).as_posix()}": path.read_bytes()
+                     for path in sorted(folder.rglob("*")) if path.is_file() and path != config_file}
+            await _call(backend.client.load_model(self.name, config=json_format.MessageToJson(config), files=files),
+                        f"loading model '{self.name}' in Triton", ModelLoadError)
+        metadata = await _call(backend.client.get_model_metadata(self.name), f"model '{self.name}'", ModelLoadError)
+        self.own_inputs = [_tensor_metadata(tensor) for tensor in metadata.inputs]
+        self.own_outputs = [_tensor_metadata(tensor) for tensor in metadata.outputs]
+
+    async def predict(self, request: InferenceRequest) -> InferenceResponse:
+        backend = self._backend()
+        inputs = []
+        for tensor in request.inputs:
+            wire = triton.InferInput(tensor.name, list(tensor.data.shape), tensor.datatype)
+            wire.set_data_from_numpy(tensor.data)
+            inputs.append(wire)
+        outputs = [triton.InferRequestedOutput(output.name) for output in request.outputs] or None
+        result = await _call(
+            backend.client.infer(self.name, inputs, outputs=outputs, request_id=request.id or ""),
+            f"model '{self.name}'", InferenceError,
+        )
+        tensors = [Tensor(output.name, result.as_numpy(output.name)) for output in result.get_response().outputs]
+        return self.response(tensors, request)
+
+    async def unload(self) -> None:
+        backend = self._backend()
+        await _call(backend.client.unload_model(self.name), f"unloading model '{self.name}' in Triton", InferenceError)
+        if backend.repository is not None:
+            shutil.rmtree(backend.repository / self.name, ignore_errors=True)
+
+    def _backend(self) -> TritonBackend:
+        if self.backend is None:
+            raise ModelLoadError(f"model '{self.name}' is served by Triton, but this server has no Triton backend: "
+                                 "start it with --triton-url (FLEETSERVE_TRITON_URL)")
+        return self.backend
+
+
+def configure(settings: ServerSettings) -> None:
+    TritonRuntime.backend = TritonBackend(settings.triton_url, settings.triton_repository) if settings.triton_url else None
+
+
+async def _call(awaitable, what: str, failure: type[FleetError]):
+    """Triton's answer, its errors keeping their meaning: bad input stays 400, a backend that
+    cannot be reached is 503 (the next call tries again: the channel reconnects by itself)."""
+    try:
+        return await awaitable
+    except InferenceServerException as error:
+        status = error.status() or ""
+        message = f"{what}: Triton: {error.message()}"
+        if status in (str(grpc.StatusCode.UNAVAILABLE), str(grpc.StatusCode.DEADLINE_EXCEEDED)):
+            raise ServerUnavailable(f"{what}: the Triton backend is unavailable: {error.message()}") from None
+        if status == str(grpc.StatusCode.INVALID_ARGUMENT) and failure is InferenceError:
+            raise InvalidInput(message) from None
+        raise failure(message) from None
+
+
+def _copy_into(folder: Path, target: Path, config) -> None:
+    """The model folder in the shared repository, replaced whole, with the renamed config."""
+    staging = target.with_name(f".{target.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging)
+    (staging / "config.pbtxt").write_text(text_format.MessageToString(config))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def _tensor_metadata(tensor) -> TensorMetadata:
+    return TensorMetadata(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))

@@ -1,0 +1,175 @@
+"""Models proxied to a real Triton server: the `tritonserver` binary of the nvidia-pytriton wheel,
+serving a Python-backend add/sub model on the CPU, started here on loopback."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+
+from conftest import free_port, http_client, running_server, write_settings
+
+ADDSUB_CONFIG = """
+name: "whatever-the-folder-says"
+backend: "python"
+max_batch_size: 0
+input [
+  { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] },
+  { name: "INPUT1", data_type: TYPE_FP32, dims: [ -1 ] }
+]
+output [
+  { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] },
+  { name: "OUTPUT1", data_type: TYPE_FP32, dims: [ -1 ] }
+]
+instance_group [{ kind: KIND_CPU, count: 1 }]
+"""
+
+ADDSUB_MODEL = '''
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            a = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            b = pb_utils.get_input_tensor_by_name(request, "INPUT1").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", a + b), pb_utils.Tensor("OUTPUT1", a - b)]))
+        return responses
+'''
+
+
+def triton_command(workdir: Path, http_port: int, grpc_port: int, metrics_port: int) -> tuple[list[str], dict]:
+    """tritonserver from the wheel, in explicit model control mode, with a Python backend
+    assembled as the wheel needs it here (its stub, libpython of the venv's own Python)."""
+    package = Path(importlib.util.find_spec("pytriton").submodule_search_locations[0])
+    server = package / "tritonserver"
+    backend = workdir / "backends" / "python"
+    backend.mkdir(parents=True)
+    for file in (server / "backends/python/libtriton_python.so", server / "backends/python/triton_python_backend_utils.py",
+                 server / f"python_backend_stubs/{sys.version_info.major}.{sys.version_info.minor}/triton_python_backend_stub"):
+        shutil.copy(file, backend)
+    (workdir / "repository").mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the stub runs this venv's Python
+        "LD_LIBRARY_PATH": f"{sysconfig.get_config_var('LIBDIR')}:{package.parent / 'nvidia_pytriton.libs'}",
+    }
+    command = [str(server / "bin/tritonserver"), "--model-repository", str(workdir / "repository"),
+               "--backend-directory", str(workdir / "backends"), "--model-control-mode", "explicit",
+               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    return command, env
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("triton")
+    http_port, grpc_port = free_port(), free_port()
+    command, env = triton_command(workdir, http_port, grpc_port, free_port())
+    log = (workdir / "triton.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/v2/health/live", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"tritonserver did not start:\n{(workdir / 'triton.log').read_text()}")
+        time.sleep(0.2)
+    yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+    process.terminate()
+    process.wait(30)
+
+
+def addsub_folder(parent: Path, name: str, settings: dict | None) -> Path:
+    folder = parent / name
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(ADDSUB_CONFIG)
+    (folder / "1" / "model.py").write_text(ADDSUB_MODEL)
+    if settings is not None:
+        write_settings(folder, settings)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(triton, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("triton-repo")
+    addsub_folder(repo, "addsub", {"implementation": "triton"})
+    addsub_folder(repo, "addsub-by-requirement", {"requirements": ["python-backend"]})
+    with running_server(repo, tmp_path_factory.mktemp("triton-logs") / "server.log",
+                        {"FLEETSERVE_TRITON_URL": triton[0]}) as running:
+        yield running
+
+
+@pytest.fixture
+def http(server):
+    with http_client(server) as client:
+        yield client
+
+
+def addsub_body(a: list[float], b: list[float]) -> dict:
+    return {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [len(a)], "data": a},
+                       {"name": "INPUT1", "datatype": "FP32", "shape": [len(b)], "data": b}]}
+
+
+def test_proxied_model_over_rest_json_binary_and_grpc(server, http):
+    for name in ("addsub", "addsub-by-requirement"):
+        response = http.post(f"/v2/models/{name}/infer", json=addsub_body([1, 2, 3], [1, 1, 1]))
+        assert response.status_code == 200, response.text
+        assert {o["name"]: o["data"] for o in response.json()["outputs"]} == {"OUTPUT0": [2, 3, 4], "OUTPUT1": [0, 1, 2]}
+        assert response.json()["model_name"] == name
+    a, b = np.array([1.5, 2.5], dtype=np.float32), np.array([0.5, 0.5], dtype=np.float32)
+    rest = triton_http.InferenceServerClient(server.http_address)
+    inputs = [triton_http.InferInput("INPUT0", [2], "FP32"), triton_http.InferInput("INPUT1", [2], "FP32")]
+    inputs[0].set_data_from_numpy(a)  # binary tensor data
+    inputs[1].set_data_from_numpy(b)
+    result = rest.infer("addsub", inputs, outputs=[triton_http.InferRequestedOutput("OUTPUT1")])
+    assert result.as_numpy("OUTPUT1").tolist() == [1.0, 2.0] and result.as_numpy("OUTPUT0") is None
+    grpc_client = triton_grpc.InferenceServerClient(server.grpc_address)
+    grpc_inputs = [triton_grpc.InferInput("INPUT0", [2], "FP32"), triton_grpc.InferInput("INPUT1", [2], "FP32")]
+    grpc_inputs[0].set_data_from_numpy(a)
+    grpc_inputs[1].set_data_from_numpy(b)
+    assert grpc_client.infer("addsub", grpc_inputs).as_numpy("OUTPUT0").tolist() == [2.0, 3.0]
+    metadata = http.get("/v2/models/addsub").json()
+    assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [("INPUT0", "FP32", [-1]), ("INPUT1", "FP32", [-1])]
+
+
+def test_bad_input_keeps_its_meaning(http):
+    response = http.post("/v2/models/addsub/infer", json={"inputs": [
+        {"name": "INPUT0", "datatype": "FP32", "shape": [2], "data": [1, 2]}]})
+    assert response.status_code == 400 and "Triton" in response.json()["error"]
+    assert http.post("/v2/models/addsub/infer", json=addsub_body([1], [1])).status_code == 200
+
+
+def test_unload_and_load_forward_to_triton(triton, http):
+    triton_rest = triton_http.InferenceServerClient(triton[1].removeprefix("http://"))
+    assert triton_rest.is_model_ready("addsub")
+    assert http.post("/v2/repository/models/addsub/unload").status_code == 200
+    assert not triton_rest.is_model_ready("addsub")
+    assert http.post("/v2/repository/models/addsub/load").status_code == 200
+    assert triton_rest.is_model_ready("addsub")
+    assert http.post("/v2/models/addsub/infer", json=addsub_body([2], [1])).json()["outputs"][0]["data"] == [3]
+
+
+def test_without_a_backend_the_load_says_why(tmp_path):
+    repo = tmp_path / "repo"
+    addsub_folder(repo, "needs-triton", {"implementation": "triton"})
+    addsub_folder(repo, "needs-tensorrt", {"requirements": ["tensorrt"]})
+    with running_server(repo, tmp_path / "server.log") as server, http_client(server) as client:
+        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+    assert "start it with --triton-url" in index["needs-triton"]["reason"]
+    assert "start the server with --triton-url" in index["needs-tensorrt"]["reason"]
