@@ -10,6 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -50,49 +51,56 @@ class TritonPythonModel:
 '''
 
 
-def triton_command(workdir: Path, http_port: int, grpc_port: int, metrics_port: int) -> tuple[list[str], dict]:
+@dataclass
+class Triton:
+    process: subprocess.Popen
+    grpc_url: str
+    http_url: str
+    repository: Path
+
+
+def start_triton(workdir: Path, ports: tuple[int, int] | None = None) -> Triton:
     """tritonserver from the wheel, in explicit model control mode, with a Python backend
-    assembled as the wheel needs it here (its stub, libpython of the venv's own Python)."""
+    assembled as the wheel needs it here (its stub, and libpython of the venv's own Python)."""
     package = Path(importlib.util.find_spec("pytriton").submodule_search_locations[0])
     server = package / "tritonserver"
     backend = workdir / "backends" / "python"
-    backend.mkdir(parents=True)
-    for file in (server / "backends/python/libtriton_python.so", server / "backends/python/triton_python_backend_utils.py",
-                 server / f"python_backend_stubs/{sys.version_info.major}.{sys.version_info.minor}/triton_python_backend_stub"):
-        shutil.copy(file, backend)
-    (workdir / "repository").mkdir()
+    if not backend.is_dir():
+        backend.mkdir(parents=True)
+        stub = f"python_backend_stubs/{sys.version_info.major}.{sys.version_info.minor}/triton_python_backend_stub"
+        for file in ("backends/python/libtriton_python.so", "backends/python/triton_python_backend_utils.py", stub):
+            shutil.copy(server / file, backend)
+        (workdir / "repository").mkdir()
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the stub runs this venv's Python
         "LD_LIBRARY_PATH": f"{sysconfig.get_config_var('LIBDIR')}:{package.parent / 'nvidia_pytriton.libs'}",
     }
+    http_port, grpc_port = ports or (free_port(), free_port())
     command = [str(server / "bin/tritonserver"), "--model-repository", str(workdir / "repository"),
                "--backend-directory", str(workdir / "backends"), "--model-control-mode", "explicit",
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
-    return command, env
-
-
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("triton")
-    http_port, grpc_port = free_port(), free_port()
-    command, env = triton_command(workdir, http_port, grpc_port, free_port())
-    log = (workdir / "triton.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(free_port())]
+    log = workdir / "triton.log"
+    process = subprocess.Popen(command, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{http_port}/v2/health/live", timeout=1).status_code == 200:
-                break
+                return Triton(process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", workdir / "repository")
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"tritonserver did not start:\n{(workdir / 'triton.log').read_text()}")
+            raise RuntimeError(f"tritonserver did not start:\n{log.read_text()}")
         time.sleep(0.2)
-    yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
-    process.terminate()
-    process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    running = start_triton(tmp_path_factory.mktemp("triton"))
+    yield running
+    running.process.terminate()
+    running.process.wait(30)
 
 
 def addsub_folder(parent: Path, name: str, settings: dict | None) -> Path:
@@ -111,7 +119,7 @@ def server(triton, tmp_path_factory):
     addsub_folder(repo, "addsub", {"implementation": "triton"})
     addsub_folder(repo, "addsub-by-requirement", {"requirements": ["python-backend"]})
     with running_server(repo, tmp_path_factory.mktemp("triton-logs") / "server.log",
-                        {"FLEETSERVE_TRITON_URL": triton[0]}) as running:
+                        {"FLEETSERVE_TRITON_URL": triton.grpc_url}) as running:
         yield running
 
 
@@ -156,7 +164,7 @@ def test_bad_input_keeps_its_meaning(http):
 
 
 def test_unload_and_load_forward_to_triton(triton, http):
-    triton_rest = triton_http.InferenceServerClient(triton[1].removeprefix("http://"))
+    triton_rest = triton_http.InferenceServerClient(triton.http_url.removeprefix("http://"))
     assert triton_rest.is_model_ready("addsub")
     assert http.post("/v2/repository/models/addsub/unload").status_code == 200
     assert not triton_rest.is_model_ready("addsub")
@@ -173,3 +181,42 @@ def test_without_a_backend_the_load_says_why(tmp_path):
         index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
     assert "start it with --triton-url" in index["needs-triton"]["reason"]
     assert "start the server with --triton-url" in index["needs-tensorrt"]["reason"]
+
+
+def test_shared_repository_folder(triton, tmp_path):
+    repo = tmp_path / "repo"
+    addsub_folder(repo, "addsub-shared", {"implementation": "triton"})
+    env = {"FLEETSERVE_TRITON_URL": triton.grpc_url, "FLEETSERVE_TRITON_REPOSITORY": str(triton.repository)}
+    with running_server(repo, tmp_path / "server.log", env) as server, http_client(server) as client:
+        assert (triton.repository / "addsub-shared" / "1" / "model.py").is_file()
+        assert 'name: "addsub-shared"' in (triton.repository / "addsub-shared" / "config.pbtxt").read_text()
+        response = client.post("/v2/models/addsub-shared/infer", json=addsub_body([5], [2]))
+        assert response.json()["outputs"][1]["data"] == [3]
+        assert client.post("/v2/repository/models/addsub-shared/unload").status_code == 200
+        assert not (triton.repository / "addsub-shared").exists()
+
+
+def test_backend_killed_and_restarted(tmp_path):
+    workdir = tmp_path / "triton"
+    workdir.mkdir()
+    backend = start_triton(workdir)
+    ports = (int(backend.http_url.rsplit(":", 1)[1]), int(backend.grpc_url.rsplit(":", 1)[1]))
+    repo = tmp_path / "repo"
+    addsub_folder(repo, "addsub", {"implementation": "triton"})
+    try:
+        with running_server(repo, tmp_path / "server.log", {"FLEETSERVE_TRITON_URL": backend.grpc_url}) as server, \
+                http_client(server) as client:
+            assert client.post("/v2/models/addsub/infer", json=addsub_body([1], [1])).status_code == 200
+            backend.process.kill()
+            backend.process.wait()
+            down = client.post("/v2/models/addsub/infer", json=addsub_body([1], [1]))
+            assert down.status_code == 503 and "Triton backend is unavailable" in down.json()["error"]
+            assert client.get("/v2/health/live").status_code == 200  # the server itself is fine
+            backend = start_triton(workdir, ports)  # a new Triton that has never heard of the model
+            deadline = time.monotonic() + 10
+            while (answer := client.post("/v2/models/addsub/infer", json=addsub_body([4], [1]))).status_code != 200:
+                assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
+                time.sleep(0.2)
+            assert answer.json()["outputs"][0]["data"] == [5]  # loaded into the new Triton by itself
+    finally:
+        backend.process.kill()

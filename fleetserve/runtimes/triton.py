@@ -10,6 +10,7 @@ fleetserve only.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -36,7 +37,9 @@ class TritonBackend:
     @property
     def client(self) -> triton.InferenceServerClient:
         if self._client is None:  # bound to the running event loop, so made there
-            self._client = triton.InferenceServerClient(self.url)
+            # Reconnect within a second once Triton is back, not after gRPC's default minutes of backoff.
+            options = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+            self._client = triton.InferenceServerClient(self.url, channel_args=options)
         return self._client
 
 
@@ -44,8 +47,16 @@ class TritonRuntime(Runtime):
     """A model whose load, predict and unload are Triton's."""
 
     backend: TritonBackend | None = None  # set by configure() when the server has --triton-url
+    _reloading: asyncio.Future | None = None
 
     async def load(self) -> None:
+        await self._push()
+        metadata = await _call(self._backend().client.get_model_metadata(self.name), f"model '{self.name}'", ModelLoadError)
+        self.own_inputs = [_tensor_metadata(tensor) for tensor in metadata.inputs]
+        self.own_outputs = [_tensor_metadata(tensor) for tensor in metadata.outputs]
+
+    async def _push(self) -> None:
+        """Load the model folder into Triton (again, after Triton restarted without it)."""
         backend = self._backend()
         folder = self.settings.artifact_path
         config_file = folder / "config.pbtxt"
@@ -64,11 +75,21 @@ class TritonRuntime(Runtime):
                      for path in sorted(folder.rglob("*")) if path.is_file() and path != config_file}
             await _call(backend.client.load_model(self.name, config=json_format.MessageToJson(config), files=files),
                         f"loading model '{self.name}' in Triton", ModelLoadError)
-        metadata = await _call(backend.client.get_model_metadata(self.name), f"model '{self.name}'", ModelLoadError)
-        self.own_inputs = [_tensor_metadata(tensor) for tensor in metadata.inputs]
-        self.own_outputs = [_tensor_metadata(tensor) for tensor in metadata.outputs]
 
     async def predict(self, request: InferenceRequest) -> InferenceResponse:
+        try:
+            return await self._forward(request)
+        except _NotInTriton:
+            await self._reload()
+            return await self._forward(request)
+
+    async def _reload(self) -> None:
+        """One reload however many requests found the model missing (Triton restarted)."""
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.ensure_future(self._push())
+        await asyncio.shield(self._reloading)
+
+    async def _forward(self, request: InferenceRequest) -> InferenceResponse:
         backend = self._backend()
         inputs = []
         for tensor in request.inputs:
@@ -85,7 +106,10 @@ class TritonRuntime(Runtime):
 
     async def unload(self) -> None:
         backend = self._backend()
-        await _call(backend.client.unload_model(self.name), f"unloading model '{self.name}' in Triton", InferenceError)
+        try:
+            await _call(backend.client.unload_model(self.name), f"unloading model '{self.name}' in Triton", InferenceError)
+        except _NotInTriton:  # Triton restarted without it: nothing to unload
+            pass
         if backend.repository is not None:
             shutil.rmtree(backend.repository / self.name, ignore_errors=True)
 
@@ -100,6 +124,10 @@ def configure(settings: ServerSettings) -> None:
     TritonRuntime.backend = TritonBackend(settings.triton_url, settings.triton_repository) if settings.triton_url else None
 
 
+class _NotInTriton(InferenceError):
+    """Triton answers, but without this model: it restarted since the model was loaded."""
+
+
 async def _call(awaitable, what: str, failure: type[FleetError]):
     """Triton's answer, its errors keeping their meaning: bad input stays 400, a backend that
     cannot be reached is 503 (the next call tries again: the channel reconnects by itself)."""
@@ -108,6 +136,8 @@ async def _call(awaitable, what: str, failure: type[FleetError]):
     except InferenceServerException as error:
         status = error.status() or ""
         message = f"{what}: Triton: {error.message()}"
+        if "unknown model" in (error.message() or ""):
+            raise _NotInTriton(message) from None
         if status in (str(grpc.StatusCode.UNAVAILABLE), str(grpc.StatusCode.DEADLINE_EXCEEDED)):
             raise ServerUnavailable(f"{what}: the Triton backend is unavailable: {error.message()}") from None
         if status == str(grpc.StatusCode.INVALID_ARGUMENT) and failure is InferenceError:
