@@ -220,3 +220,29 @@ def test_backend_killed_and_restarted(tmp_path):
             assert answer.json()["outputs"][0]["data"] == [5]  # loaded into the new Triton by itself
     finally:
         backend.process.kill()
+
+
+def test_pipeline_and_experiment_over_proxied_models(http):
+    pipeline = """
+kind: Pipeline
+metadata: {name: triton-chain}
+spec:
+  steps:
+    - name: addsub
+    - name: addsub-by-requirement
+      inputs: [addsub]
+      tensorMap: {addsub.outputs.OUTPUT0: INPUT0, addsub.outputs.OUTPUT1: INPUT1}
+  output: {steps: [addsub-by-requirement]}
+---
+kind: Experiment
+metadata: {name: triton-split}
+spec:
+  candidates: [{name: addsub, weight: 1}, {name: addsub-by-requirement, weight: 1}]
+"""
+    assert http.post("/v2/manifests", content=pipeline).status_code == 200
+    answer = http.post("/v2/pipelines/triton-chain/infer", json=addsub_body([3, 4], [1, 1])).json()
+    assert {o["name"]: o["data"] for o in answer["outputs"]} == {"OUTPUT0": [6, 8], "OUTPUT1": [2, 2]}  # (a+b)+(a-b), ...
+    chosen = {http.post("/v2/models/x/infer", json=addsub_body([1], [1]), headers={"seldon-model": "triton-split.experiment"})
+              .json()["model_name"] for _ in range(30)}
+    assert chosen == {"addsub", "addsub-by-requirement"}
+    assert http.request("DELETE", "/v2/manifests", content=pipeline).status_code == 200
