@@ -246,3 +246,16 @@ spec:
               .json()["model_name"] for _ in range(30)}
     assert chosen == {"addsub", "addsub-by-requirement"}
     assert http.request("DELETE", "/v2/manifests", content=pipeline).status_code == 200
+
+
+def test_config_and_statistics_come_from_triton(server, http):
+    config = http.get("/v2/models/addsub/config").json()
+    assert config["name"] == "addsub" and config["backend"] == "python"  # Triton's, not fleetserve's own
+    assert config["input"][0]["dims"] == [-1]
+    before = http.get("/v2/models/addsub/stats").json()["model_stats"][0]["inference_count"]
+    for _ in range(3):
+        assert http.post("/v2/models/addsub/infer", json=addsub_body([1], [1])).status_code == 200
+    stats = triton_http.InferenceServerClient(server.http_address).get_inference_statistics("addsub")["model_stats"][0]
+    assert stats["inference_count"] == before + 3 and stats["inference_stats"]["compute_infer"]["count"] >= 3
+    grpc_config = triton_grpc.InferenceServerClient(server.grpc_address).get_model_config("addsub").config
+    assert grpc_config.backend == "python" and list(grpc_config.input[0].dims) == [-1]

@@ -42,6 +42,14 @@ class Runtime:
     def predict(self, request: InferenceRequest) -> InferenceResponse:
         raise NotImplementedError
 
+    async def backend_config(self) -> dict | None:
+        """The serving backend's own model configuration (a model proxied to Triton: Triton's), else None."""
+        return None
+
+    async def backend_statistics(self) -> dict | None:
+        """The serving backend's own statistics for the model (one V2 `model_stats` entry), else None."""
+        return None
+
     def footprint(self) -> int:
         """Bytes the model holds that a load's memory growth may not show (weights mapped from
         their files are resident only once read); the memory manager counts at least this."""

@@ -113,6 +113,15 @@ class TritonRuntime(Runtime):
         if backend.repository is not None:
             shutil.rmtree(backend.repository / self.name, ignore_errors=True)
 
+    async def backend_config(self) -> dict:
+        answer = await _call(self._backend().client.get_model_config(self.name, as_json=True), f"model '{self.name}'", InferenceError)
+        return _numbers(answer["config"])
+
+    async def backend_statistics(self) -> dict:
+        answer = await _call(self._backend().client.get_inference_statistics(self.name, as_json=True), f"model '{self.name}'",
+                             InferenceError)
+        return _numbers(answer["model_stats"][0])
+
     def _backend(self) -> TritonBackend:
         if self.backend is None:
             raise ModelLoadError(f"model '{self.name}' is served by Triton, but this server has no Triton backend: "
@@ -153,6 +162,21 @@ def _copy_into(folder: Path, target: Path, config) -> None:
     (staging / "config.pbtxt").write_text(text_format.MessageToString(config))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
+
+
+# protobuf's JSON writes 64-bit integers as strings; Triton's own HTTP API, and its clients, use numbers.
+_INT64_FIELDS = frozenset({"dims", "shape", "last_inference", "inference_count", "execution_count", "count", "ns",
+                           "batch_size", "max_queue_delay_microseconds", "preferred_batch_size"})
+
+
+def _numbers(value, field: str | None = None):
+    if isinstance(value, dict):
+        return {key: _numbers(item, key) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers(item, field) for item in value]
+    if field in _INT64_FIELDS and isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
 
 
 def _tensor_metadata(tensor) -> TensorMetadata:

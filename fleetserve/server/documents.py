@@ -8,7 +8,7 @@ its messages, so REST and gRPC can never disagree.
 from __future__ import annotations
 
 from fleetserve import __version__
-from fleetserve.errors import InvalidInput, NotFound
+from fleetserve.errors import FleetError, InvalidInput, NotFound
 from fleetserve.graph.pipeline import INSPECT_TENSOR_BYTES, Pipeline, Seen
 from fleetserve.graph.router import Router
 from fleetserve.runtime.registry import ModelVersion, Registry
@@ -45,8 +45,11 @@ def _platform(model: ModelVersion) -> str:
     return settings.platform or settings.implementation or ",".join(settings.requirements)
 
 
-def model_config(model: ModelVersion) -> dict:
-    """Triton's model configuration, as far as a V2 model-settings file describes it."""
+async def model_config(model: ModelVersion) -> dict:
+    """Triton's model configuration: the backend's own where a model has one (Triton's, for a
+    proxied model), else as far as a V2 model-settings file describes it."""
+    if model.runtime is not None and (own := await model.runtime.backend_config()) is not None:
+        return own
     settings = model.settings
     batched = settings.max_batch_size > 0
 
@@ -75,16 +78,23 @@ def _triton_type(datatype: str) -> str:
     return "STRING" if datatype == "BYTES" else datatype
 
 
-def model_statistics(registry: Registry, name: str | None, version: str | None) -> dict:
+async def model_statistics(registry: Registry, name: str | None, version: str | None) -> dict:
     if name:
         model = registry.get(name, version)
         chosen = [model] if version else [v for v in registry.models[name].versions.values()]
     else:
         chosen = [v for m in registry.models.values() for v in m.versions.values()]
-    return {"model_stats": [_statistics(model) for model in chosen]}
+    return {"model_stats": [await _statistics(model) for model in chosen]}
 
 
-def _statistics(model: ModelVersion) -> dict:
+async def _statistics(model: ModelVersion) -> dict:
+    if model.runtime is not None:
+        try:
+            own = await model.runtime.backend_statistics()
+        except FleetError:  # the backend is down: this server's own figures, not a failed listing
+            own = None
+        if own is not None:
+            return own
     stats = model.stats
 
     def duration(count: int, ns: int) -> dict:

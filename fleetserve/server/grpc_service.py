@@ -197,12 +197,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_aborts_on_error
     async def ModelConfig(self, request, context):
-        config = documents.model_config(self.registry.get(request.name, request.version or None))
+        config = await documents.model_config(self.registry.get(request.name, request.version or None))
         return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
     @_aborts_on_error
     async def ModelStatistics(self, request, context):
-        document = documents.model_statistics(self.registry, request.name or None, request.version or None)
+        document = await documents.model_statistics(self.registry, request.name or None, request.version or None)
         return json_format.ParseDict(document, service_pb2.ModelStatisticsResponse())
 
     @_aborts_on_error

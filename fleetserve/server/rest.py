@@ -170,7 +170,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     @app.get("/v2/models/{name}/stats")
     @app.get("/v2/models/{name}/versions/{version}/stats")
     async def model_stats(name: str | None = None, version: str | None = None) -> Response:
-        return json_response(documents.model_statistics(registry, name, version))
+        return json_response(await documents.model_statistics(registry, name, version))
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
@@ -186,7 +186,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")
     async def model_config(name: str, version: str | None = None) -> Response:
-        return json_response(documents.model_config(registry.get(name, version)))
+        return json_response(await documents.model_config(registry.get(name, version)))
 
     # MLflow's scoring protocol, per MLflow model (what `mlflow models serve` answers at / ).
 
