@@ -212,12 +212,16 @@ def test_backend_killed_and_restarted(tmp_path):
             down = client.post("/v2/models/addsub/infer", json=addsub_body([1], [1]))
             assert down.status_code == 503 and "Triton backend is unavailable" in down.json()["error"]
             assert client.get("/v2/health/live").status_code == 200  # the server itself is fine
+            not_ready = client.get("/v2/models/addsub/ready")
+            assert not_ready.status_code == 400 and "not ready in its backend" in not_ready.json()["error"]
+            assert not triton_grpc.InferenceServerClient(server.grpc_address).is_model_ready("addsub")
             backend = start_triton(workdir, ports)  # a new Triton that has never heard of the model
             deadline = time.monotonic() + 10
             while (answer := client.post("/v2/models/addsub/infer", json=addsub_body([4], [1]))).status_code != 200:
                 assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
                 time.sleep(0.2)
             assert answer.json()["outputs"][0]["data"] == [5]  # loaded into the new Triton by itself
+            assert client.get("/v2/models/addsub/ready").status_code == 200
     finally:
         backend.process.kill()
 
@@ -246,6 +250,17 @@ spec:
               .json()["model_name"] for _ in range(30)}
     assert chosen == {"addsub", "addsub-by-requirement"}
     assert http.request("DELETE", "/v2/manifests", content=pipeline).status_code == 200
+
+
+def test_a_ready_probe_loads_the_model_into_a_triton_that_lost_it(triton, server, http):
+    triton_rest = triton_http.InferenceServerClient(triton.http_url.removeprefix("http://"))
+    triton_rest.unload_model("addsub-by-requirement")  # as if Triton had restarted without it
+    deadline = time.monotonic() + 10
+    while triton_rest.is_model_ready("addsub-by-requirement"):  # Triton unloads in the background
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert http.get("/v2/models/addsub-by-requirement/ready").status_code == 200
+    assert triton_rest.is_model_ready("addsub-by-requirement")
 
 
 def test_config_and_statistics_come_from_triton(server, http):

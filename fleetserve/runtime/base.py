@@ -42,6 +42,10 @@ class Runtime:
     def predict(self, request: InferenceRequest) -> InferenceResponse:
         raise NotImplementedError
 
+    async def backend_ready(self) -> bool:
+        """Whether the serving backend can answer for the model now (a model proxied to Triton: Triton's word)."""
+        return True
+
     async def backend_config(self) -> dict | None:
         """The serving backend's own model configuration (a model proxied to Triton: Triton's), else None."""
         return None

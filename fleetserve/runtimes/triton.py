@@ -113,6 +113,16 @@ class TritonRuntime(Runtime):
         if backend.repository is not None:
             shutil.rmtree(backend.repository / self.name, ignore_errors=True)
 
+    async def backend_ready(self) -> bool:
+        """Triton's word; a Triton that answers without the model (restarted) gets it loaded again."""
+        try:
+            if await self._backend().client.is_model_ready(self.name):
+                return True
+            await self._reload()
+            return True
+        except (InferenceServerException, FleetError):
+            return False
+
     async def backend_config(self) -> dict:
         answer = await _call(self._backend().client.get_model_config(self.name, as_json=True), f"model '{self.name}'", InferenceError)
         return _numbers(answer["config"])

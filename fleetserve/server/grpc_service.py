@@ -130,9 +130,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         try:
-            ready = self.registry.get(request.name, request.version or None).state == "READY"
+            model = self.registry.get(request.name, request.version or None)
         except FleetError:
-            ready = False
+            return service_pb2.ModelReadyResponse(ready=False)
+        ready = model.state == "READY" and (model.runtime is None or await model.runtime.backend_ready())
         return service_pb2.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context):

@@ -20,7 +20,9 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from fleetserve.errors import FleetError, InvalidInput, NotFound, NotReady, PayloadTooLarge, ServerUnavailable, describe
+from fleetserve.errors import (
+    FleetError, InvalidInput, ModelUnavailable, NotFound, NotReady, PayloadTooLarge, ServerUnavailable, describe,
+)
 from fleetserve.graph.experiment import experiment_from_manifest
 from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
 from fleetserve.graph.pipeline import pipeline_from_manifest
@@ -181,6 +183,8 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
         model = registry.get_ready(name, version)
+        if model.runtime is not None and not await model.runtime.backend_ready():
+            raise ModelUnavailable(f"model '{name}' is not ready in its backend")
         return json_response({"name": model.name, "ready": True})
 
     @app.get("/v2/models/{name}/config")
