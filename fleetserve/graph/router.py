@@ -9,7 +9,6 @@ candidates are ready; removing it gives the endpoint back at once.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
@@ -17,14 +16,13 @@ from bisect import bisect_left
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-from prometheus_client.utils import floatToGoString
 
 from fleetserve.errors import FleetError, InvalidInput, NotFound, NotReady
 from fleetserve.graph.experiment import Experiment
 from fleetserve.graph.pipeline import Pipeline, PipelineRun
 from fleetserve.runtime.dataplane import DataPlane
-from fleetserve.runtime.metrics import LATENCY_BUCKETS, LATENCY_BUCKETS_NS
-from fleetserve.runtime.registry import READY, Registry
+from fleetserve.runtime.metrics import LATENCY_BUCKETS_NS, latency_buckets
+from fleetserve.runtime.registry import Registry
 from fleetserve.types import InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
@@ -119,10 +117,10 @@ class Router:
 
     def model_problem(self, name: str) -> str | None:
         try:
-            state = self.registry.get(name).state
+            self.registry.get_ready(name)
         except FleetError as error:
             return error.message
-        return None if state == READY else f"model '{name}' is {state.lower()}"
+        return None
 
     def pipeline_problem(self, name: str) -> str | None:
         pipeline = self.pipelines.get(name)
@@ -263,9 +261,7 @@ class GraphCollector:
         for name, stats in list(self.router.stats.items()):
             for outcome, count in dict(stats.outcomes).items():
                 requests.add_metric([name, outcome], count)
-            cumulative = list(itertools.accumulate(stats.latency_buckets))
-            buckets = [(floatToGoString(bound), count) for bound, count in zip(LATENCY_BUCKETS, cumulative)]
-            latency.add_metric([name], [*buckets, ("+Inf", cumulative[-1])], stats.latency_ns / 1e9)
+            latency.add_metric([name], latency_buckets(list(stats.latency_buckets)), stats.latency_ns / 1e9)
         for pipeline in list(self.router.pipelines.values()):
             for step, count in dict(pipeline.step_errors).items():
                 step_errors.add_metric([pipeline.name, step], count)

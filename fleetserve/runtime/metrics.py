@@ -14,6 +14,12 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 LATENCY_BUCKETS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BUCKETS)
 
 
+def latency_buckets(counts: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts (over LATENCY_BUCKETS, then one past the last) as a histogram's cumulative buckets."""
+    cumulative = list(itertools.accumulate(counts))
+    return [*((floatToGoString(bound), count) for bound, count in zip(LATENCY_BUCKETS, cumulative)), ("+Inf", cumulative[-1])]
+
+
 class InferenceCollector:
     """fleetserve_infer_requests_total and fleetserve_infer_duration_seconds, read at scrape
     time from each version's Statistics: the data plane counts a request with a few integer
@@ -40,10 +46,7 @@ class InferenceCollector:
             failures = dict(stats.failures)  # copied in one step: the event loop adds outcomes meanwhile
             if stats.success_count:
                 requests.add_metric([*labels, "success"], stats.success_count)
-                counts = list(stats.latency_buckets)
-                cumulative = list(itertools.accumulate(counts))
-                buckets = [(floatToGoString(bound), count) for bound, count in zip(LATENCY_BUCKETS, cumulative)]
-                latency.add_metric(labels, [*buckets, ("+Inf", cumulative[-1])], stats.success_ns / 1e9)
+                latency.add_metric(labels, latency_buckets(stats.latency_buckets), stats.success_ns / 1e9)
             for outcome, count in failures.items():
                 requests.add_metric([*labels, outcome], count)
         yield requests
