@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--extra-capabilities", help="comma-separated; added to the capabilities")
     start.add_argument("--triton-url", help="gRPC address of a Triton server (explicit model control) for GPU models")
     start.add_argument("--triton-repository", help="a model repository folder Triton also reads (else files go in load requests)")
+    start.add_argument("--gpu-memory-limit",
+                       help="memory for models resident in Triton: bytes or 16Gi (default: no limit; FLEETSERVE_GPU_MEMORY_LIMIT)")
     start.set_defaults(run=_start)
 
     def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:

@@ -57,6 +57,9 @@ class ServerSettings:
     # load request).
     triton_url: str = ""
     triton_repository: str = ""
+    # Memory for the models resident in Triton (bytes or a quantity); empty: no limit, Triton's
+    # own. Past it, the least recently used idle GPU model is unloaded from Triton.
+    gpu_memory_limit: str = ""
 
     @property
     def memory_limit_bytes(self) -> int:
@@ -66,6 +69,15 @@ class ServerSettings:
             except ValueError as error:
                 raise SystemExit(f"--memory-limit: {error}") from None
         return int(0.7 * _available_memory())
+
+    @property
+    def gpu_memory_limit_bytes(self) -> int | None:
+        if not self.gpu_memory_limit:
+            return None
+        try:
+            return parse_quantity(self.gpu_memory_limit)
+        except ValueError as error:
+            raise SystemExit(f"--gpu-memory-limit: {error}") from None
 
     @property
     def capability_list(self) -> list[str]:
@@ -91,6 +103,7 @@ DEFAULT_CAPABILITIES = (
 )
 # What a model may require when a Triton backend is configured (--triton-url); any of them sends it there.
 TRITON_CAPABILITIES = ("triton", "tensorrt", "onnx-gpu", "pytorch", "tensorflow", "openvino", "python-backend")
+TRITON_RUNTIME = "fleetserve.runtimes.triton.TritonRuntime"
 
 _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)\s*([KMGTPE]i?|k)?\s*$")
 _UNITS = {None: 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5, "E": 1000**6,
@@ -299,6 +312,18 @@ class ModelSettings:
         self.parallel_workers = self.parallel_workers or inner.parallel_workers
         if inner.uri:
             self.fetched = inner.artifact_path
+
+    @property
+    def chosen_implementation(self) -> str | None:
+        """`implementation`, else "triton" when a requirement is one only Triton provides."""
+        if self.implementation:
+            return self.implementation
+        return "triton" if any(item in TRITON_CAPABILITIES for item in self.requirements) else None
+
+    @property
+    def device(self) -> str:
+        """Whose memory the model takes: "gpu" for models served by Triton, else "cpu" (this process)."""
+        return "gpu" if self.chosen_implementation in ("triton", TRITON_RUNTIME) else "cpu"
 
     @property
     def artifact_path(self) -> Path:

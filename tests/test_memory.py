@@ -207,9 +207,10 @@ def test_a_busy_model_is_never_evicted_and_loads_wait_then_503(server, http, mod
     assert answer_of(http, "m01") == 1
 
 
-def test_memory_limit_flags_are_validated(tmp_path):
+@pytest.mark.parametrize("flag", ["--memory-limit", "--gpu-memory-limit"])
+def test_memory_limit_flags_are_validated(tmp_path, flag):
     result = subprocess.run(
-        [sys.executable, "-m", "fleetserve.cli", "start", str(tmp_path), "--memory-limit", "lots"],
+        [sys.executable, "-m", "fleetserve.cli", "start", str(tmp_path), flag, "lots"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
-    assert result.returncode != 0 and re.search(r"--memory-limit: 'lots' is not a memory quantity", result.stderr)
+    assert result.returncode != 0 and re.search(f"{flag}: 'lots' is not a memory quantity", result.stderr)

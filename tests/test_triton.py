@@ -20,6 +20,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
 from conftest import free_port, http_client, running_server, write_settings
+from test_memory import metric
 
 ADDSUB_CONFIG = """
 name: "whatever-the-folder-says"
@@ -274,3 +275,59 @@ def test_config_and_statistics_come_from_triton(server, http):
     assert stats["inference_count"] == before + 3 and stats["inference_stats"]["compute_infer"]["count"] >= 3
     grpc_config = triton_grpc.InferenceServerClient(server.grpc_address).get_model_config("addsub").config
     assert grpc_config.backend == "python" and list(grpc_config.input[0].dims) == [-1]
+
+
+def assert_in_triton(triton: Triton, names: list[str], expected: set[str]) -> None:
+    """Which of `names` Triton holds, once its unloads (which finish in the background) are done."""
+    client = triton_http.InferenceServerClient(triton.http_url.removeprefix("http://"))
+    deadline = time.monotonic() + 10
+    while (ready := {name for name in names if client.is_model_ready(name)}) != expected:
+        assert time.monotonic() < deadline, (ready, expected)
+        time.sleep(0.05)
+
+
+def test_gpu_models_are_evicted_from_triton_and_reloaded_on_demand(triton, tmp_path):
+    repo = tmp_path / "repo"
+    names = ["gpu-a", "gpu-b", "gpu-c"]
+    for name in names:
+        addsub_folder(repo, name, {"implementation": "triton", "memory": "40Mi"})
+    # Three 40 MiB GPU models fit no CPU books of 50 MiB: each device is counted on its own.
+    env = {"FLEETSERVE_TRITON_URL": triton.grpc_url, "FLEETSERVE_GPU_MEMORY_LIMIT": "100Mi",
+           "FLEETSERVE_MEMORY_LIMIT": "50Mi", "FLEETSERVE_OVERCOMMIT_PERCENT": "30"}
+    with running_server(repo, tmp_path / "server.log", env) as server, http_client(server) as client:
+        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+        assert all(index[name]["state"] == "READY" and index[name]["device"] == "gpu" for name in names)
+        assert sum(index[name]["resident"] for name in names) == 2
+        assert_in_triton(triton, names, {name for name in names if index[name]["resident"]})
+        for name in names * 2:  # each request makes room for its model by unloading the least recently used
+            answer = client.post(f"/v2/models/{name}/infer", json=addsub_body([5], [3]))
+            assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [8], answer.text
+            index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+            assert index[name]["resident"] and sum(index[n]["resident"] for n in names) == 2
+            assert_in_triton(triton, names, {n for n in names if index[n]["resident"]})
+        previous = names[(names.index(name) - 1) % 3]  # the two most recently used stay
+        assert {n for n in names if index[n]["resident"]} == {name, previous}
+        assert metric(client, "seldon_cache_evict_count", device="gpu") >= 6
+        assert metric(client, "seldon_cache_miss_count", device="gpu") >= 6
+        assert metric(client, "seldon_cache_evict_count", device="cpu") == 0
+        assert metric(client, "seldon_server_replica_memory_capacity_bytes_gauge", device="gpu") == 100 * 2**20
+        assert metric(client, "seldon_server_replica_memory_capacity_bytes_gauge", device="cpu") == 50 * 2**20
+        assert metric(client, "seldon_loaded_model_memory_bytes_gauge", device="gpu", model_internal=f"{name}_1") == 40 * 2**20
+        assert metric(client, "fleetserve_model_memory_bytes", model=name, device="gpu", kind="declared") == 40 * 2**20
+
+        # The memory of a proxied model is its files' at least, whatever it declares.
+        assert metric(client, "fleetserve_model_memory_bytes", model=name, device="gpu", kind="measured") >= len(ADDSUB_MODEL)
+
+        # A manifest whose artifact says "triton" is counted where it lives, and refused like any GPU model.
+        folder = addsub_folder(tmp_path, "artifact", {"implementation": "triton"})
+        manifest = f"kind: Model\nmetadata: {{name: gpu-d}}\nspec: {{storageUri: '{folder}', memory: 40Mi}}\n"
+        refused = client.post("/v2/manifests", content=manifest)
+        assert refused.status_code == 400
+        assert "registered GPU models take 120.0 MiB of 130.0 MiB (100.0 MiB limit + 30% overcommit)" in refused.json()["error"]
+        too_big = manifest.replace("gpu-d", "gpu-e").replace("40Mi", "101Mi")
+        assert "more than the GPU memory limit of 100.0 MiB" in client.post("/v2/manifests", content=too_big).json()["error"]
+        assert client.post("/v2/repository/models/gpu-a/unload").status_code == 200
+        assert client.post("/v2/manifests", content=manifest).status_code == 200
+        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+        assert index["gpu-d"]["device"] == "gpu" and index["gpu-d"]["state"] == "READY"
+        assert client.post("/v2/models/gpu-d/infer", json=addsub_body([1], [1])).json()["outputs"][0]["data"] == [2]

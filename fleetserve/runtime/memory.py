@@ -4,7 +4,9 @@ measuring what a load really took.
 A model's cost is max(declared, measured). Registered models may total the limit plus the
 overcommit; resident ones never exceed the limit. When a model must become resident, the least
 recently used idle resident models make room; a model serving a request is never chosen.
-The registry carries out the evictions; this module only keeps the books.
+Each device keeps its own books: "cpu" for the models in this process, "gpu" for the models
+proxied to Triton (evicting one unloads it from Triton). The registry carries out the
+evictions; this module only keeps the books.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ SERVER_LABELS = {"server": "fleetserve", "server_replica": "0"}
 class Accountable(Protocol):
     name: str
     version: str | None
+    device: str
     in_flight: int
     state: str
     declared: int
@@ -45,11 +48,16 @@ def format_bytes(size: float) -> str:
         size /= 1024
 
 
-class MemoryManager:
-    def __init__(self, limit: int, overcommit_percent: float):
-        self.limit = limit
+class DeviceMemory:
+    """One device's books. Without a limit (a GPU with no --gpu-memory-limit) models are counted
+    but never refused or evicted."""
+
+    def __init__(self, device: str, limit: int | None, overcommit_percent: float):
+        self.device = device
+        self.limit = sys.maxsize if limit is None else limit
+        self.limited = limit is not None
         self.overcommit_percent = overcommit_percent
-        self.registered_limit = int(limit * (1 + overcommit_percent / 100))
+        self.registered_limit = int(self.limit * (1 + overcommit_percent / 100)) if self.limited else sys.maxsize
         self.registered: set[Accountable] = set()
         self.resident: OrderedDict[Accountable, None] = OrderedDict()  # least recently used first
         self.evictions = 0
@@ -63,27 +71,30 @@ class MemoryManager:
     def resident_bytes(self) -> int:
         return sum(version.cost for version in self.resident)
 
-    def register(self, versions: Iterable[Accountable], replacing: Iterable[Accountable] = ()) -> None:
-        """Count new versions against the overcommitted budget, or refuse them with the figures."""
-        versions, replacing = list(versions), set(replacing)
+    @property
+    def _models(self) -> str:
+        return "registered models" if self.device == "cpu" else f"registered {self.device.upper()} models"
+
+    def check_register(self, versions: list[Accountable], replacing: set[Accountable]) -> None:
+        """Refuse, with the figures, versions that would take the registered total past the
+        overcommitted budget."""
         adding = sum(version.cost for version in versions)
         already = sum(version.cost for version in self.registered if version not in replacing)
-        name = versions[0].name if versions else "?"
         for version in versions:
             self.check_fits(version)
         if already + adding > self.registered_limit:
             raise CapacityExceeded(
-                f"cannot register model '{name}' ({format_bytes(adding)}): registered models take "
+                f"cannot register model '{versions[0].name}' ({format_bytes(adding)}): {self._models} take "
                 f"{format_bytes(already)} of {format_bytes(self.registered_limit)} "
                 f"({format_bytes(self.limit)} limit + {self.overcommit_percent:g}% overcommit)"
             )
-        self.registered.update(versions)
 
     def check_fits(self, version: Accountable) -> None:
         """A version bigger than the whole limit can never be resident."""
         if version.cost > self.limit:
+            kind = "memory" if self.device == "cpu" else f"{self.device.upper()} memory"
             raise CapacityExceeded(
-                f"model '{version.name}' needs {format_bytes(version.cost)}, more than the memory limit of "
+                f"model '{version.name}' needs {format_bytes(version.cost)}, more than the {kind} limit of "
                 f"{format_bytes(self.limit)}"
             )
 
@@ -116,6 +127,41 @@ class MemoryManager:
             chosen.append(version)
             free += version.cost
         return chosen if free >= needed else None
+
+
+class MemoryManager:
+    """The books of every device; a version is kept in the books of its `device`."""
+
+    def __init__(self, limit: int, overcommit_percent: float, gpu_limit: int | None = None):
+        self.devices = {
+            "cpu": DeviceMemory("cpu", limit, overcommit_percent),
+            "gpu": DeviceMemory("gpu", gpu_limit, overcommit_percent),
+        }
+
+    def of(self, version: Accountable) -> DeviceMemory:
+        return self.devices[version.device]
+
+    def touch(self, version: Accountable) -> None:
+        self.devices[version.device].touch(version)
+
+    def is_registered(self, version: Accountable) -> bool:
+        return version in self.devices[version.device].registered
+
+    @property
+    def registered(self) -> list[Accountable]:
+        return [version for books in self.devices.values() for version in books.registered]
+
+    def register(self, versions: Iterable[Accountable], replacing: Iterable[Accountable] = ()) -> None:
+        """Count new versions against their device's overcommitted budget; refuse all of them
+        if any device cannot take its share."""
+        versions, replacing = list(versions), set(replacing)
+        by_device: dict[str, list[Accountable]] = {}
+        for version in versions:
+            by_device.setdefault(version.device, []).append(version)
+        for device, share in by_device.items():
+            self.devices[device].check_register(share, replacing)
+        for device, share in by_device.items():
+            self.devices[device].registered.update(share)
 
 
 _measuring = threading.Lock()  # tracemalloc and RSS are process-wide: one load measured at a time
@@ -237,35 +283,41 @@ class MemoryCollector:
 
     def collect(self):
         server = list(SERVER_LABELS.values())
-        for name, value, text in (
-            ("seldon_cache_evict_count", self.memory.evictions, "Models evicted from memory"),
-            ("seldon_cache_miss_count", self.memory.misses, "Evicted models reloaded because a request needed them"),
+        server_labels = [*SERVER_LABELS, "device"]
+        books = list(self.memory.devices.values())
+        for name, field, text in (
+            ("seldon_cache_evict_count", "evictions", "Models evicted from memory"),
+            ("seldon_cache_miss_count", "misses", "Evicted models reloaded because a request needed them"),
         ):
             # Seldon's counters have no _total suffix, which prometheus_client's Counter would add.
             family = Metric(name, text, "counter")
-            family.add_sample(name, SERVER_LABELS, value)
+            for device in books:
+                family.add_sample(name, {**SERVER_LABELS, "device": device.device}, getattr(device, field))
             yield family
-        for name, value in (
-            ("seldon_server_replica_memory_capacity_bytes_gauge", self.memory.limit),
-            ("seldon_server_replica_memory_capacity_overcommit_bytes_gauge", self.memory.registered_limit),
+        for name, field in (
+            ("seldon_server_replica_memory_capacity_bytes_gauge", "limit"),
+            ("seldon_server_replica_memory_capacity_overcommit_bytes_gauge", "registered_limit"),
         ):
-            family = GaugeMetricFamily(name, "Memory for models on this server", labels=list(SERVER_LABELS))
-            family.add_metric(server, value)
+            family = GaugeMetricFamily(name, "Memory for models on this server", labels=server_labels)
+            for device in books:
+                if device.limited:
+                    family.add_metric([*server, device.device], getattr(device, field))
             yield family
-        model_labels = [*SERVER_LABELS, "model_internal"]
+        model_labels = [*server_labels, "model_internal"]
         loaded = GaugeMetricFamily("seldon_loaded_model_memory_bytes_gauge", "Memory of resident models", labels=model_labels)
         evicted = GaugeMetricFamily("seldon_evicted_model_memory_bytes_gauge", "Memory of evicted models", labels=model_labels)
         figures = GaugeMetricFamily(
             "fleetserve_model_memory_bytes", "Declared and measured memory of each model version",
-            labels=["model", "version", "kind"],
+            labels=["model", "version", "device", "kind"],
         )
         for version in self.versions():
-            if version not in self.memory.registered:
+            device = self.memory.of(version)
+            if version not in device.registered:
                 continue
             internal = f"{version.name}_{version.version or 1}"
-            (loaded if version in self.memory.resident else evicted).add_metric([*server, internal], version.cost)
+            (loaded if version in device.resident else evicted).add_metric([*server, version.device, internal], version.cost)
             for kind in ("declared", "measured"):
-                figures.add_metric([version.name, version.version or "", kind], getattr(version, kind))
+                figures.add_metric([version.name, version.version or "", version.device, kind], getattr(version, kind))
         yield loaded
         yield evicted
         yield figures

@@ -57,6 +57,7 @@ class ModelVersion:
     settings: ModelSettings
     # Caps the worker threads one version may hold, so one slow model cannot take them all.
     slots: asyncio.Semaphore
+    device: str = "cpu"  # whose memory books count it: "cpu" (this process) or "gpu" (Triton)
     state: str = LOADING
     reason: str = ""
     runtime: Runtime | None = None  # None while loading, after unload, and while evicted
@@ -199,6 +200,7 @@ class Registry:
                 if version.version is not None:
                     entry["version"] = version.version
                 entry.update(
+                    device=version.device,
                     resident=version.runtime is not None,
                     declared_memory_bytes=version.declared,
                     measured_memory_bytes=version.measured,
@@ -262,16 +264,24 @@ class Registry:
                     model.versions, model.reason = {}, found.error
                 raise ModelLoadError(f"model '{name}' failed to load: {found.error}")
             loading = [ModelVersion(settings, asyncio.Semaphore(self.max_concurrency)) for settings in found.versions]
+            replaced = list(model.versions.values())
+            if not serving:
+                model.versions = {version.version: version for version in loading}  # visible as LOADING
+                await asyncio.gather(*(self._unload_version(version) for version in replaced))
             try:
-                self.memory.register(loading, replacing=model.versions.values())
+                # A manifest is complete only with its artifacts: their model-settings.json may name
+                # the runtime, and so the device whose memory the model takes.
+                try:
+                    await asyncio.gather(*(self._prepare_artifacts(v) for v in loading if v.settings.from_manifest))
+                except Exception as error:
+                    raise ModelLoadError(f"model '{name}' failed to load: {describe(error)}") from error
+                for version in loading:
+                    version.device = version.settings.device
+                self.memory.register(loading, replacing=replaced)
             except FleetError as error:
                 if not serving:
                     model.versions, model.reason = {}, error.message
                 raise
-            if not serving:
-                stale = list(model.versions.values())
-                model.versions = {version.version: version for version in loading}  # visible as LOADING
-                await asyncio.gather(*(self._unload_version(version) for version in stale))
             errors = await asyncio.gather(*(self._load_version(version) for version in loading))
             failed = [version for version in loading if version.state != READY]
             reasons = "; ".join(f"{_label(version)}: {version.reason}" for version in failed)
@@ -299,7 +309,7 @@ class Registry:
         if model is None:
             raise NotFound(f"model '{name}' is not loaded")
         async with model.lock:
-            loaded = [version for version in model.versions.values() if version in self.memory.registered]
+            loaded = [version for version in model.versions.values() if self.memory.is_registered(version)]
             if not loaded:
                 raise NotFound(f"model '{name}' is not loaded")
             await asyncio.gather(*(self._unload_version(version, grace, keep_files) for version in loaded))
@@ -328,7 +338,7 @@ class Registry:
         if version.runtime is not None:
             return
         if version.reloading is None:
-            self.memory.misses += 1
+            self.memory.of(version).misses += 1
             version.reloading = asyncio.ensure_future(self._reload(version))
             version.reloading.add_done_callback(_forget_reload(version))
         await asyncio.shield(version.reloading)
@@ -342,13 +352,13 @@ class Registry:
                 await self._prepare_artifacts(version)
                 runtime = await self._start_runtime(version, measure=version.unmeasured)
             except BaseException as error:
-                self.memory.mark_evicted(version)
+                self.memory.of(version).mark_evicted(version)
                 if isinstance(error, asyncio.CancelledError):
                     raise
                 reason = describe(error)
                 raise ModelUnavailable(f"model '{version.name}' was evicted and could not be reloaded: {reason}") from error
-            if version not in self.memory.registered:  # unloaded while it reloaded
-                self.memory.mark_evicted(version)
+            if not self.memory.is_registered(version):  # unloaded while it reloaded
+                self.memory.of(version).mark_evicted(version)
                 await self._stop_runtime(version, runtime)
                 raise ModelUnavailable(f"model '{version.name}' was unloaded")
             version.runtime = runtime
@@ -362,21 +372,23 @@ class Registry:
     async def _admit(self, version: ModelVersion) -> None:
         """Claim the version's memory, evicting least recently used idle models to make room.
         Waits up to `eviction_wait` for busy models to finish, then answers 503."""
-        self.memory.check_fits(version)
+        books = self.memory.of(version)
+        books.check_fits(version)
         deadline = time.monotonic() + self.eviction_wait
         async with self._admission:
             while True:
-                if version not in self.memory.registered:
+                if version not in books.registered:
                     raise ModelUnavailable(f"model '{version.name}' was unloaded")
-                victims = self.memory.victims(version.cost, keep=version)
+                victims = books.victims(version.cost, keep=version)
                 if victims is not None:
-                    self.memory.mark_resident(version)
+                    books.mark_resident(version)
                     await self._evict(victims)
                     return
                 if time.monotonic() > deadline:
+                    memory = "memory" if books.device == "cpu" else f"{books.device.upper()} memory"
                     raise Busy(
-                        f"no memory for model '{version.name}' ({format_bytes(version.cost)}): "
-                        f"{format_bytes(self.memory.resident_bytes)} of {format_bytes(self.memory.limit)} "
+                        f"no {memory} for model '{version.name}' ({format_bytes(version.cost)}): "
+                        f"{format_bytes(books.resident_bytes)} of {format_bytes(books.limit)} "
                         f"is held by models serving requests; waited {self.eviction_wait:g}s"
                     )
                 await asyncio.sleep(0.01)
@@ -387,8 +399,9 @@ class Registry:
         for victim in victims:
             stopping.append((victim, victim.runtime))
             victim.runtime = None
-            self.memory.mark_evicted(victim)
-            self.memory.evictions += 1
+            books = self.memory.of(victim)
+            books.mark_evicted(victim)
+            books.evictions += 1
             log.info("model %s evicted (%s)", _label(victim), format_bytes(victim.cost))
         for victim, runtime in stopping:
             if runtime is not None:
@@ -411,14 +424,15 @@ class Registry:
         version.state = LOADING
         try:
             await self._admit(version)
-            await self._prepare_artifacts(version)
+            if not version.settings.from_manifest:  # a manifest's artifacts are ready already
+                await self._prepare_artifacts(version)
             runtime = await self._start_runtime(version, measure=True)
             # Kept for metadata requests while the version is evicted.
             version.inputs, version.outputs = runtime.metadata_inputs(), runtime.metadata_outputs()
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
             reason = describe(error)
             version.state, version.reason = UNAVAILABLE, reason
-            self.memory.unregister(version)
+            self.memory.of(version).unregister(version)
             metrics.MODEL_LOAD_DURATION.labels("error").observe(time.perf_counter() - started)
             log.error("model %s failed to load: %s", _label(version), reason)
             if isinstance(error, asyncio.CancelledError):
@@ -441,14 +455,14 @@ class Registry:
         if keep.declared and keep.measured > 2 * keep.declared:
             log.warning("model %s declares %s of memory but loading it took %s; its cost is the measured figure",
                         _label(keep), format_bytes(keep.declared), format_bytes(keep.measured))
-        if self.memory.registered_bytes > self.memory.registered_limit:
-            log.warning("registered models now take %s of %s, after measuring model %s",
-                        format_bytes(self.memory.registered_bytes), format_bytes(self.memory.registered_limit),
-                        _label(keep))
-        if self.memory.resident_bytes <= self.memory.limit:
+        books = self.memory.of(keep)
+        if books.registered_bytes > books.registered_limit:
+            log.warning("registered %s models now take %s of %s, after measuring model %s", books.device,
+                        format_bytes(books.registered_bytes), format_bytes(books.registered_limit), _label(keep))
+        if books.resident_bytes <= books.limit:
             return
         async with self._admission:
-            await self._evict(self.memory.victims(0, keep=keep) or [])
+            await self._evict(books.victims(0, keep=keep) or [])
 
     async def _start_runtime(self, version: ModelVersion, measure: bool = False) -> Runtime:
         settings = version.settings
@@ -464,9 +478,10 @@ class Registry:
             await self._in_thread(pool.load)
             version.measured, version.unmeasured = pool.memory_bytes(), False
             return pool
-        if inspect.iscoroutinefunction(runtime_class.load):
+        if inspect.iscoroutinefunction(runtime_class.load):  # its memory is elsewhere (Triton) or its own to tell
             runtime = runtime_class(settings)
             await runtime.load()
+            version.measured, version.unmeasured = runtime.footprint(), False
             return runtime
 
         def start() -> Runtime:
@@ -480,7 +495,7 @@ class Registry:
         runtime, measured, exact = await self._in_thread(start_measured, kind, start)
         measured = max(measured, runtime.footprint())
         if not exact:  # an estimate, perhaps swollen by other loads: only when nothing is declared, and capped
-            measured = 0 if version.declared else min(measured, self.memory.limit)
+            measured = 0 if version.declared else min(measured, self.memory.of(version).limit)
         version.measured, version.unmeasured = measured, not exact
         return runtime
 
@@ -494,7 +509,7 @@ class Registry:
             log.exception("model %s raised while unloading", _label(version))
 
     async def _unload_version(self, version: ModelVersion, grace: float = 30.0, keep_files: bool = False) -> None:
-        if version not in self.memory.registered:
+        if not self.memory.is_registered(version):
             return
         was_ready = version.state == READY
         version.state = UNLOADING
@@ -503,7 +518,7 @@ class Registry:
             await asyncio.sleep(0.01)
         runtime, version.runtime = version.runtime, None
         version.state, version.reason = UNAVAILABLE, "unloaded"
-        self.memory.unregister(version)
+        self.memory.of(version).unregister(version)
         if was_ready:
             metrics.MODELS_LOADED.dec()
         if runtime is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fleetserve.errors import ModelLoadError
 from fleetserve.runtime.base import Runtime
-from fleetserve.settings import TRITON_CAPABILITIES, ModelSettings
+from fleetserve.settings import TRITON_CAPABILITIES, TRITON_RUNTIME, ModelSettings
 
 _SKLEARN = "fleetserve.runtimes.sklearn.SKLearnRuntime"
 _XGBOOST = "fleetserve.runtimes.xgboost.XGBoostRuntime"
@@ -25,7 +25,7 @@ _LIGHTGBM = "fleetserve.runtimes.lightgbm.LightGBMRuntime"
 _ONNX = "fleetserve.runtimes.onnx.OnnxRuntime"
 _MLFLOW = "fleetserve.runtimes.mlflow.MLflowRuntime"
 _HUGGINGFACE = "fleetserve.runtimes.huggingface.HuggingFaceRuntime"
-_TRITON = "fleetserve.runtimes.triton.TritonRuntime"
+_TRITON = TRITON_RUNTIME
 
 BUILTIN: dict[str, str] = {
     "sklearn": _SKLEARN,
@@ -51,9 +51,7 @@ def resolve_runtime(settings: ModelSettings, capabilities: list[str]) -> type[Ru
             f"model '{settings.name}' requires {settings.requirements} but this server provides "
             f"{capabilities}: {missing} missing{triton_only}"
         )
-    implementation = settings.implementation
-    if not implementation and any(item in TRITON_CAPABILITIES for item in settings.requirements):
-        implementation = "triton"
+    implementation = settings.chosen_implementation
     if not implementation:
         implementation = next((item for item in settings.requirements if item in BUILTIN), None)
         if implementation is None:

@@ -48,12 +48,23 @@ class TritonRuntime(Runtime):
 
     backend: TritonBackend | None = None  # set by configure() when the server has --triton-url
     _reloading: asyncio.Future | None = None
+    _gpu_bytes = 0
 
     async def load(self) -> None:
         await self._push()
-        metadata = await _call(self._backend().client.get_model_metadata(self.name), f"model '{self.name}'", ModelLoadError)
+        client = self._backend().client
+        metadata = await _call(client.get_model_metadata(self.name), f"model '{self.name}'", ModelLoadError)
         self.own_inputs = [_tensor_metadata(tensor) for tensor in metadata.inputs]
         self.own_outputs = [_tensor_metadata(tensor) for tensor in metadata.outputs]
+        statistics = await _call(client.get_inference_statistics(self.name), f"model '{self.name}'", ModelLoadError)
+        self._gpu_bytes = sum(usage.byte_size for model in statistics.model_stats for usage in model.memory_usage
+                              if usage.type == "GPU")
+
+    def footprint(self) -> int:
+        """The GPU memory Triton reports for the model (backends that report it: TensorRT, ONNX
+        Runtime, PyTorch), and at least the size of its files: the weights are on the GPU."""
+        files = sum(path.stat().st_size for path in self.settings.artifact_path.rglob("*") if path.is_file())
+        return max(self._gpu_bytes, files)
 
     async def _push(self) -> None:
         """Load the model folder into Triton (again, after Triton restarted without it)."""

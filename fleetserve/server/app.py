@@ -56,7 +56,7 @@ class FleetServer:
         remove_stale_blocks()  # shared memory left by a server or worker that was killed
         capabilities = settings.capability_list
         triton.configure(settings)
-        self.memory = MemoryManager(settings.memory_limit_bytes, settings.overcommit_percent)
+        self.memory = MemoryManager(settings.memory_limit_bytes, settings.overcommit_percent, settings.gpu_memory_limit_bytes)
         self.registry = Registry(
             self.repository,
             lambda model_settings: resolve_runtime(model_settings, capabilities),
