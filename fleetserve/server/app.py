@@ -21,7 +21,7 @@ from fleetserve.errors import describe
 from fleetserve.graph.router import GraphCollector, Router
 from fleetserve.runtime.artifacts import ArtifactCache
 from fleetserve.runtime.dataplane import DataPlane
-from fleetserve.runtime.memory import MemoryCollector, MemoryManager
+from fleetserve.runtime.memory import MemoryCollector, MemoryManager, keep_freed_buffers_for_reuse
 from fleetserve.runtime.metrics import InferenceCollector
 from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
@@ -54,6 +54,7 @@ class FleetServer:
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="fleetserve-worker")
         self.repository = ModelRepository(settings.model_repository)
         remove_stale_blocks()  # shared memory left by a server or worker that was killed
+        keep_freed_buffers_for_reuse()
         capabilities = settings.capability_list
         triton.configure(settings)
         self.memory = MemoryManager(settings.memory_limit_bytes, settings.overcommit_percent, settings.gpu_memory_limit_bytes)
