@@ -58,7 +58,11 @@ class Busy(FleetError):
 
 
 class ServerUnavailable(FleetError):
-    """The server is shutting down."""
+    """The server is shutting down, or a backend it needs cannot be reached."""
+
+
+class Timeout(FleetError):
+    """What the server called on the client's behalf (an explainer's model) did not answer in time."""
 
 
 def describe(error: BaseException) -> str:
@@ -81,4 +85,5 @@ STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     CapacityExceeded: (400, grpc.StatusCode.RESOURCE_EXHAUSTED),
     Busy: (503, grpc.StatusCode.UNAVAILABLE),
     ServerUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
+    Timeout: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
 }

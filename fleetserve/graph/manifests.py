@@ -13,7 +13,7 @@ from fleetserve.runtime.repository import Found
 from fleetserve.settings import ModelSettings, check_model_name, parse_quantity
 
 SUPPORTED_KINDS = ("Model", "Pipeline", "Experiment")
-_MODEL_SPEC = {"storageUri", "requirements", "memory", "parameters"}
+_MODEL_SPEC = {"storageUri", "requirements", "memory", "parameters", "explainer"}
 
 
 def parse_manifests(text: str | bytes) -> list[dict[str, Any]]:
@@ -65,14 +65,30 @@ def model_from_manifest(document: dict[str, Any]) -> Found:
         isinstance(item, dict) and isinstance(item.get("name"), str) for item in parameters
     ):
         raise InvalidInput(f"{where}: spec.parameters must be a list of {{name, value}} mappings")
+    extra = {item["name"]: item.get("value") for item in parameters}
+    if spec.get("explainer") is not None:
+        extra.update(_explainer(where, spec["explainer"]))
+        requirements = requirements if "alibi-explain" in requirements else [*requirements, "alibi-explain"]
     settings = ModelSettings(
         name=name,
         folder=Path.cwd(),
         uri=storage_uri,
         requirements=requirements,
         memory=memory,
-        extra={item["name"]: item.get("value") for item in parameters},
+        extra=extra,
         unknown={key: value for key, value in spec.items() if key not in _MODEL_SPEC},
         from_manifest=True,
     )
     return Found(name, [settings])
+
+
+def _explainer(where: str, explainer: Any) -> dict[str, Any]:
+    """Seldon's `spec.explainer` as the alibi-explain runtime's parameters."""
+    if not isinstance(explainer, dict) or not isinstance(explainer.get("type"), str):
+        raise InvalidInput(f"{where}: spec.explainer must be a mapping with a type (e.g. anchor_tabular)")
+    refs = {key: explainer.get(key) for key in ("modelRef", "pipelineRef") if explainer.get(key)}
+    if len(refs) > 1:
+        raise InvalidInput(f"{where}: spec.explainer: only one of modelRef and pipelineRef")
+    if not all(isinstance(value, str) for value in refs.values()):
+        raise InvalidInput(f"{where}: spec.explainer: modelRef and pipelineRef are names")
+    return {"explainer_type": explainer["type"], "model_ref": refs.get("modelRef"), "pipeline_ref": refs.get("pipelineRef")}

@@ -26,6 +26,7 @@ _ONNX = "fleetserve.runtimes.onnx.OnnxRuntime"
 _MLFLOW = "fleetserve.runtimes.mlflow.MLflowRuntime"
 _HUGGINGFACE = "fleetserve.runtimes.huggingface.HuggingFaceRuntime"
 _TRITON = TRITON_RUNTIME
+_ALIBI_EXPLAIN = "fleetserve.runtimes.alibi_explain.AlibiExplainRuntime"
 
 BUILTIN: dict[str, str] = {
     "sklearn": _SKLEARN,
@@ -40,6 +41,8 @@ BUILTIN: dict[str, str] = {
     "huggingface": _HUGGINGFACE,
     "mlserver_huggingface.HuggingFaceRuntime": _HUGGINGFACE,
     "triton": _TRITON,
+    "alibi-explain": _ALIBI_EXPLAIN,
+    "mlserver_alibi_explain.AlibiExplainRuntime": _ALIBI_EXPLAIN,
 }
 
 def resolve_runtime(settings: ModelSettings, capabilities: list[str]) -> type[Runtime]:

@@ -47,18 +47,31 @@ class TritonRuntime(Runtime):
     """A model whose load, predict and unload are Triton's."""
 
     backend: TritonBackend | None = None  # set by configure() when the server has --triton-url
+    # Which runtime holds each model name in Triton: a reload's new runtime takes the name over,
+    # and the old one's unload must then leave Triton's copy alone.
+    owners: dict[str, "TritonRuntime"] = {}
     _reloading: asyncio.Future | None = None
     _gpu_bytes = 0
+    _closed = False  # unloaded or evicted: nothing may push the model into Triton again
 
     async def load(self) -> None:
         await self._push()
-        client = self._backend().client
-        metadata = await _call(client.get_model_metadata(self.name), f"model '{self.name}'", ModelLoadError)
-        self.own_inputs = [_tensor_metadata(tensor) for tensor in metadata.inputs]
-        self.own_outputs = [_tensor_metadata(tensor) for tensor in metadata.outputs]
-        statistics = await _call(client.get_inference_statistics(self.name), f"model '{self.name}'", ModelLoadError)
-        self._gpu_bytes = sum(usage.byte_size for model in statistics.model_stats for usage in model.memory_usage
-                              if usage.type == "GPU")
+        try:
+            client = self._backend().client
+            metadata = await _call(client.get_model_metadata(self.name), f"model '{self.name}'", ModelLoadError)
+            self.own_inputs = [_tensor_metadata(tensor) for tensor in metadata.inputs]
+            self.own_outputs = [_tensor_metadata(tensor) for tensor in metadata.outputs]
+            self._gpu_bytes = await self._reported_gpu_bytes()
+        except BaseException:
+            await self.unload()  # a half-loaded model must not stay in Triton, outside the books
+            raise
+
+    async def _reported_gpu_bytes(self) -> int:
+        try:
+            statistics = await self._backend().client.get_inference_statistics(self.name)
+        except InferenceServerException:
+            return 0  # a figure only; the files' size stands in
+        return sum(usage.byte_size for model in statistics.model_stats for usage in model.memory_usage if usage.type == "GPU")
 
     def footprint(self) -> int:
         """The GPU memory Triton reports for the model (backends that report it: TensorRT, ONNX
@@ -78,6 +91,7 @@ class TritonRuntime(Runtime):
         except text_format.ParseError as error:
             raise ModelLoadError(f"model '{self.name}': config.pbtxt: {error}") from None
         config.name = self.name  # Triton knows the model by fleetserve's name, whatever the folder says
+        self.owners[self.name] = self
         if backend.repository is not None:
             _copy_into(folder, backend.repository / self.name, config)
             await _call(backend.client.load_model(self.name), f"loading model '{self.name}' in Triton", ModelLoadError)
@@ -96,6 +110,8 @@ class TritonRuntime(Runtime):
 
     async def _reload(self) -> None:
         """One reload however many requests found the model missing (Triton restarted)."""
+        if self._closed:
+            raise ModelLoadError(f"model '{self.name}' was unloaded")
         if self._reloading is None or self._reloading.done():
             self._reloading = asyncio.ensure_future(self._push())
         await asyncio.shield(self._reloading)
@@ -116,16 +132,32 @@ class TritonRuntime(Runtime):
         return self.response(tensors, request)
 
     async def unload(self) -> None:
+        self._closed = True
+        if self.owners.get(self.name) is not self:  # a newer runtime of this model holds Triton's copy
+            return
+        del self.owners[self.name]
         backend = self._backend()
         try:
             await _call(backend.client.unload_model(self.name), f"unloading model '{self.name}' in Triton", InferenceError)
+            await self._unloaded(backend)
         except _NotInTriton:  # Triton restarted without it: nothing to unload
             pass
         if backend.repository is not None:
             shutil.rmtree(backend.repository / self.name, ignore_errors=True)
 
+    async def _unloaded(self, backend: TritonBackend, wait: float = 10.0) -> None:
+        """Triton unloads in the background: wait until the model is gone, so an eviction frees
+        its GPU memory before the model that needed the room is pushed."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while await _call(backend.client.is_model_ready(self.name), f"model '{self.name}'", InferenceError):
+            if asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.05)
+
     async def backend_ready(self) -> bool:
         """Triton's word; a Triton that answers without the model (restarted) gets it loaded again."""
+        if self._closed:  # evicted while the probe awaited: still ready, a request reloads it
+            return True
         try:
             if await self._backend().client.is_model_ready(self.name):
                 return True

@@ -26,7 +26,7 @@ from fleetserve.runtime.metrics import InferenceCollector
 from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
 from fleetserve.runtime.workers import remove_stale_blocks
-from fleetserve.runtimes import resolve_runtime, triton
+from fleetserve.runtimes import alibi_explain, resolve_runtime, triton
 from fleetserve.server.grpc_service import build_grpc_server, set_serving
 from fleetserve.server.rest import build_metrics_app, build_rest_app
 from fleetserve.settings import ServerSettings
@@ -71,6 +71,7 @@ class FleetServer:
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.router = Router(self.registry, self.dataplane)
+        alibi_explain.configure(self.router)
         REGISTRY.register(GraphCollector(self.router))
         self.ready = False
         self.stopping = False
