@@ -64,7 +64,7 @@ def test_soak(server, tmp_path):
                 outcomes["churns"] += 1
 
     with http_client(server) as http:
-        evictions_before = metric(http, "seldon_cache_evict_count")
+        evictions_before = metric(http, "seldon_cache_evict_count", device="cpu")
     threads = [threading.Thread(target=infer, args=(seed,)) for seed in range(6)] + [threading.Thread(target=churn)]
     for thread in threads:
         thread.start()
@@ -73,6 +73,6 @@ def test_soak(server, tmp_path):
     assert not wrong, wrong[:5]
     assert outcomes["ok"] > 200 and outcomes["churns"] >= 2, outcomes
     with http_client(server) as http:
-        assert metric(http, "seldon_cache_evict_count") > evictions_before
+        assert metric(http, "seldon_cache_evict_count", device="cpu") > evictions_before
         for name in STABLE + CHURNED:  # all still there and right afterwards
             assert http.post(f"/v2/models/{name}/infer", json=ROW).json()["outputs"][0]["data"] == [int(name[1:])]

@@ -156,7 +156,8 @@ class Registry:
         self.executor = ThreadPoolExecutor(4, thread_name_prefix="fleetserve-load")
         self.models: dict[str, Model] = {}
         self.manifests: dict[str, Found] = {}  # models applied as manifests, not found in the repository
-        self._admission = asyncio.Lock()  # one model at a time claims memory, so two never claim the same bytes
+        # One model at a time claims a device's memory, so two never claim the same bytes.
+        self._admission = {device: asyncio.Lock() for device in memory.devices}
         self._refreeze: asyncio.TimerHandle | None = None
 
     # Lookups on the request path: plain dict reads, no awaits.
@@ -263,7 +264,8 @@ class Registry:
                 if not serving:
                     model.versions, model.reason = {}, found.error
                 raise ModelLoadError(f"model '{name}' failed to load: {found.error}")
-            loading = [ModelVersion(settings, asyncio.Semaphore(self.max_concurrency)) for settings in found.versions]
+            loading = [ModelVersion(settings, asyncio.Semaphore(self.max_concurrency), settings.device)
+                       for settings in found.versions]
             replaced = list(model.versions.values())
             if not serving:
                 model.versions = {version.version: version for version in loading}  # visible as LOADING
@@ -278,9 +280,10 @@ class Registry:
                 for version in loading:
                     version.device = version.settings.device
                 self.memory.register(loading, replacing=replaced)
-            except FleetError as error:
+            except BaseException as error:
                 if not serving:
-                    model.versions, model.reason = {}, error.message
+                    model.versions, model.reason = {}, describe(error)
+                await self._forget_downloads(loading)
                 raise
             errors = await asyncio.gather(*(self._load_version(version) for version in loading))
             failed = [version for version in loading if version.state != READY]
@@ -374,8 +377,8 @@ class Registry:
         Waits up to `eviction_wait` for busy models to finish, then answers 503."""
         books = self.memory.of(version)
         books.check_fits(version)
-        deadline = time.monotonic() + self.eviction_wait
-        async with self._admission:
+        async with self._admission[books.device]:
+            deadline = time.monotonic() + self.eviction_wait
             while True:
                 if version not in books.registered:
                     raise ModelUnavailable(f"model '{version.name}' was unloaded")
@@ -424,8 +427,7 @@ class Registry:
         version.state = LOADING
         try:
             await self._admit(version)
-            if not version.settings.from_manifest:  # a manifest's artifacts are ready already
-                await self._prepare_artifacts(version)
+            await self._prepare_artifacts(version)  # a cache hit for a manifest, unless something removed it since
             runtime = await self._start_runtime(version, measure=True)
             # Kept for metadata requests while the version is evicted.
             version.inputs, version.outputs = runtime.metadata_inputs(), runtime.metadata_outputs()
@@ -461,7 +463,7 @@ class Registry:
                         format_bytes(books.registered_bytes), format_bytes(books.registered_limit), _label(keep))
         if books.resident_bytes <= books.limit:
             return
-        async with self._admission:
+        async with self._admission[books.device]:
             await self._evict(books.victims(0, keep=keep) or [])
 
     async def _start_runtime(self, version: ModelVersion, measure: bool = False) -> Runtime:
@@ -524,13 +526,17 @@ class Registry:
         if runtime is not None:
             await self._stop_runtime(version, runtime)
             del runtime
-        uri = version.settings.uri or ""
-        if not keep_files and is_remote(uri) and not any(
-            cache_key(other.settings.uri or "") == cache_key(uri) for other in self.memory.registered
-        ):
-            await self._in_thread(self.artifacts.delete, uri)
+        if not keep_files:
+            await self._forget_downloads([version])
         self._schedule_refreeze()
         log.info("model %s unloaded", _label(version))
+
+    async def _forget_downloads(self, versions: list[ModelVersion]) -> None:
+        """Delete the downloaded artifacts of versions no registered version still uses."""
+        used = {cache_key(other.settings.uri or "") for other in self.memory.registered}
+        for uri in {version.settings.uri or "" for version in versions}:
+            if is_remote(uri) and cache_key(uri) not in used:
+                await self._in_thread(self.artifacts.delete, uri)
 
     def _schedule_refreeze(self, within: float = 1.0) -> None:
         """A full collection stalls every thread for tens of milliseconds, and loads, unloads and
