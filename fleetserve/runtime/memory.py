@@ -204,8 +204,8 @@ def keep_freed_buffers_for_reuse() -> None:
     each request faults their pages in again: about 3 ms for 2 MiB on this kind of machine, ten
     times the copying. Blocks under 16 MiB now come from the heap, and up to 32 MiB of freed
     heap top stays for reuse (4 MiB and 16 MiB left the gRPC proxy's 1 MiB case as slow as
-    before); larger blocks (model weights) are still mapped and unmapped on their own. A load's growth is
-    also read from malloc's in-use bytes, which see a reused block that RSS does not."""
+    before); larger blocks (model weights) are still mapped and unmapped on their own. A load's
+    growth is also read from malloc's in-use bytes, which see a reused block that RSS does not."""
     if _libc is not None:
         _libc.mallopt(_M_MMAP_THRESHOLD, 16 * 2**20)
         _libc.mallopt(_M_TRIM_THRESHOLD, 32 * 2**20)
@@ -291,18 +291,18 @@ def start_measured(kind: object, start: Callable[[], T]) -> tuple[T, int, bool]:
         with _unmeasured_guard:
             started_before = _unmeasured["started"]
             overlapped = _unmeasured["running"] > 0
-        result, heap, rss_growth, imported = _traced(start)
+        result, heap, native_growth, imported = _traced(start)
         if imported:  # a model that needed modules its kind had not imported yet
             del result
             gc.collect()
             return_freed_memory()
-            result, heap, rss_growth, imported = _traced(start)
+            result, heap, native_growth, imported = _traced(start)
         with _unmeasured_guard:
             overlapped = overlapped or _unmeasured["running"] > 0 or _unmeasured["started"] != started_before
         # Modules imported meanwhile (by this load, or by another framework's load on another
-        # thread) swell the RSS growth: still the better figure, since frameworks keep their
+        # thread) swell the native growth: still the better figure, since frameworks keep their
         # weights outside the Python heap, but only an estimate.
-        return result, max(0, heap, rss_growth), not (overlapped or imported)
+        return result, max(0, heap, native_growth), not (overlapped or imported)
     finally:
         _measuring.release()
 

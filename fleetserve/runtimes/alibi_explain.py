@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fleetserve.codecs import bytes_to_text
 from fleetserve.errors import FleetError, InferenceError, InvalidInput, ModelLoadError, NotFound, NotReady, Timeout
 from fleetserve.runtime.base import Runtime
 from fleetserve.settings import TensorMetadata
@@ -163,7 +164,7 @@ class AlibiExplainRuntime(Runtime):
         if self.explainer_type == "anchor_text":
             if data.dtype.kind not in "OSU":
                 raise InvalidInput(f"explainer '{self.name}' explains text: send BYTES, not {tensor.datatype}")
-            return [item.decode() if isinstance(item, bytes) else str(item) for item in data.flat]
+            return bytes_to_text(data)
         if data.dtype.kind in "OSU":
             raise InvalidInput(f"explainer '{self.name}' explains numbers: send a numeric tensor, not BYTES")
         if self.explainer_type == "anchor_image":
