@@ -38,8 +38,8 @@ class Sentiment(Runtime):
 '''
 
 
-def income_data(rows: int = 2000) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
+def income_data(rows: int = 2000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
     frame = pd.DataFrame({
         "age": rng.integers(18, 80, rows), "hours": rng.integers(10, 70, rows),
         "education": rng.integers(0, 4, rows), "sex": rng.integers(0, 2, rows),

@@ -6,7 +6,7 @@ import itertools
 from typing import Callable, Iterable
 
 from prometheus_client import Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 # Inference latencies span sub-millisecond tabular models to multi-second transformers.
@@ -51,6 +51,49 @@ class InferenceCollector:
                 requests.add_metric([*labels, outcome], count)
         yield requests
         yield latency
+
+
+class DriftResults:
+    """Each drift detector's latest result and how many checks found drift or not, by model name.
+    Kept here rather than on the runtime so that an evicted detector's last word stays on
+    /metrics; DriftCollector drops a model's figures once the model is gone."""
+
+    def __init__(self):
+        self.latest: dict[str, int] = {}
+        self.checks: dict[tuple[str, str], int] = {}
+
+    def record(self, model: str, drift: bool) -> None:
+        self.latest[model] = int(drift)
+        key = (model, "drift" if drift else "no_drift")
+        self.checks[key] = self.checks.get(key, 0) + 1
+
+
+DRIFT_RESULTS = DriftResults()
+
+
+class DriftCollector:
+    """fleetserve_drift_detected and fleetserve_drift_checks_total, for the registered models."""
+
+    def __init__(self, models: Callable[[], Iterable[str]], results: DriftResults = DRIFT_RESULTS):
+        self.models = models
+        self.results = results
+
+    def collect(self):
+        registered = set(self.models())
+        for model in [model for model in self.results.latest if model not in registered]:
+            self.results.latest.pop(model, None)
+        for key in [key for key in self.results.checks if key[0] not in registered]:
+            self.results.checks.pop(key, None)
+        detected = GaugeMetricFamily("fleetserve_drift_detected",
+                                     "1 when a drift detector's latest check found drift, else 0.", labels=["model"])
+        for model, drift in list(self.results.latest.items()):
+            detected.add_metric([model], drift)
+        checks = CounterMetricFamily("fleetserve_drift_checks", "Drift checks by model and outcome (drift or no_drift).",
+                                     labels=["model", "outcome"])
+        for (model, outcome), count in list(self.results.checks.items()):
+            checks.add_metric([model, outcome], count)
+        yield detected
+        yield checks
 
 
 MODELS_LOADED = Gauge("fleetserve_models_loaded", "Model versions ready to serve.")

@@ -27,6 +27,7 @@ _MLFLOW = "fleetserve.runtimes.mlflow.MLflowRuntime"
 _HUGGINGFACE = "fleetserve.runtimes.huggingface.HuggingFaceRuntime"
 _TRITON = TRITON_RUNTIME
 _ALIBI_EXPLAIN = "fleetserve.runtimes.alibi_explain.AlibiExplainRuntime"
+_ALIBI_DETECT = "fleetserve.runtimes.alibi_detect.AlibiDetectRuntime"
 
 BUILTIN: dict[str, str] = {
     "sklearn": _SKLEARN,
@@ -43,6 +44,8 @@ BUILTIN: dict[str, str] = {
     "triton": _TRITON,
     "alibi-explain": _ALIBI_EXPLAIN,
     "mlserver_alibi_explain.AlibiExplainRuntime": _ALIBI_EXPLAIN,
+    "alibi-detect": _ALIBI_DETECT,
+    "mlserver_alibi_detect.AlibiDetectRuntime": _ALIBI_DETECT,
 }
 
 def resolve_runtime(settings: ModelSettings, capabilities: list[str]) -> type[Runtime]:

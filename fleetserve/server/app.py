@@ -22,7 +22,7 @@ from fleetserve.graph.router import GraphCollector, Router
 from fleetserve.runtime.artifacts import ArtifactCache
 from fleetserve.runtime.dataplane import DataPlane
 from fleetserve.runtime.memory import MemoryCollector, MemoryManager, keep_freed_buffers_for_reuse
-from fleetserve.runtime.metrics import InferenceCollector
+from fleetserve.runtime.metrics import DriftCollector, InferenceCollector
 from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
 from fleetserve.runtime.workers import remove_stale_blocks
@@ -68,6 +68,7 @@ class FleetServer:
         )
         REGISTRY.register(MemoryCollector(self.memory, self.registry.all_versions))
         REGISTRY.register(InferenceCollector(self.registry.all_versions))
+        REGISTRY.register(DriftCollector(lambda: list(self.registry.models)))
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.router = Router(self.registry, self.dataplane)

@@ -18,6 +18,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from fleetserve.codecs import json_text
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
 from fleetserve.errors import FleetError, InvalidInput, describe
 from fleetserve.server import documents
@@ -60,6 +61,8 @@ def _set_parameters(target, parameters: dict[str, Any]) -> None:
             target[key].int64_param = value
         elif isinstance(value, float):
             target[key].double_param = value
+        elif isinstance(value, (dict, list)):  # a protobuf parameter holds no structure: JSON text, as REST shows it
+            target[key].string_param = json_text(value)
         else:
             target[key].string_param = str(value)
 

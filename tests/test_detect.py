@@ -1,0 +1,200 @@
+"""Alibi Detect detectors through the running server: a KSDrift detector called directly and as
+a pipeline's batched side step, and an IForest outlier detector answering beside the prediction."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import joblib
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from sklearn.ensemble import RandomForestClassifier
+
+from conftest import http_client, running_server, write_settings
+from test_explain import income_data, income_label
+from test_memory import metric
+
+PIPELINE = """
+kind: Pipeline
+metadata: {name: income-watch}
+spec:
+  steps:
+  - name: income
+  - name: income-drift
+    batch: {size: 4}
+  - name: income-outlier
+  output:
+    steps: [income, income-outlier]
+"""
+# An outlier detector applied as a Seldon manifest: its runtime picked by requirements.
+OUTLIER_MANIFEST = """
+kind: Model
+metadata: {{name: income-outlier}}
+spec:
+  storageUri: {folder}
+  requirements: [alibi-detect]
+"""
+
+
+def shifted(rows: np.ndarray) -> np.ndarray:
+    """Older people working longer hours: a population the model was not trained on."""
+    return rows + np.array([25, 20, 0, 0])
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    from alibi_detect.cd import KSDrift
+    from alibi_detect.od import IForest
+    from alibi_detect.saving import save_detector
+
+    repo = tmp_path_factory.mktemp("detect-repo")
+    frame = income_data()
+    rows = frame.to_numpy()
+    model = RandomForestClassifier(n_estimators=20, random_state=0).fit(rows, income_label(frame))
+    write_settings(repo / "income", {"implementation": "sklearn"})
+    joblib.dump(model, repo / "income" / "model.joblib")
+
+    save_detector(KSDrift(rows[:1000].astype(np.float32), p_val=0.05), str(repo / "income-drift"))
+    write_settings(repo / "income-drift", {"implementation": "alibi-detect"})
+    # MLServer's own batching: rows gathered across requests before a check.
+    shutil.copytree(repo / "income-drift", repo / "income-drift-batched")
+    write_settings(repo / "income-drift-batched", {"implementation": "mlserver_alibi_detect.AlibiDetectRuntime",
+                                                   "parameters": {"extra": {"batch_size": 30}}})
+
+    outlier = IForest(threshold=0.0)
+    outlier.fit(rows)
+    outlier.infer_threshold(rows, threshold_perc=99)
+    folder = tmp_path_factory.mktemp("outlier-detector")
+    joblib.dump(outlier, folder / "detector.joblib")  # alibi-detect's saver needs TensorFlow for IForest
+    write_settings(folder, {"parameters": {"extra": {"predict_parameters": {"return_instance_score": True}}}})
+    return repo, folder
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    repository, outlier_folder = repo
+    with running_server(repository, tmp_path_factory.mktemp("detect-logs") / "server.log") as running, \
+            http_client(running) as client:
+        for manifest in (OUTLIER_MANIFEST.format(folder=outlier_folder), PIPELINE):
+            applied = client.post("/v2/manifests", content=manifest)
+            assert applied.status_code == 200, applied.text
+        yield running
+
+
+@pytest.fixture
+def http(server):
+    with http_client(server) as client:
+        yield client
+
+
+def rows_body(rows: np.ndarray) -> dict:
+    return {"inputs": [{"name": "income", "datatype": "INT64", "shape": list(rows.shape), "data": rows.flatten().tolist()}]}
+
+
+def fresh_rows(count: int, seed: int) -> np.ndarray:
+    """Rows from the training population, not the reference rows themselves."""
+    return income_data(count, seed).to_numpy()
+
+
+def test_a_drift_detector_answers_its_data_and_meta_over_rest_and_grpc(server, http):
+    answer = http.post("/v2/models/income-drift/infer", json=rows_body(fresh_rows(60, 1)))
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    outputs = {output["name"]: output for output in body["outputs"]}
+    assert set(outputs) == {"is_drift", "distance", "p_val", "threshold"}
+    assert outputs["is_drift"]["data"] == [0] and outputs["is_drift"]["shape"] == [1]
+    assert outputs["p_val"]["shape"] == [4] and min(outputs["p_val"]["data"]) > outputs["threshold"]["data"][0]
+    assert body["parameters"]["name"] == "KSDrift" and body["parameters"]["detector_type"] == "drift"
+    assert metric(http, "fleetserve_drift_detected", model="income-drift") == 0
+
+    client = triton_grpc.InferenceServerClient(server.grpc_address)
+    features = triton_grpc.InferInput("income", [60, 4], "INT64")
+    features.set_data_from_numpy(shifted(fresh_rows(60, 2)))
+    result = client.infer("income-drift", [features])
+    assert result.as_numpy("is_drift").tolist() == [1]
+    # Age and hours moved, education and sex did not.
+    assert (result.as_numpy("p_val") < result.as_numpy("threshold")[0]).tolist() == [True, True, False, False]
+    assert result.get_response().parameters["name"].string_param == "KSDrift"
+    assert metric(http, "fleetserve_drift_detected", model="income-drift") == 1
+    assert metric(http, "fleetserve_drift_checks_total", model="income-drift", outcome="drift") == 1
+
+
+def test_mlserver_batch_size_gathers_rows_before_a_check(http):
+    first = http.post("/v2/models/income-drift-batched/infer", json=rows_body(shifted(fresh_rows(20, 3))))
+    assert first.status_code == 200 and first.json()["outputs"] == []  # 20 of 30 rows: no check yet
+    wrong = http.post("/v2/models/income-drift-batched/infer", json=rows_body(np.ones((5, 3), dtype=int)))
+    assert wrong.status_code == 400 and "cannot join the batch's [4]" in wrong.json()["error"]
+    second = http.post("/v2/models/income-drift-batched/infer", json=rows_body(shifted(fresh_rows(10, 4))))
+    assert second.status_code == 200, second.text
+    assert {output["name"]: output["data"] for output in second.json()["outputs"]}["is_drift"] == [1]
+
+
+def wait_for_checks(http, outcome: str, count: float) -> None:
+    deadline = time.monotonic() + 30
+    while metric(http, "fleetserve_drift_checks_total", model="income-drift", outcome=outcome) < count:
+        assert time.monotonic() < deadline, f"drift check {outcome} #{count} did not run"
+        time.sleep(0.1)
+
+
+def test_drift_as_a_batched_side_step_flips_when_the_inputs_shift(server, http):
+    before = {outcome: metric(http, "fleetserve_drift_checks_total", model="income-drift", outcome=outcome)
+              for outcome in ("drift", "no_drift")}
+    rows = fresh_rows(40, 5)
+    for part in range(4):  # batch.size 4: the fourth request completes the batch of 40 rows
+        answer = http.post("/v2/pipelines/income-watch/infer", json=rows_body(rows[part * 10:(part + 1) * 10]))
+        assert answer.status_code == 200, answer.text
+        names = {output["name"] for output in answer.json()["outputs"]}
+        assert names == {"predict", "is_outlier", "instance_score"}  # the side step's outputs never reach the client
+    wait_for_checks(http, "no_drift", before["no_drift"] + 1)
+    assert metric(http, "fleetserve_drift_detected", model="income-drift") == 0
+
+    rows = shifted(fresh_rows(40, 6))
+    for part in range(3):
+        answer = http.post("/v2/pipelines/income-watch/infer", json=rows_body(rows[part * 10:(part + 1) * 10]))
+        assert answer.status_code == 200, answer.text  # answered although the detector's batch is not full
+    time.sleep(0.3)
+    assert metric(http, "fleetserve_drift_checks_total", model="income-drift", outcome="drift") == before["drift"]
+    http.post("/v2/pipelines/income-watch/infer", json=rows_body(rows[30:]))
+    wait_for_checks(http, "drift", before["drift"] + 1)
+    assert metric(http, "fleetserve_drift_detected", model="income-drift") == 1
+    latest = http.get("/v2/pipelines/income-watch/inspect/income-drift.outputs").json()["messages"]["income-drift"][-1]
+    outputs = {tensor["name"]: tensor for tensor in latest["outputs"]}
+    assert outputs["is_drift"]["data"] == [1] and outputs["p_val"]["shape"] == [4]
+
+
+def test_an_outlier_detector_answers_beside_the_prediction(server):
+    client = triton_grpc.InferenceServerClient(server.grpc_address)
+    features = triton_grpc.InferInput("income", [3, 4], "INT64")
+    features.set_data_from_numpy(np.array([[45, 40, 1, 0], [30, 20, 3, 1], [500, 400, 1, 0]]))
+    result = client.infer("income-watch", [features], headers={"seldon-model": "income-watch.pipeline"})
+    assert result.as_numpy("predict").tolist() == [0, 1, 1]
+    assert result.as_numpy("is_outlier").tolist() == [0, 0, 1]
+    scores = result.as_numpy("instance_score")
+    assert scores.shape == (3,) and scores[2] > max(scores[:2])
+
+
+def test_detector_errors_are_clear(http):
+    text = http.post("/v2/models/income-drift/infer", json={"inputs": [
+        {"name": "x", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]})
+    assert text.status_code == 400 and "send a numeric tensor" in text.json()["error"]
+    narrow = http.post("/v2/models/income-drift/infer", json=rows_body(np.ones((10, 2), dtype=int)))
+    assert narrow.status_code == 400, narrow.text
+    assert "income-drift" in narrow.json()["error"]
+    assert http.post("/v2/models/income-drift/infer", json=rows_body(fresh_rows(30, 7))).status_code == 200
+
+
+def test_without_alibi_detect_the_load_names_the_extra(repo, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "alibi_detect.py").write_text("raise ImportError(\"No module named 'alibi_detect'\")\n")
+    small = tmp_path / "repo"
+    for name in ("income", "income-drift"):
+        shutil.copytree(repo[0] / name, small / name)
+    with running_server(small, tmp_path / "server.log", {"PYTHONPATH": str(blocked)}) as server, \
+            http_client(server) as client:
+        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+        assert index["income"]["state"] == "READY"
+        assert index["income-drift"]["state"] == "UNAVAILABLE"
+        assert "pip install 'fleetserve[alibi-detect]'" in index["income-drift"]["reason"]
