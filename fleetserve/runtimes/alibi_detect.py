@@ -73,6 +73,10 @@ class AlibiDetectRuntime(Runtime):
         data = np.asarray(data)
         if data.dtype.kind == "O":
             raise InvalidInput(f"detector '{self.name}' checks numbers: send a numeric tensor, not BYTES")
+        reference = getattr(self.detector, "x_ref", None)  # a drift detector's reference rows
+        if isinstance(reference, np.ndarray) and data.shape[1:] != reference.shape[1:]:
+            raise InvalidInput(f"detector '{self.name}' compares rows of shape {list(reference.shape[1:])}, "
+                               f"got {list(data.shape[1:])}")
         with self._lock:
             if self.batch_size:
                 if self._waiting and data.shape[1:] != self._waiting[0].shape[1:]:
