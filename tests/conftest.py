@@ -275,6 +275,17 @@ def http_client(server: Server):
         yield client
 
 
+@contextlib.contextmanager
+def manifests_applied(http: httpx.Client, manifests: str):
+    """Manifests applied for the block's length, deleted after."""
+    applied = http.post("/v2/manifests", content=manifests)
+    assert applied.status_code == 200, applied.text
+    try:
+        yield
+    finally:
+        http.request("DELETE", "/v2/manifests", content=manifests)
+
+
 BUCKET = "models"
 
 

@@ -1,5 +1,6 @@
 """Alibi explainers through the running server: anchors over a tabular classifier (by modelRef,
-fitted at load, and by pipelineRef, loaded from a saved explainer) and over a text model."""
+fitted at load, and by pipelineRef, loaded from a saved explainer), over a text model and over an
+image model; integrated gradients of TorchScript models."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import tritonclient.grpc as triton_grpc
 from sklearn.ensemble import RandomForestClassifier
 
-from conftest import http_client, running_server, write_settings
+from conftest import http_client, manifests_applied, running_server, write_settings
 
 FEATURES = ["age", "hours", "education", "sex"]
+LINEAR_WEIGHTS = [2.0, -1.0, 0.5, 3.0]
 EDUCATION = ["school", "college", "bachelors", "doctorate"]
 
 TEXT_MODEL = '''
@@ -36,6 +39,66 @@ class Sentiment(Runtime):
             time.sleep(2)
         return self.response([Tensor("label", np.array([int("good" in text) for text in texts]))], request)
 '''
+
+
+TEXTURE_MODEL = '''
+import numpy as np
+
+from fleetserve.runtime.base import Runtime
+from fleetserve.types import Tensor
+
+
+class Texture(Runtime):
+    """1 for images whose top-left quarter is textured (varies), else 0."""
+
+    def predict(self, request):
+        images = request.inputs[0].data
+        return self.response([Tensor("textured", (images[:, :8, :8, :].std(axis=(1, 2, 3)) > 0.2).astype(int))], request)
+'''
+
+TORCH_MODEL = '''
+import torch
+
+from fleetserve.runtime.base import Runtime
+from fleetserve.types import Tensor
+
+
+class TorchModel(Runtime):
+    """A TorchScript model.pt: its output for FP32 rows."""
+
+    def load(self):
+        self.model = torch.jit.load(str(self.settings.artifact_path / "model.pt")).eval()
+
+    def predict(self, request):
+        with torch.no_grad():
+            output = self.model(torch.as_tensor(request.inputs[0].data, dtype=torch.float32))
+        return self.response([Tensor("output", output.numpy())], request)
+'''
+
+
+class IncomeNet(torch.nn.Module):
+    """A small classifier on raw income rows (it scales them itself): high income or not."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([80.0, 70.0, 3.0, 1.0]))
+        self.layers = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.layers(rows / self.scale), dim=1)
+
+
+def income_net(frame: pd.DataFrame) -> torch.jit.ScriptModule:
+    torch.manual_seed(0)
+    net = IncomeNet()
+    rows = torch.tensor(frame.to_numpy(), dtype=torch.float32)
+    labels = torch.tensor(income_label(frame))
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.nll_loss(torch.log(net(rows) + 1e-9), labels).backward()
+        optimizer.step()
+    return torch.jit.script(net.eval())
 
 
 def income_data(rows: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -74,6 +137,28 @@ def repo(tmp_path_factory):
                                                   "parameters": {"extra": {
         "explainer_type": "anchor_text", "infer_uri": "http://localhost:8080/v2/models/sentiment/infer",
         "timeout": 0.5, "init_parameters": {"seed": 1}}}})
+    write_settings(repo / "texture", {"implementation": "texture_model.Texture"})
+    (repo / "texture" / "texture_model.py").write_text(TEXTURE_MODEL)
+    write_settings(repo / "texture-explainer", {"implementation": "alibi-explain", "parameters": {"extra": {
+        "explainer_type": "anchor_image", "model_ref": "texture", "init_parameters": {
+            "image_shape": [16, 16, 3], "segmentation_fn": "slic", "seed": 1,
+            # A 4x4 grid of superpixels.
+            "segmentation_kwargs": {"n_segments": 16, "compactness": 1000, "sigma": 0.5, "start_label": 0}}}}})
+
+    write_settings(repo / "income-torch", {"implementation": "torch_model.TorchModel"})
+    (repo / "income-torch" / "torch_model.py").write_text(TORCH_MODEL)
+    income_net(frame).save(str(repo / "income-torch" / "model.pt"))
+    # A linear model's integrated gradients are known exactly: weight * (x - baseline).
+    write_settings(repo / "linear-torch", {"implementation": "torch_model.TorchModel"})
+    (repo / "linear-torch" / "torch_model.py").write_text(TORCH_MODEL)
+    linear = torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([LINEAR_WEIGHTS]))
+        linear.bias.fill_(0.5)
+    torch.jit.script(linear).save(str(repo / "linear-torch" / "model.pt"))
+    write_settings(repo / "linear-explainer", {"implementation": "alibi-explain", "parameters": {"extra": {
+        "explainer_type": "integrated_gradients", "model_ref": "linear-torch",
+        "init_parameters": {"method": "riemann_middle", "n_steps": 20}}}})
     return repo
 
 
@@ -142,17 +227,13 @@ spec:
   storageUri: {tmp_path / 'saved-explainer'}
   explainer: {{type: anchor_tabular, pipelineRef: income-pipeline}}
 """
-    applied = http.post("/v2/manifests", content=manifests)
-    assert applied.status_code == 200, applied.text
-    try:
+    with manifests_applied(http, manifests):
         explanations = explain(http, "income-pipeline-explainer", {"inputs": [
             {"name": "x", "datatype": "INT64", "shape": [2, 4], "data": [60, 60, 1, 0, 65, 55, 0, 1]}]})
         assert len(explanations) == 2  # one per row
         for explanation in explanations:
             check_income_anchor(explanation)
         assert "income-pipeline" in http.get("/v2/pipelines").text
-    finally:
-        http.request("DELETE", "/v2/manifests", content=manifests)
 
 
 def test_anchor_text_over_grpc_and_rest(server, http):
@@ -204,3 +285,73 @@ def test_without_alibi_the_load_names_the_extra(repo, tmp_path):
         assert index["sentiment"]["state"] == "READY"
         assert index["sentiment-explainer"]["state"] == "UNAVAILABLE"
         assert "pip install 'fleetserve[alibi-explain]'" in index["sentiment-explainer"]["reason"]
+
+
+def test_integrated_gradients_of_a_torch_model_by_model_ref(http, tmp_path):
+    write_settings(tmp_path / "ig", {"parameters": {"extra": {"init_parameters": {"n_steps": 64}}}})
+    manifest = f"""
+kind: Model
+metadata: {{name: income-ig}}
+spec:
+  storageUri: {tmp_path / 'ig'}
+  explainer: {{type: integrated_gradients, modelRef: income-torch}}
+"""
+    with manifests_applied(http, manifest):
+        rows = [[60, 60, 1, 0], [25, 15, 0, 1]]
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": sum(rows, [])}]}
+        served = np.array(http.post("/v2/models/income-torch/infer", json=body).json()["outputs"][0]["data"]).reshape(2, 2)
+        [explanation] = explain(http, "income-ig", body)  # one explanation for the batch, as alibi answers
+        assert explanation["meta"]["name"] == "IntegratedGradients"
+        assert explanation["meta"]["params"]["n_steps"] == 64
+        data = explanation["data"]
+        assert np.allclose(data["predictions"], served, atol=1e-6)  # the white box is the served model
+        assert data["target"] == served.argmax(1).tolist() == [1, 0]  # each row's predicted class by default
+        attributions = np.array(data["attributions"][0])
+        assert attributions.shape == (2, 4)
+        # Completeness: a row's attributions add up to its output's move from the all-zeros baseline.
+        zeros = http.post("/v2/models/income-torch/infer", json={"inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0, 0, 0, 0]}]}).json()["outputs"][0]["data"]
+        moved = [served[0, 1] - zeros[1], served[1, 0] - zeros[0]]
+        assert np.allclose(attributions.sum(1), moved, atol=0.02), (attributions.sum(1), moved)
+        assert np.abs(data["deltas"]).max() < 0.02
+        # The older, long-hours row is high income for its age and hours.
+        assert set(np.argsort(-attributions[0])[:2]) == {0, 1}
+        [other] = explain(http, "income-ig", {**body, "parameters": {"explain_parameters": {"target": 0}}})
+        assert other["data"]["target"] == [0, 0]
+        assert np.allclose(np.array(other["data"]["attributions"][0]), -attributions * [[1], [-1]], atol=1e-3)
+
+
+def test_integrated_gradients_of_a_linear_model_are_exact(server, http):
+    client = triton_grpc.InferenceServerClient(server.grpc_address)
+    rows = triton_grpc.InferInput("x", [2, 4], "FP32")
+    rows.set_data_from_numpy(np.array([[1, 2, 3, 4], [0, -1, 2, 1]], dtype=np.float32))
+    parameters = {"explain_parameters": json.dumps({"baselines": [1, 1, 1, 1]})}
+    answer = client.infer("linear-explainer", [rows], parameters=parameters).as_numpy("explanation")
+    explanation = json.loads(answer[0])
+    expected = np.array(LINEAR_WEIGHTS) * (np.array([[1, 2, 3, 4], [0, -1, 2, 1]]) - 1)
+    assert np.allclose(explanation["data"]["attributions"][0], expected, atol=1e-5)
+    assert explanation["data"]["target"] is None  # one output: nothing to choose
+    assert explanation["meta"]["params"]["method"] == "riemann_middle"
+
+    wrong = http.post("/v2/models/linear-explainer/infer", json={"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]})
+    assert wrong.status_code == 400 and "the model cannot take inputs of shape [1, 3]" in wrong.json()["error"], wrong.text
+    target = http.post("/v2/models/linear-explainer/infer", json={
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
+        "parameters": {"explain_parameters": {"target": 3}}})
+    assert target.status_code == 400 and "target must be an output index below 1" in target.json()["error"], target.text
+
+
+def test_anchor_image_finds_the_superpixels_that_decide(http):
+    image = np.full((16, 16, 3), 0.5, dtype=np.float32)
+    image[:8:2, :8] = 1.0  # stripes in the top-left quarter
+    image[1:8:2, :8] = 0.0
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 16, 16, 3], "data": image.flatten().tolist()}],
+            "parameters": {"explain_parameters": {"threshold": 0.95, "p_sample": 0.5}}}
+    [explanation] = explain(http, "texture-explainer", body)
+    assert explanation["meta"]["name"] == "AnchorImage" and explanation["data"]["precision"] >= 0.95
+    anchor = np.array(explanation["data"]["anchor"])
+    assert anchor.shape == (16, 16, 3)
+    rows, columns, _ = np.nonzero(anchor)
+    # The anchor keeps superpixels of the striped quarter (its grid cells reach row and column 8), nothing else.
+    assert len(rows) and rows.max() <= 8 and columns.max() <= 8

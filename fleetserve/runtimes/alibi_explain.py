@@ -1,7 +1,8 @@
 """Alibi explainers: a model whose answer explains another model's (or a pipeline's) answer.
 
 `parameters.extra` (as MLServer's alibi-explain runtime reads it, plus the target by name):
-- `explainer_type`: anchor_tabular, anchor_text or anchor_image.
+- `explainer_type`: anchor_tabular, anchor_text, anchor_image (black box) or integrated_gradients
+  (white box: see integrated_gradients.py; it differentiates the model's TorchScript file).
 - The explained target: `model_ref` or `pipeline_ref` (a Seldon manifest's `explainer.modelRef`
   or `pipelineRef`), or MLServer's `infer_uri` (`.../v2/models/NAME/infer` or
   `.../v2/pipelines/NAME/infer`). The explainer calls it in process through the router, as a
@@ -11,7 +12,8 @@
   anchor_tabular, fitted on `training_data` (a .npy or .csv file in the artifact folder; a CSV
   header gives the feature names) with `fit_parameters`.
 
-A request's first input is explained, one explanation per row (tabular), image or text; request
+A request's first input is explained, one explanation per row (tabular), image or text, and one
+for the whole batch from integrated_gradients (attributions per row, as alibi answers); request
 parameter `explain_parameters` is passed to `explain()`. The answer is one BYTES output,
 `explanation`, holding alibi's explanation JSON per instance.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ EXPLAINERS = {
     "anchor_tabular": "AnchorTabular",
     "anchor_text": "AnchorText",
     "anchor_image": "AnchorImage",
+    "integrated_gradients": "IntegratedGradients",
 }
 _INFER_URI = re.compile(r"/v2/(models|pipelines)/([^/]+)(?:/versions/[^/]+)?/infer/?$")
 # How long a load waits for the explained model or pipeline to become ready (alibi calls it once
@@ -72,6 +76,8 @@ class AlibiExplainRuntime(Runtime):
 
     def _build(self):
         alibi = _import_alibi(self.name)
+        if self.explainer_type == "integrated_gradients":
+            return self._integrated_gradients()
         folder = self.settings.artifact_path
         if (folder / "explainer.dill").is_file():
             return alibi.saving.load_explainer(str(folder), predictor=self._predict_target)
@@ -95,6 +101,24 @@ class AlibiExplainRuntime(Runtime):
             init["nlp"] = spacy.blank(str(self.settings.extra.get("language", "en")))
         try:
             return explainer_class(self._predict_target, **init)
+        except TypeError as error:
+            raise ModelLoadError(f"explainer '{self.name}': init_parameters: {error}") from None
+
+    def _integrated_gradients(self):
+        """White box: the explainer differentiates the model itself, a TorchScript `model.pt` in
+        its own folder or else in the explained model's (a Triton repository's 1/model.pt too)."""
+        try:
+            from fleetserve.runtimes.integrated_gradients import TorchIntegratedGradients, model_file
+        except ImportError as error:
+            raise ModelLoadError(f"explainer '{self.name}' needs captum and torch ({error}): "
+                                 "pip install 'fleetserve[integrated-gradients]'") from None
+        folders = [self.settings.artifact_path]
+        if self.target_kind == "model":
+            folders.append(self.router.registry.get(self.target).settings.artifact_path)
+        try:
+            return TorchIntegratedGradients(model_file(folders), **(self.settings.extra.get("init_parameters") or {}))
+        except ModelLoadError as error:
+            raise ModelLoadError(f"explainer '{self.name}': {error.message}") from None
         except TypeError as error:
             raise ModelLoadError(f"explainer '{self.name}': init_parameters: {error}") from None
 
@@ -153,8 +177,14 @@ class AlibiExplainRuntime(Runtime):
         if not request.inputs:
             raise InvalidInput(f"explainer '{self.name}' needs one input: the instance to explain")
         parameters = request.parameters.get("explain_parameters") or {}
+        if isinstance(parameters, str):  # a gRPC parameter holds no structure: JSON text
+            try:
+                parameters = json.loads(parameters)
+            except ValueError:
+                parameters = None
         if not isinstance(parameters, dict):
-            raise InvalidInput(f"explainer '{self.name}': parameter explain_parameters must be an object")
+            raise InvalidInput(f"explainer '{self.name}': parameter explain_parameters must be an object "
+                               "(over gRPC, its JSON text)")
         instances = self._instances(request.inputs[0])
         explanations = await self._loop.run_in_executor(None, self._explain_all, instances, parameters)
         return self.response([Tensor(OUTPUT, np.array(explanations, dtype=object), {"content_type": "str"})], request)
@@ -169,6 +199,8 @@ class AlibiExplainRuntime(Runtime):
             raise InvalidInput(f"explainer '{self.name}' explains numbers: send a numeric tensor, not BYTES")
         if self.explainer_type == "anchor_image":
             return list(data) if data.ndim == 4 else [data]
+        if self.explainer_type == "integrated_gradients":
+            return [data]  # as alibi's explain(X): one explanation, attributions per row
         return list(data) if data.ndim == 2 else [data]
 
     def _explain_all(self, instances: list, parameters: dict) -> list[str]:
