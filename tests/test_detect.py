@@ -38,6 +38,9 @@ spec:
 """
 
 
+SCALE = np.array([80, 70, 3, 1])
+
+
 def shifted(rows: np.ndarray) -> np.ndarray:
     """Older people working longer hours: a population the model was not trained on."""
     return rows + np.array([25, 20, 0, 0])
@@ -45,7 +48,7 @@ def shifted(rows: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    from alibi_detect.cd import KSDrift
+    from alibi_detect.cd import KSDrift, MMDDrift
     from alibi_detect.od import IForest
     from alibi_detect.saving import save_detector
 
@@ -62,6 +65,11 @@ def repo(tmp_path_factory):
     shutil.copytree(repo / "income-drift", repo / "income-drift-batched")
     write_settings(repo / "income-drift-batched", {"implementation": "mlserver_alibi_detect.AlibiDetectRuntime",
                                                    "parameters": {"extra": {"batch_size": 30}}})
+
+    # The PyTorch backend, no TensorFlow: MMD with a kernel, on scaled rows.
+    mmd = MMDDrift((rows[:300] / SCALE).astype(np.float32), backend="pytorch", p_val=0.05, n_permutations=50)
+    save_detector(mmd, str(repo / "income-mmd"))
+    write_settings(repo / "income-mmd", {"implementation": "alibi-detect"})
 
     outlier = IForest(threshold=0.0)
     np.random.seed(0)  # IForest's isolation forest draws from numpy's global generator
@@ -120,6 +128,18 @@ def test_a_drift_detector_answers_its_data_and_meta_over_rest_and_grpc(server, h
     assert result.get_response().parameters["name"].string_param == "KSDrift"
     assert metric(http, "fleetserve_drift_detected", model="income-drift") == 1
     assert metric(http, "fleetserve_drift_checks_total", model="income-drift", outcome="drift") == 1
+
+
+def test_a_pytorch_backend_detector(http):
+    for rows, drift in ((fresh_rows(40, 8), 0), (shifted(fresh_rows(40, 9)), 1)):
+        scaled = (rows / SCALE).astype(np.float32)
+        answer = http.post("/v2/models/income-mmd/infer", json={"inputs": [
+            {"name": "income", "datatype": "FP32", "shape": [40, 4], "data": scaled.flatten().tolist()}]})
+        assert answer.status_code == 200, answer.text
+        outputs = {output["name"]: output["data"] for output in answer.json()["outputs"]}
+        assert outputs["is_drift"] == [drift] and (outputs["p_val"][0] < 0.05) == bool(drift)
+        assert answer.json()["parameters"]["backend"] == "pytorch"
+    assert metric(http, "fleetserve_drift_detected", model="income-mmd") == 1
 
 
 def test_mlserver_batch_size_gathers_rows_before_a_check(http):
