@@ -48,7 +48,7 @@ def shifted(rows: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    from alibi_detect.cd import KSDrift, MMDDrift
+    from alibi_detect.cd import CVMDriftOnline, KSDrift, MMDDrift
     from alibi_detect.od import IForest
     from alibi_detect.saving import save_detector
 
@@ -64,12 +64,17 @@ def repo(tmp_path_factory):
     # MLServer's own batching: rows gathered across requests before a check.
     shutil.copytree(repo / "income-drift", repo / "income-drift-batched")
     write_settings(repo / "income-drift-batched", {"implementation": "mlserver_alibi_detect.AlibiDetectRuntime",
-                                                   "parameters": {"extra": {"batch_size": 30}}})
+                                                   "parameters": {"extra": {"batch_size": 3}}})
 
     # The PyTorch backend, no TensorFlow: MMD with a kernel, on scaled rows.
     mmd = MMDDrift((rows[:300] / SCALE).astype(np.float32), backend="pytorch", p_val=0.05, n_permutations=50)
     save_detector(mmd, str(repo / "income-mmd"))
     write_settings(repo / "income-mmd", {"implementation": "alibi-detect"})
+
+    # An online detector: each row is a time step. Age and hours only.
+    online = CVMDriftOnline(rows[:500, :2].astype(np.float32), ert=50, window_sizes=[10], n_bootstraps=500)
+    save_detector(online, str(repo / "age-hours-online"))
+    write_settings(repo / "age-hours-online", {"implementation": "alibi-detect"})
 
     outlier = IForest(threshold=0.0)
     np.random.seed(0)  # IForest's isolation forest draws from numpy's global generator
@@ -140,28 +145,52 @@ def test_a_pytorch_backend_detector(http):
         assert outputs["is_drift"] == [drift] and (outputs["p_val"][0] < 0.05) == bool(drift)
         assert answer.json()["parameters"]["backend"] == "pytorch"
     assert metric(http, "fleetserve_drift_detected", model="income-mmd") == 1
+    wrong = http.post("/v2/models/income-mmd/infer", json={"inputs": [
+        {"name": "income", "datatype": "FP32", "shape": [5, 3], "data": [0.5] * 15}]})
+    assert wrong.status_code == 400 and wrong.json()["error"] == "detector 'income-mmd' compares rows of shape [4], got [3]"
+    assert http.post("/v2/repository/models/income-mmd/unload").status_code == 200
+    assert 'drift_detected{model="income-mmd"}' not in http.get("/metrics").text  # its drift figures go with it
 
 
-def test_mlserver_batch_size_gathers_rows_before_a_check(http):
-    first = http.post("/v2/models/income-drift-batched/infer", json=rows_body(shifted(fresh_rows(20, 3))))
-    assert first.status_code == 200 and first.json()["outputs"] == []  # 20 of 30 rows: no check yet
+def test_mlserver_batch_size_gathers_requests_before_a_check(http):
+    rows = shifted(fresh_rows(30, 3))
+    for part in range(2):  # two requests of three: no check yet
+        waiting = http.post("/v2/models/income-drift-batched/infer", json=rows_body(rows[part * 10:(part + 1) * 10]))
+        assert waiting.status_code == 200 and waiting.json()["outputs"] == []
     wrong = http.post("/v2/models/income-drift-batched/infer", json=rows_body(np.ones((5, 3), dtype=int)))
     assert wrong.status_code == 400 and "compares rows of shape [4], got [3]" in wrong.json()["error"]
-    second = http.post("/v2/models/income-drift-batched/infer", json=rows_body(shifted(fresh_rows(10, 4))))
-    assert second.status_code == 200, second.text
-    assert {output["name"]: output["data"] for output in second.json()["outputs"]}["is_drift"] == [1]
+    last = http.post("/v2/models/income-drift-batched/infer", json=rows_body(rows[20:]))
+    assert last.status_code == 200, last.text
+    assert {output["name"]: output["data"] for output in last.json()["outputs"]}["is_drift"] == [1]
+
+
+def test_an_online_detector_takes_rows_as_time_steps(http):
+    rows = shifted(fresh_rows(30, 10))[:, :2]
+    answer = http.post("/v2/models/age-hours-online/infer", json={"inputs": [
+        {"name": "age-hours", "datatype": "FP32", "shape": [30, 2], "data": rows.flatten().tolist()}]})
+    assert answer.status_code == 200, answer.text
+    outputs = {output["name"]: output for output in answer.json()["outputs"]}
+    assert outputs["time"]["data"] == list(range(1, 31))  # one answer per row
+    drift = outputs["is_drift"]["data"]
+    assert len(drift) == 30 and drift[0] == 0 and drift[-1] == 1  # detected once the window holds shifted rows
+
+
+def drift_checks(http, outcome: str) -> float:
+    try:
+        return metric(http, "fleetserve_drift_checks_total", model="income-drift", outcome=outcome)
+    except AssertionError:  # no check with this outcome yet
+        return 0
 
 
 def wait_for_checks(http, outcome: str, count: float) -> None:
     deadline = time.monotonic() + 30
-    while metric(http, "fleetserve_drift_checks_total", model="income-drift", outcome=outcome) < count:
+    while drift_checks(http, outcome) < count:
         assert time.monotonic() < deadline, f"drift check {outcome} #{count} did not run"
         time.sleep(0.1)
 
 
 def test_drift_as_a_batched_side_step_flips_when_the_inputs_shift(server, http):
-    before = {outcome: metric(http, "fleetserve_drift_checks_total", model="income-drift", outcome=outcome)
-              for outcome in ("drift", "no_drift")}
+    before = {outcome: drift_checks(http, outcome) for outcome in ("drift", "no_drift")}
     rows = fresh_rows(40, 5)
     for part in range(4):  # batch.size 4: the fourth request completes the batch of 40 rows
         answer = http.post("/v2/pipelines/income-watch/infer", json=rows_body(rows[part * 10:(part + 1) * 10]))
@@ -176,7 +205,7 @@ def test_drift_as_a_batched_side_step_flips_when_the_inputs_shift(server, http):
         answer = http.post("/v2/pipelines/income-watch/infer", json=rows_body(rows[part * 10:(part + 1) * 10]))
         assert answer.status_code == 200, answer.text  # answered although the detector's batch is not full
     time.sleep(0.3)
-    assert metric(http, "fleetserve_drift_checks_total", model="income-drift", outcome="drift") == before["drift"]
+    assert drift_checks(http, "drift") == before["drift"]
     http.post("/v2/pipelines/income-watch/infer", json=rows_body(rows[30:]))
     wait_for_checks(http, "drift", before["drift"] + 1)
     assert metric(http, "fleetserve_drift_detected", model="income-drift") == 1

@@ -350,9 +350,13 @@ def test_non_finite_floats_over_json(client):
     values = np.array([[np.nan], [np.inf], [-np.inf], [1.5]], dtype=np.float32)
     tensor = triton_http.InferInput("x", [4, 1], "FP32")
     tensor.set_data_from_numpy(values, binary_data=False)
-    result = client.infer("echo", [tensor], outputs=[triton_http.InferRequestedOutput("output-0", binary_data=False)])
+    finite = triton_http.InferInput("y", [2], "INT64")  # an ordinary tensor beside them in the same answer
+    finite.set_data_from_numpy(np.array([3, 4]), binary_data=False)
+    result = client.infer("echo", [tensor, finite], outputs=[
+        triton_http.InferRequestedOutput("output-0", binary_data=False), triton_http.InferRequestedOutput("output-1", binary_data=False)])
     echoed = result.as_numpy("output-0")
     assert np.isnan(echoed[0, 0]) and echoed[1:].ravel().tolist() == [np.inf, -np.inf, 1.5]
+    assert result.as_numpy("output-1").tolist() == [3, 4]
 
 
 @pytest.mark.parametrize("datatype, value", [("FP32", 1e300), ("FP16", 1e6)])

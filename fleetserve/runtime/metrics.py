@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Callable, Iterable
 
 from prometheus_client import Gauge, Histogram
@@ -56,16 +57,25 @@ class InferenceCollector:
 class DriftResults:
     """Each drift detector's latest result and how many checks found drift or not, by model name.
     Kept here rather than on the runtime so that an evicted detector's last word stays on
-    /metrics; DriftCollector drops a model's figures once the model is gone."""
+    /metrics; the collector forgets a model at the first scrape after it is gone."""
 
     def __init__(self):
         self.latest: dict[str, int] = {}
         self.checks: dict[tuple[str, str], int] = {}
+        self.lock = threading.Lock()  # detectors record on worker threads while /metrics reads on another
 
     def record(self, model: str, drift: bool) -> None:
-        self.latest[model] = int(drift)
-        key = (model, "drift" if drift else "no_drift")
-        self.checks[key] = self.checks.get(key, 0) + 1
+        with self.lock:
+            self.latest[model] = int(drift)
+            key = (model, "drift" if drift else "no_drift")
+            self.checks[key] = self.checks.get(key, 0) + 1
+
+    def snapshot(self, registered: set[str]) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        """The figures of the registered models; the others' are forgotten."""
+        with self.lock:
+            self.latest = {model: drift for model, drift in self.latest.items() if model in registered}
+            self.checks = {key: count for key, count in self.checks.items() if key[0] in registered}
+            return dict(self.latest), dict(self.checks)
 
 
 DRIFT_RESULTS = DriftResults()
@@ -79,21 +89,17 @@ class DriftCollector:
         self.results = results
 
     def collect(self):
-        registered = set(self.models())
-        for model in [model for model in self.results.latest if model not in registered]:
-            self.results.latest.pop(model, None)
-        for key in [key for key in self.results.checks if key[0] not in registered]:
-            self.results.checks.pop(key, None)
+        latest, checks = self.results.snapshot(set(self.models()))
         detected = GaugeMetricFamily("fleetserve_drift_detected",
                                      "1 when a drift detector's latest check found drift, else 0.", labels=["model"])
-        for model, drift in list(self.results.latest.items()):
+        for model, drift in latest.items():
             detected.add_metric([model], drift)
-        checks = CounterMetricFamily("fleetserve_drift_checks", "Drift checks by model and outcome (drift or no_drift).",
-                                     labels=["model", "outcome"])
-        for (model, outcome), count in list(self.results.checks.items()):
-            checks.add_metric([model, outcome], count)
+        counted = CounterMetricFamily("fleetserve_drift_checks", "Drift checks by model and outcome (drift or no_drift).",
+                                      labels=["model", "outcome"])
+        for (model, outcome), count in checks.items():
+            counted.add_metric([model, outcome], count)
         yield detected
-        yield checks
+        yield counted
 
 
 MODELS_LOADED = Gauge("fleetserve_models_loaded", "Model versions ready to serve.")

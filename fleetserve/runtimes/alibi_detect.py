@@ -7,24 +7,28 @@ needs TensorFlow (IForest, Mahalanobis). Numpy and PyTorch backends need no Tens
 `parameters.extra`, as MLServer's alibi-detect runtime reads it:
 - `predict_parameters`: keyword arguments to the detector's `predict()` (`return_p_val`,
   `drift_type`, `return_instance_score`, ...).
-- `batch_size`: rows gathered across requests before a drift check runs; a request that does
-  not complete a batch is answered with no outputs. A pipeline step's `batch.size` does the same
-  without delaying the pipeline's answer.
+- `batch_size`: requests gathered before a drift check runs on all their rows; a request that
+  does not complete a batch is answered with no outputs. A pipeline step's `batch.size` does the
+  same without a client seeing it.
 
 The answer has one output per entry of the detector's data (`is_drift`, `distance`, `p_val`,
-`threshold`; `is_outlier`, `instance_score`, `feature_score`), those the detector left empty
-omitted, a single number as shape [1]; the detector's `meta` goes in the response parameters.
-A drift detector's latest result is the gauge `fleetserve_drift_detected{model}`.
+`threshold`; `is_outlier`, `instance_score`, `feature_score`), those the detector returns as
+None omitted, a single number as shape [1]; the detector's `meta` goes in the response
+parameters. An online detector (meta `online`) takes the rows one at a time, as time steps, and
+answers one value per row. A drift detector's latest result is `fleetserve_drift_detected{model}`.
+A detector's state (an online one's time step and windows) starts again when it is reloaded.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import threading
 
 import numpy as np
 
 from fleetserve import codecs
-from fleetserve.errors import InferenceError, InvalidInput, ModelLoadError
+from fleetserve.errors import FleetError, InferenceError, InvalidInput, ModelLoadError
 from fleetserve.runtime.base import Runtime
 from fleetserve.runtime.metrics import DRIFT_RESULTS
 from fleetserve.types import InferenceRequest, InferenceResponse
@@ -33,22 +37,28 @@ SAVED_DETECTOR_FILES = ("config.toml", "meta.dill")
 PICKLED_DETECTOR_NAMES = ("detector.joblib", "model.joblib", "detector.pkl", "model.pkl", "detector.dill")
 PICKLED_DETECTOR_SUFFIXES = (".joblib", ".pkl", ".dill")
 
+log = logging.getLogger(__name__)
+
 
 class AlibiDetectRuntime(Runtime):
     def load(self) -> None:
         extra = self.settings.extra
-        self.predict_parameters = extra.get("predict_parameters") or {}
-        if not isinstance(self.predict_parameters, dict):
-            raise ModelLoadError(f"detector '{self.name}': predict_parameters must be an object")
         self.batch_size = extra.get("batch_size")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ModelLoadError(f"detector '{self.name}': batch_size must be a positive number of rows")
+            raise ModelLoadError(f"detector '{self.name}': batch_size must be a positive number of requests")
         self.detector = self._load_detector()
         meta = getattr(self.detector, "meta", None)
         if not (callable(getattr(self.detector, "predict", None)) and isinstance(meta, dict)):
             raise ModelLoadError(f"detector '{self.name}': {type(self.detector).__name__} is not an alibi-detect detector")
+        self.predict_parameters = extra.get("predict_parameters") or {}
+        try:  # the operator's settings: wrong ones fail the load, not every request
+            inspect.signature(self.detector.predict).bind(None, **self.predict_parameters)
+        except TypeError as error:
+            raise ModelLoadError(f"detector '{self.name}': predict_parameters: {error}") from None
         self.meta = {key: value for key, value in meta.items() if value is not None}
         self.is_drift_detector = meta.get("detector_type") == "drift"
+        self.online = bool(meta.get("online"))  # predict() takes one instance at a time
+        self.row_shape = _reference_row_shape(self.detector)
         self._waiting: list[np.ndarray] = []
         self._lock = threading.Lock()  # requests run on worker threads; the batch and a stateful detector are shared
 
@@ -71,24 +81,29 @@ class AlibiDetectRuntime(Runtime):
         if isinstance(data, dict):
             raise InvalidInput(f"detector '{self.name}' takes one input tensor, got {list(data)}")
         data = np.asarray(data)
-        if data.dtype.kind == "O":
-            raise InvalidInput(f"detector '{self.name}' checks numbers: send a numeric tensor, not BYTES")
-        reference = getattr(self.detector, "x_ref", None)  # a drift detector's reference rows
-        if isinstance(reference, np.ndarray) and data.shape[1:] != reference.shape[1:]:
-            raise InvalidInput(f"detector '{self.name}' compares rows of shape {list(reference.shape[1:])}, "
+        if data.dtype.kind not in "biuf":
+            raise InvalidInput(f"detector '{self.name}' checks numbers: send a numeric tensor, not {data.dtype}")
+        if self.row_shape is not None and data.shape[1:] != self.row_shape:
+            raise InvalidInput(f"detector '{self.name}' compares rows of shape {list(self.row_shape)}, "
                                f"got {list(data.shape[1:])}")
         with self._lock:
-            if self.batch_size:
+            gathered = 0
+            if self.batch_size and not self.online:
                 if self._waiting and data.shape[1:] != self._waiting[0].shape[1:]:
                     raise InvalidInput(f"detector '{self.name}': rows of shape {list(data.shape[1:])} cannot join "
                                        f"the batch's {list(self._waiting[0].shape[1:])}")
                 self._waiting.append(data)
-                if sum(len(rows) for rows in self._waiting) < self.batch_size:
+                if len(self._waiting) < self.batch_size:
                     return self.response([], request)
-                data, self._waiting = np.concatenate(self._waiting), []
-            result = self._run(data)
-        outputs = [codecs.encode_tensor(name, np.atleast_1d(np.asarray(value)))
-                   for name, value in result["data"].items() if value is not None]
+                gathered, data, self._waiting = len(self._waiting), np.concatenate(self._waiting), []
+            try:
+                results = [self._run(row) for row in data] if self.online else [self._run(data)]
+            except FleetError:
+                if gathered:  # the other requests were answered already: say where their rows went
+                    log.warning("detector %s: a check of %d requests' rows failed; the rows are dropped", self.name, gathered)
+                raise
+        outputs = [codecs.encode_tensor(name, _joined([result["data"][name] for result in results], self.online))
+                   for name, value in results[-1]["data"].items() if value is not None]
         response = self.response(outputs, request)
         response.parameters = dict(self.meta)
         return response
@@ -96,15 +111,31 @@ class AlibiDetectRuntime(Runtime):
     def _run(self, data: np.ndarray) -> dict:
         try:
             result = self.detector.predict(data, **self.predict_parameters)
-        except TypeError as error:
-            raise InvalidInput(f"detector '{self.name}': predict_parameters: {error}") from None
-        except ValueError as error:  # shapes or types the detector's reference data does not match
-            raise InvalidInput(f"detector '{self.name}': {error}") from None
+        except (TypeError, ValueError, IndexError) as error:  # what alibi-detect raises for data it cannot compare
+            raise InvalidInput(f"detector '{self.name}': {type(error).__name__}: {error}") from None
         except Exception as error:
             raise InferenceError(f"detector '{self.name}' failed: {type(error).__name__}: {error}") from None
         if self.is_drift_detector and "is_drift" in result["data"]:
             DRIFT_RESULTS.record(self.name, bool(np.asarray(result["data"]["is_drift"]).any()))
         return result
+
+
+def _joined(values: list, online: bool) -> np.ndarray:
+    """One output: a batch detector's value as it is (a single number as shape [1]), an online
+    detector's values one per row."""
+    return np.stack([np.asarray(value) for value in values]) if online else np.atleast_1d(np.asarray(values[0]))
+
+
+def _reference_row_shape(detector) -> tuple[int, ...] | None:
+    """The shape of a row the detector compares, when its reference rows say so: not when they
+    were preprocessed (an encoder's output is not what clients send)."""
+    for holder in (detector, getattr(detector, "_detector", None)):  # backends wrap the detector
+        if holder is None or getattr(holder, "preprocess_fn", None) is not None:
+            continue
+        reference = getattr(holder, "x_ref", None)
+        if isinstance(reference, np.ndarray):
+            return reference.shape[1:]
+    return None
 
 
 def _import_alibi_detect(name: str):

@@ -69,7 +69,14 @@ class TorchIntegratedGradients:
 
 def _target(target: Any, predictions) -> list[int] | None:
     """Which output each row's attributions explain: given, else a classifier's predicted class."""
-    outputs = predictions.shape[1] if predictions.ndim == 2 else 1
+    if predictions.ndim not in (1, 2):
+        raise InvalidInput(f"integrated_gradients explains outputs of shape [rows] or [rows, outputs], "
+                           f"not {list(predictions.shape)}")
+    if predictions.ndim == 1:
+        if target is not None:
+            raise InvalidInput("the model answers one number per row: give no target")
+        return None
+    outputs = predictions.shape[1]
     if target is None:
         return predictions.argmax(1).tolist() if outputs > 1 else None
     targets = [target] * len(predictions) if isinstance(target, int) else target
@@ -80,13 +87,16 @@ def _target(target: Any, predictions) -> list[int] | None:
 
 
 def model_file(folders: list[Path]) -> Path:
-    """The TorchScript model: `model.pt` in the first folder that has one, at any depth."""
+    """The TorchScript model: `model.pt` in the first folder that has one, else in its highest
+    numbered version folder (the one Triton serves by default)."""
     for folder in folders:
         if folder.is_file() and folder.suffix in (".pt", ".pth"):
             return folder
-        found = sorted(folder.rglob(MODEL_FILE)) if folder.is_dir() else []
-        if found:
-            return found[0]
+        if (folder / MODEL_FILE).is_file():
+            return folder / MODEL_FILE
+        versions = [child for child in folder.glob(f"*/{MODEL_FILE}") if child.parent.name.isdigit()]
+        if versions:
+            return max(versions, key=lambda found: int(found.parent.name))
     raise ModelLoadError(f"integrated_gradients differentiates a TorchScript model: no {MODEL_FILE} in "
                          f"{', '.join(str(folder) for folder in folders)}")
 

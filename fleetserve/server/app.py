@@ -68,7 +68,8 @@ class FleetServer:
         )
         REGISTRY.register(MemoryCollector(self.memory, self.registry.all_versions))
         REGISTRY.register(InferenceCollector(self.registry.all_versions))
-        REGISTRY.register(DriftCollector(lambda: list(self.registry.models)))
+        REGISTRY.register(DriftCollector(
+            lambda: [version.name for version in self.registry.all_versions() if self.memory.is_registered(version)]))
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.router = Router(self.registry, self.dataplane)

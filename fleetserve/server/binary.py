@@ -117,6 +117,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _listed(array: np.ndarray) -> list:
+    """The other outputs' arrays, for Python's json (orjson takes them as they are)."""
+    return array.tolist()
+
+
 def encode_response(response: InferenceResponse, request: InferenceRequest) -> tuple[bytes, int | None]:
     """The body, and the JSON header's length when binary outputs follow it (else None)."""
     binary_default = bool(request.parameters.get("binary_data_output", False))
@@ -161,7 +166,7 @@ def encode_response(response: InferenceResponse, request: InferenceRequest) -> t
     if non_finite:
         # orjson writes NaN and Infinity as null; Python's json writes the literals Triton sends
         # and Python clients read.
-        header = json.dumps(document, separators=(",", ":")).encode()
+        header = json.dumps(document, separators=(",", ":"), default=_listed).encode()
     else:
         header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not any_binary:
