@@ -89,6 +89,10 @@ class Misbehaving(Runtime):
             response = self.response([Tensor("out", np.ones(1))], request)
             response.parameters["when"] = object()
             return response
+        if how == "structured":  # a parameter with structure, as a detector's meta may hold
+            response = self.response([Tensor("out", np.ones(1))], request)
+            response.parameters["window"] = {"sizes": [10, 20], "online": True}
+            return response
         if how == "complex":
             return self.response([Tensor("out", np.ones(1, dtype=complex))], request)
         if how == "big-endian":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 
 import grpc
@@ -85,6 +86,15 @@ def test_bytes_and_custom_model(client):
     result = client.infer("text-stats", [text])
     assert result.as_numpy("upper").tolist() == [b"FLEET", "SÉRVE".encode()]
     assert result.as_numpy("length").tolist() == [5, 5]
+
+
+def test_structured_response_parameters_are_json_text(client, http):
+    tensor = triton_grpc.InferInput("structured", [1], "FP32")
+    tensor.set_data_from_numpy(np.ones(1, dtype=np.float32))
+    parameters = client.infer("misbehaving", [tensor]).get_response().parameters
+    assert json.loads(parameters["window"].string_param) == {"sizes": [10, 20], "online": True}
+    body = {"inputs": [{"name": "structured", "datatype": "FP32", "shape": [1], "data": [1]}]}
+    assert http.post("/v2/models/misbehaving/infer", json=body).json()["parameters"]["window"]["sizes"] == [10, 20]
 
 
 def test_message_larger_than_4_mib(client):
