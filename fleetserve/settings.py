@@ -97,9 +97,11 @@ class ServerSettings:
         return cls(**values)
 
 
-# What a server offers, as Seldon Core 2 `requirements` name it.
+# What a server offers, as Seldon Core 2 `requirements` name it ("mlserver": Seldon's manifests
+# ask for it beside a framework, e.g. [mlserver, alibi-detect]).
 DEFAULT_CAPABILITIES = (
-    "sklearn", "xgboost", "lightgbm", "mlflow", "onnx", "huggingface", "alibi-explain", "alibi-detect", "python",
+    "mlserver", "sklearn", "xgboost", "lightgbm", "mlflow", "onnx", "huggingface", "alibi-explain", "alibi-detect",
+    "python",
 )
 # What a model may require when a Triton backend is configured (--triton-url); any of them sends it there.
 TRITON_CAPABILITIES = ("triton", "tensorrt", "onnx-gpu", "pytorch", "tensorflow", "openvino", "python-backend")

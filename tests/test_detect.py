@@ -34,7 +34,7 @@ kind: Model
 metadata: {{name: income-outlier}}
 spec:
   storageUri: {folder}
-  requirements: [alibi-detect]
+  requirements: [mlserver, alibi-detect]
 """
 
 
@@ -232,6 +232,9 @@ def test_detector_errors_are_clear(http):
     narrow = http.post("/v2/models/income-drift/infer", json=rows_body(np.ones((10, 2), dtype=int)))
     assert narrow.status_code == 400, narrow.text
     assert narrow.json()["error"] == "detector 'income-drift' compares rows of shape [4], got [2]"
+    empty = http.post("/v2/models/age-hours-online/infer", json={"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [0, 2], "data": []}]})
+    assert empty.status_code == 400 and "send at least one" in empty.json()["error"]
     assert http.post("/v2/models/income-drift/infer", json=rows_body(fresh_rows(30, 7))).status_code == 200
 
 

@@ -4,6 +4,7 @@ image model; integrated gradients of TorchScript models."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 
@@ -355,3 +356,21 @@ def test_anchor_image_finds_the_superpixels_that_decide(http):
     rows, columns, _ = np.nonzero(anchor)
     # The anchor keeps superpixels of the striped quarter (its grid cells reach row and column 8), nothing else.
     assert len(rows) and rows.max() <= 8 and columns.max() <= 8
+
+
+def test_concurrent_explanations_keep_to_their_own_instance(server):
+    """alibi's anchor explainers keep the instance they explain on themselves: requests take turns."""
+    rows = [income_row(60, 60, 1, 0), income_row(30, 20, 3, 0)] * 3
+
+    def one(body: dict) -> dict:
+        with http_client(server) as client:
+            return explain(client, "income-explainer", body)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
+        explanations = list(pool.map(one, rows))
+    for body, explanation in zip(rows, explanations):
+        if body["inputs"][0]["data"][2] == 3:
+            assert explanation["data"]["anchor"] == ["education = doctorate"]
+        else:
+            check_income_anchor(explanation)
+        assert explanation["data"]["raw"]["instance"] == body["inputs"][0]["data"]

@@ -83,6 +83,8 @@ class AlibiDetectRuntime(Runtime):
         data = np.asarray(data)
         if data.dtype.kind not in "biuf":
             raise InvalidInput(f"detector '{self.name}' checks numbers: send a numeric tensor, not {data.dtype}")
+        if data.ndim == 0 or len(data) == 0:
+            raise InvalidInput(f"detector '{self.name}' checks rows: send at least one")
         if self.row_shape is not None and data.shape[1:] != self.row_shape:
             raise InvalidInput(f"detector '{self.name}' compares rows of shape {list(self.row_shape)}, "
                                f"got {list(data.shape[1:])}")
@@ -103,7 +105,7 @@ class AlibiDetectRuntime(Runtime):
                     log.warning("detector %s: a check of %d requests' rows failed; the rows are dropped", self.name, gathered)
                 raise
         outputs = [codecs.encode_tensor(name, _joined([result["data"][name] for result in results], self.online))
-                   for name, value in results[-1]["data"].items() if value is not None]
+                   for name in results[-1]["data"] if all(result["data"][name] is not None for result in results)]
         response = self.response(outputs, request)
         response.parameters = dict(self.meta)
         return response
@@ -130,8 +132,8 @@ def _reference_row_shape(detector) -> tuple[int, ...] | None:
     """The shape of a row the detector compares, when its reference rows say so: not when they
     were preprocessed (an encoder's output is not what clients send)."""
     for holder in (detector, getattr(detector, "_detector", None)):  # backends wrap the detector
-        if holder is None or getattr(holder, "preprocess_fn", None) is not None:
-            continue
+        if getattr(holder, "preprocess_fn", None) is not None:
+            return None
         reference = getattr(holder, "x_ref", None)
         if isinstance(reference, np.ndarray):
             return reference.shape[1:]

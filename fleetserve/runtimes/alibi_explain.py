@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class AlibiExplainRuntime(Runtime):
         self._loop = asyncio.get_running_loop()
         await self._wait_for_target()
         self.explainer = await self._loop.run_in_executor(None, self._build)
+        self._explaining = threading.Lock()  # alibi's anchor explainers keep the instance they explain on themselves
         self.own_inputs = []
         self.own_outputs = [TensorMetadata(name=OUTPUT, datatype="BYTES", shape=[-1])]
 
@@ -207,7 +209,8 @@ class AlibiExplainRuntime(Runtime):
         explanations = []
         for instance in instances:
             try:
-                explanations.append(self.explainer.explain(instance, **parameters).to_json())
+                with self._explaining:
+                    explanations.append(self.explainer.explain(instance, **parameters).to_json())
             except FleetError as error:  # the target's own error, raised through alibi
                 raise type(error)(f"explainer '{self.name}': {error.message}") from None
             except TypeError as error:
