@@ -12,9 +12,9 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from sklearn.ensemble import RandomForestClassifier
 
-from conftest import http_client, running_server, write_settings
+from conftest import http_client, manifests_applied, running_server, write_settings
 from test_explain import income_data, income_label
-from test_memory import metric
+from test_memory import index, metric
 
 PIPELINE = """
 kind: Pipeline
@@ -89,7 +89,9 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
     repository, outlier_folder = repo
-    with running_server(repository, tmp_path_factory.mktemp("detect-logs") / "server.log") as running, \
+    # Room for the repository's models and one of two 1200 MiB (declared) models at a time.
+    memory = {"FLEETSERVE_MEMORY_LIMIT": "2Gi", "FLEETSERVE_OVERCOMMIT_PERCENT": "100"}
+    with running_server(repository, tmp_path_factory.mktemp("detect-logs") / "server.log", memory) as running, \
             http_client(running) as client:
         for manifest in (OUTLIER_MANIFEST.format(folder=outlier_folder), PIPELINE):
             applied = client.post("/v2/manifests", content=manifest)
@@ -150,6 +152,32 @@ def test_a_pytorch_backend_detector(http):
     assert wrong.status_code == 400 and wrong.json()["error"] == "detector 'income-mmd' compares rows of shape [4], got [3]"
     assert http.post("/v2/repository/models/income-mmd/unload").status_code == 200
     assert 'drift_detected{model="income-mmd"}' not in http.get("/metrics").text  # its drift figures go with it
+
+
+def test_an_online_detector_goes_on_after_an_eviction(http, repo):
+    big = """
+kind: Model
+metadata: {{name: {name}}}
+spec:
+  storageUri: {folder}
+  requirements: [{requirement}]
+  memory: 1200Mi
+"""
+    manifests = "---".join([big.format(name="watched-online", folder=repo[0] / "age-hours-online", requirement="alibi-detect"),
+                            big.format(name="big-income", folder=repo[0] / "income", requirement="sklearn")])
+    rows = fresh_rows(10, 11)[:, :2].astype(np.float32)
+
+    def steps(part: np.ndarray) -> list[int]:
+        answer = http.post("/v2/models/watched-online/infer", json={"inputs": [
+            {"name": "age-hours", "datatype": "FP32", "shape": list(part.shape), "data": part.flatten().tolist()}]})
+        assert answer.status_code == 200, answer.text
+        return {output["name"]: output["data"] for output in answer.json()["outputs"]}["time"]
+
+    with manifests_applied(http, manifests):
+        assert steps(rows[:5]) == [1, 2, 3, 4, 5]
+        assert http.post("/v2/models/big-income/infer", json=rows_body(fresh_rows(2, 12))).status_code == 200
+        assert not index(http)["watched-online"]["resident"]  # evicted to make room
+        assert steps(rows[5:]) == [6, 7, 8, 9, 10]  # reloaded, its state restored
 
 
 def test_mlserver_batch_size_gathers_requests_before_a_check(http):

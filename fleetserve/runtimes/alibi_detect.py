@@ -15,15 +15,20 @@ The answer has one output per entry of the detector's data (`is_drift`, `distanc
 `threshold`; `is_outlier`, `instance_score`, `feature_score`), those the detector returns as
 None omitted, a single number as shape [1]; the detector's `meta` goes in the response
 parameters. An online detector (meta `online`) takes the rows one at a time, as time steps, and
-answers one value per row. A drift detector's latest result is `fleetserve_drift_detected{model}`.
-A detector's state (an online one's time step and windows) starts again when it is reloaded.
+answers one value per row; its state (time step, windows) is kept when it is unloaded or evicted
+and restored at its next load in this server process. A drift detector's latest result is
+`fleetserve_drift_detected{model}`.
 """
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import logging
+import shutil
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +43,10 @@ PICKLED_DETECTOR_NAMES = ("detector.joblib", "model.joblib", "detector.pkl", "mo
 PICKLED_DETECTOR_SUFFIXES = (".joblib", ".pkl", ".dill")
 
 log = logging.getLogger(__name__)
+
+# Where online detectors' states wait between loads, for this server process's life.
+STATE_ROOT = Path(tempfile.mkdtemp(prefix="fleetserve-detector-state-"))
+atexit.register(shutil.rmtree, STATE_ROOT, True)
 
 
 class AlibiDetectRuntime(Runtime):
@@ -61,6 +70,28 @@ class AlibiDetectRuntime(Runtime):
         self.row_shape = _reference_row_shape(self.detector)
         self._waiting: list[np.ndarray] = []
         self._lock = threading.Lock()  # requests run on worker threads; the batch and a stateful detector are shared
+        if self.online:
+            self._restore_state()
+
+    def unload(self) -> None:
+        if self.online:
+            with self._lock:
+                try:
+                    self.detector.save_state(str(_state_folder(self.name, self.version)))
+                except Exception:
+                    log.exception("detector %s: its online state could not be kept", self.name)
+
+    def _restore_state(self) -> None:
+        """An online detector goes on from where its last unload (an eviction, say) left it."""
+        folder = _state_folder(self.name, self.version)
+        if not folder.is_dir():
+            return
+        try:
+            self.detector.load_state(str(folder))
+        except Exception as error:  # a different detector under the same name: start afresh
+            log.warning("detector %s: starting afresh, its kept state does not fit (%s: %s)",
+                        self.name, type(error).__name__, error)
+            self.detector.reset_state()
 
     def _load_detector(self):
         saving = _import_alibi_detect(self.name)
@@ -104,28 +135,36 @@ class AlibiDetectRuntime(Runtime):
                 if gathered:  # the other requests were answered already: say where their rows went
                     log.warning("detector %s: a check of %d requests' rows failed; the rows are dropped", self.name, gathered)
                 raise
-        outputs = [codecs.encode_tensor(name, _joined([result["data"][name] for result in results], self.online))
-                   for name in results[-1]["data"] if all(result["data"][name] is not None for result in results)]
+        outputs = [codecs.encode_tensor(name, _joined([result[name] for result in results], self.online))
+                   for name in results[-1] if all(result[name] is not None for result in results)]
         response = self.response(outputs, request)
         response.parameters = dict(self.meta)
         return response
 
-    def _run(self, data: np.ndarray) -> dict:
+    def _run(self, data: np.ndarray) -> dict[str, np.ndarray | None]:
+        """The detector's data for `data`."""
         try:
             result = self.detector.predict(data, **self.predict_parameters)
         except (TypeError, ValueError, IndexError) as error:  # what alibi-detect raises for data it cannot compare
             raise InvalidInput(f"detector '{self.name}': {type(error).__name__}: {error}") from None
         except Exception as error:
             raise InferenceError(f"detector '{self.name}' failed: {type(error).__name__}: {error}") from None
-        if self.is_drift_detector and "is_drift" in result["data"]:
-            DRIFT_RESULTS.record(self.name, bool(np.asarray(result["data"]["is_drift"]).any()))
-        return result
+        # Copies: an online detector's restored state holds its time step as an array it then
+        # updates in place, which would change every earlier row's answer.
+        data = {name: None if value is None else np.array(value) for name, value in result["data"].items()}
+        if self.is_drift_detector and "is_drift" in data:
+            DRIFT_RESULTS.record(self.name, bool(data["is_drift"].any()))
+        return data
 
 
-def _joined(values: list, online: bool) -> np.ndarray:
+def _joined(values: list[np.ndarray], online: bool) -> np.ndarray:
     """One output: a batch detector's value as it is (a single number as shape [1]), an online
     detector's values one per row."""
-    return np.stack([np.asarray(value) for value in values]) if online else np.atleast_1d(np.asarray(values[0]))
+    return np.stack(values) if online else np.atleast_1d(values[0])
+
+
+def _state_folder(name: str, version: str | None) -> Path:
+    return STATE_ROOT / name / (version or "default")
 
 
 def _reference_row_shape(detector) -> tuple[int, ...] | None:
