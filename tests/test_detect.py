@@ -89,8 +89,8 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
     repository, outlier_folder = repo
-    # Room for the repository's models and one of two 1200 MiB (declared) models at a time.
-    memory = {"FLEETSERVE_MEMORY_LIMIT": "2Gi", "FLEETSERVE_OVERCOMMIT_PERCENT": "100"}
+    # Room for the repository's models and one 2500 MiB (declared) model at a time.
+    memory = {"FLEETSERVE_MEMORY_LIMIT": "4Gi", "FLEETSERVE_OVERCOMMIT_PERCENT": "200"}
     with running_server(repository, tmp_path_factory.mktemp("detect-logs") / "server.log", memory) as running, \
             http_client(running) as client:
         for manifest in (OUTLIER_MANIFEST.format(folder=outlier_folder), PIPELINE):
@@ -154,18 +154,22 @@ def test_a_pytorch_backend_detector(http):
     assert 'drift_detected{model="income-mmd"}' not in http.get("/metrics").text  # its drift figures go with it
 
 
-def test_an_online_detector_goes_on_after_an_eviction(http, repo):
+def test_detectors_go_on_after_an_eviction(http, repo):
+    """An online detector's time step and the requests a batch_size detector has gathered outlive evictions."""
     big = """
 kind: Model
 metadata: {{name: {name}}}
 spec:
   storageUri: {folder}
   requirements: [{requirement}]
-  memory: 1200Mi
+  memory: 2500Mi
 """
-    manifests = "---".join([big.format(name="watched-online", folder=repo[0] / "age-hours-online", requirement="alibi-detect"),
-                            big.format(name="big-income", folder=repo[0] / "income", requirement="sklearn")])
+    manifests = "---".join([
+        big.format(name="watched-online", folder=repo[0] / "age-hours-online", requirement="alibi-detect"),
+        big.format(name="watched-batched", folder=repo[0] / "income-drift-batched", requirement="alibi-detect"),
+        big.format(name="big-income", folder=repo[0] / "income", requirement="sklearn")])
     rows = fresh_rows(10, 11)[:, :2].astype(np.float32)
+    shifted_rows = shifted(fresh_rows(30, 13))
 
     def steps(part: np.ndarray) -> list[int]:
         answer = http.post("/v2/models/watched-online/infer", json={"inputs": [
@@ -173,10 +177,18 @@ spec:
         assert answer.status_code == 200, answer.text
         return {output["name"]: output["data"] for output in answer.json()["outputs"]}["time"]
 
+    def gather(part: np.ndarray) -> dict:
+        answer = http.post("/v2/models/watched-batched/infer", json=rows_body(part))
+        assert answer.status_code == 200, answer.text
+        return {output["name"]: output["data"] for output in answer.json()["outputs"]}
+
     with manifests_applied(http, manifests):
+        assert gather(shifted_rows[:10]) == {} and gather(shifted_rows[10:20]) == {}  # two of three requests
         assert steps(rows[:5]) == [1, 2, 3, 4, 5]
         assert http.post("/v2/models/big-income/infer", json=rows_body(fresh_rows(2, 12))).status_code == 200
-        assert not index(http)["watched-online"]["resident"]  # evicted to make room
+        resident = index(http)
+        assert not resident["watched-online"]["resident"] and not resident["watched-batched"]["resident"]
+        assert gather(shifted_rows[20:])["is_drift"] == [1]  # the third request completes the batch
         assert steps(rows[5:]) == [6, 7, 8, 9, 10]  # reloaded, its state restored
 
 

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # Where online detectors' states wait between loads, for this server process's life.
 STATE_ROOT = Path(tempfile.mkdtemp(prefix="fleetserve-detector-state-"))
 atexit.register(shutil.rmtree, STATE_ROOT, True)
+_WAITING: dict[tuple[str, str | None], list[np.ndarray]] = {}
 
 
 class AlibiDetectRuntime(Runtime):
@@ -68,14 +69,18 @@ class AlibiDetectRuntime(Runtime):
         self.is_drift_detector = meta.get("detector_type") == "drift"
         self.online = bool(meta.get("online"))  # predict() takes one instance at a time
         self.row_shape = _reference_row_shape(self.detector)
-        self._waiting: list[np.ndarray] = []
+        # Requests gathered for batch_size that an eviction interrupted wait on for the next load.
+        self._waiting: list[np.ndarray] = [rows for rows in _WAITING.pop((self.name, self.version), [])
+                                           if self.row_shape is None or rows.shape[1:] == self.row_shape]
         self._lock = threading.Lock()  # requests run on worker threads; the batch and a stateful detector are shared
         if self.online:
             self._restore_state()
 
     def unload(self) -> None:
-        if self.online:
-            with self._lock:
+        with self._lock:
+            if self._waiting:
+                _WAITING[(self.name, self.version)] = self._waiting
+            if self.online:
                 try:
                     self.detector.save_state(str(_state_folder(self.name, self.version)))
                 except Exception:
