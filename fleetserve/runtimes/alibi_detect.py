@@ -38,6 +38,13 @@ from fleetserve.runtime.base import Runtime
 from fleetserve.runtime.metrics import DRIFT_RESULTS
 from fleetserve.types import InferenceRequest, InferenceResponse
 
+# Imported with this module, when the first detector's runtime is resolved: apart from its load,
+# whose memory is measured, since the import takes seconds and hundreds of MiB (torch).
+try:
+    from alibi_detect.saving import load_detector
+except ImportError as error:
+    load_detector, MISSING = None, error
+
 SAVED_DETECTOR_FILES = ("config.toml", "meta.dill")
 PICKLED_DETECTOR_NAMES = ("detector.joblib", "model.joblib", "detector.pkl", "model.pkl", "detector.dill")
 PICKLED_DETECTOR_SUFFIXES = (".joblib", ".pkl", ".dill")
@@ -99,11 +106,13 @@ class AlibiDetectRuntime(Runtime):
             self.detector.reset_state()
 
     def _load_detector(self):
-        saving = _import_alibi_detect(self.name)
+        if load_detector is None:
+            raise ModelLoadError(f"detector '{self.name}' needs alibi-detect ({MISSING}): "
+                                 "pip install 'fleetserve[alibi-detect]'")
         path = self.settings.artifact_path
         try:
             if path.is_dir() and any((path / name).is_file() for name in SAVED_DETECTOR_FILES):
-                return saving.load_detector(str(path))
+                return load_detector(str(path))
             import joblib
 
             return joblib.load(self.artifact(PICKLED_DETECTOR_NAMES, PICKLED_DETECTOR_SUFFIXES))
@@ -182,11 +191,3 @@ def _reference_row_shape(detector) -> tuple[int, ...] | None:
         if isinstance(reference, np.ndarray):
             return reference.shape[1:]
     return None
-
-
-def _import_alibi_detect(name: str):
-    try:
-        import alibi_detect.saving
-    except ImportError as error:
-        raise ModelLoadError(f"detector '{name}' needs alibi-detect ({error}): pip install 'fleetserve[alibi-detect]'") from None
-    return alibi_detect.saving
