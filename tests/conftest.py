@@ -290,6 +290,19 @@ def manifests_applied(http: httpx.Client, manifests: str):
         http.request("DELETE", "/v2/manifests", content=manifests)
 
 
+def index_without(module: str, models: list[Path], tmp_path: Path) -> dict[str, dict]:
+    """The repository index of a server serving copies of `models` with `module` unimportable, as
+    if it were not installed."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / f"{module}.py").write_text(f"raise ImportError(\"No module named '{module}'\")\n")
+    for folder in models:
+        shutil.copytree(folder, tmp_path / "repo" / folder.name)
+    with running_server(tmp_path / "repo", tmp_path / "server.log", {"PYTHONPATH": str(blocked)}) as server, \
+            http_client(server) as client:
+        return {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+
+
 BUCKET = "models"
 
 

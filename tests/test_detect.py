@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from sklearn.ensemble import RandomForestClassifier
 
-from conftest import http_client, manifests_applied, running_server, write_settings
+from conftest import http_client, index_without, manifests_applied, running_server, write_settings
 from test_explain import income_data, income_label
 from test_memory import index, metric
 
@@ -97,12 +97,6 @@ def server(repo, tmp_path_factory):
             applied = client.post("/v2/manifests", content=manifest)
             assert applied.status_code == 200, applied.text
         yield running
-
-
-@pytest.fixture
-def http(server):
-    with http_client(server) as client:
-        yield client
 
 
 def rows_body(rows: np.ndarray) -> dict:
@@ -281,15 +275,7 @@ def test_detector_errors_are_clear(http):
 
 
 def test_without_alibi_detect_the_load_names_the_extra(repo, tmp_path):
-    blocked = tmp_path / "blocked"
-    blocked.mkdir()
-    (blocked / "alibi_detect.py").write_text("raise ImportError(\"No module named 'alibi_detect'\")\n")
-    small = tmp_path / "repo"
-    for name in ("income", "income-drift"):
-        shutil.copytree(repo[0] / name, small / name)
-    with running_server(small, tmp_path / "server.log", {"PYTHONPATH": str(blocked)}) as server, \
-            http_client(server) as client:
-        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
-        assert index["income"]["state"] == "READY"
-        assert index["income-drift"]["state"] == "UNAVAILABLE"
-        assert "pip install 'fleetserve[alibi-detect]'" in index["income-drift"]["reason"]
+    index = index_without("alibi_detect", [repo[0] / "income", repo[0] / "income-drift"], tmp_path)
+    assert index["income"]["state"] == "READY"
+    assert index["income-drift"]["state"] == "UNAVAILABLE"
+    assert "pip install 'fleetserve[alibi-detect]'" in index["income-drift"]["reason"]

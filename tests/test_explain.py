@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import shutil
 
 import joblib
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 import tritonclient.grpc as triton_grpc
 from sklearn.ensemble import RandomForestClassifier
 
-from conftest import http_client, manifests_applied, running_server, write_settings
+from conftest import http_client, index_without, manifests_applied, running_server, write_settings
 
 FEATURES = ["age", "hours", "education", "sex"]
 LINEAR_WEIGHTS = [2.0, -1.0, 0.5, 3.0]
@@ -169,12 +168,6 @@ def server(repo, tmp_path_factory):
         yield running
 
 
-@pytest.fixture
-def http(server):
-    with http_client(server) as client:
-        yield client
-
-
 def explain(http, model: str, body: dict) -> list[dict]:
     response = http.post(f"/v2/models/{model}/infer", json=body)
     assert response.status_code == 200, response.text
@@ -274,18 +267,10 @@ spec:
 
 
 def test_without_alibi_the_load_names_the_extra(repo, tmp_path):
-    blocked = tmp_path / "blocked"
-    blocked.mkdir()
-    (blocked / "alibi.py").write_text("raise ImportError(\"No module named 'alibi'\")\n")  # as if not installed
-    small = tmp_path / "repo"
-    for name in ("sentiment", "sentiment-explainer"):
-        shutil.copytree(repo / name, small / name)
-    with running_server(small, tmp_path / "server.log", {"PYTHONPATH": str(blocked)}) as server, \
-            http_client(server) as client:
-        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
-        assert index["sentiment"]["state"] == "READY"
-        assert index["sentiment-explainer"]["state"] == "UNAVAILABLE"
-        assert "pip install 'fleetserve[alibi-explain]'" in index["sentiment-explainer"]["reason"]
+    index = index_without("alibi", [repo / "sentiment", repo / "sentiment-explainer"], tmp_path)
+    assert index["sentiment"]["state"] == "READY"
+    assert index["sentiment-explainer"]["state"] == "UNAVAILABLE"
+    assert "pip install 'fleetserve[alibi-explain]'" in index["sentiment-explainer"]["reason"]
 
 
 def test_integrated_gradients_of_a_torch_model_by_model_ref(http, tmp_path):
