@@ -75,10 +75,11 @@ def encode_tensor(name: str, value: Any, content_type: str | None = None) -> Ten
 
 def json_text(value: Any) -> str:
     """A framework's Python answer (dicts, lists, numpy or torch numbers) as JSON text."""
-    return json.dumps(value, default=_plain)
+    return json.dumps(value, default=as_plain)
 
 
-def _plain(value: Any) -> Any:
+def as_plain(value: Any) -> Any:
+    """What Python's json cannot write (numpy and torch values) as what it can: `default=as_plain`."""
     if isinstance(value, np.generic):
         return value.item()
     if hasattr(value, "tolist"):  # numpy arrays, torch tensors

@@ -108,7 +108,7 @@ class AlibiExplainRuntime(Runtime):
 
     def _integrated_gradients(self):
         """White box: the explainer differentiates the model itself, a TorchScript `model.pt` in
-        its own folder or else in the explained model's (a Triton repository's 1/model.pt too)."""
+        its own folder or else in the explained model's (integrated_gradients.model_file)."""
         try:
             from fleetserve.runtimes.integrated_gradients import TorchIntegratedGradients, model_file
         except ImportError as error:

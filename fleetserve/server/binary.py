@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from fleetserve.codecs import as_plain
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer, bytes_to_text, little_endian
 from fleetserve.errors import InvalidInput
 from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
@@ -117,11 +118,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _listed(array: np.ndarray) -> list:
-    """The other outputs' arrays, for Python's json (orjson takes them as they are)."""
-    return array.tolist()
-
-
 def encode_response(response: InferenceResponse, request: InferenceRequest) -> tuple[bytes, int | None]:
     """The body, and the JSON header's length when binary outputs follow it (else None)."""
     binary_default = bool(request.parameters.get("binary_data_output", False))
@@ -166,7 +162,7 @@ def encode_response(response: InferenceResponse, request: InferenceRequest) -> t
     if non_finite:
         # orjson writes NaN and Infinity as null; Python's json writes the literals Triton sends
         # and Python clients read.
-        header = json.dumps(document, separators=(",", ":"), default=_listed).encode()
+        header = json.dumps(document, separators=(",", ":"), default=as_plain).encode()
     else:
         header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not any_binary:
