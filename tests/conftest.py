@@ -290,6 +290,11 @@ def manifests_applied(http: httpx.Client, manifests: str):
         http.request("DELETE", "/v2/manifests", content=manifests)
 
 
+def repository_index(http: httpx.Client) -> dict[str, dict]:
+    """The repository index by model name."""
+    return {entry["name"]: entry for entry in http.post("/v2/repository/index").json()}
+
+
 def index_without(module: str, models: list[Path], tmp_path: Path) -> dict[str, dict]:
     """The repository index of a server serving copies of `models` with `module` unimportable, as
     if it were not installed."""
@@ -300,7 +305,7 @@ def index_without(module: str, models: list[Path], tmp_path: Path) -> dict[str, 
         shutil.copytree(folder, tmp_path / "repo" / folder.name)
     with running_server(tmp_path / "repo", tmp_path / "server.log", {"PYTHONPATH": str(blocked)}) as server, \
             http_client(server) as client:
-        return {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+        return repository_index(client)
 
 
 BUCKET = "models"

@@ -12,9 +12,9 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from sklearn.ensemble import RandomForestClassifier
 
-from conftest import http_client, index_without, manifests_applied, running_server, write_settings
+from conftest import http_client, index_without, manifests_applied, repository_index, running_server, write_settings
 from test_explain import income_data, income_label
-from test_memory import index, metric
+from test_memory import metric
 
 PIPELINE = """
 kind: Pipeline
@@ -119,7 +119,7 @@ def test_a_drift_detector_answers_its_data_and_meta_over_rest_and_grpc(server, h
     assert body["parameters"]["name"] == "KSDrift" and body["parameters"]["detector_type"] == "drift"
     assert metric(http, "fleetserve_drift_detected", model="income-drift") == 0
     # Its reference rows (16 KB) and little else: alibi-detect's import is not charged to it.
-    assert 0 < index(http)["income-drift"]["measured_memory_bytes"] < 8 * 2**20
+    assert 0 < repository_index(http)["income-drift"]["measured_memory_bytes"] < 8 * 2**20
 
     client = triton_grpc.InferenceServerClient(server.grpc_address)
     features = triton_grpc.InferInput("income", [60, 4], "INT64")
@@ -182,7 +182,7 @@ spec:
         assert gather(shifted_rows[:10]) == {} and gather(shifted_rows[10:20]) == {}  # two of three requests
         assert steps(rows[:5]) == [1, 2, 3, 4, 5]
         assert http.post("/v2/models/big-income/infer", json=rows_body(fresh_rows(2, 12))).status_code == 200
-        resident = index(http)
+        resident = repository_index(http)
         assert not resident["watched-online"]["resident"] and not resident["watched-batched"]["resident"]
         assert gather(shifted_rows[20:])["is_drift"] == [1]  # the third request completes the batch
         assert steps(rows[5:]) == [6, 7, 8, 9, 10]  # reloaded, its state restored

@@ -20,7 +20,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from conftest import http_client, running_server, write_settings
+from conftest import running_server, write_settings
 
 MODELS = {
     "tfsimple1": "AddSub", "tfsimple2": "AddSub", "tfsimple3": "AddSub",
@@ -45,12 +45,6 @@ def server(tmp_path_factory):
         shutil.copy(source, repo / name / "graph_models.py")
     with running_server(repo, tmp_path_factory.mktemp("graph-logs") / "server.log") as running:
         yield running
-
-
-@pytest.fixture
-def http(server):
-    with http_client(server) as client:
-        yield client
 
 
 def create(http, manifest: str) -> None:

@@ -9,13 +9,12 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import build_repository, http_client, iris_json, running_server, write_settings
+from conftest import build_repository, http_client, iris_json, repository_index, running_server, write_settings
 
 SLOW_MODEL = '''
 import time
@@ -116,12 +115,8 @@ def http(lifecycle_server):
         yield client
 
 
-def index_of(http: httpx.Client) -> dict[str, dict]:
-    return {entry["name"]: entry for entry in http.post("/v2/repository/index").json()}
-
-
 def test_broken_models_are_unavailable_with_reasons(lifecycle_server, http):
-    index = index_of(http)
+    index = repository_index(http)
     assert index["iris"]["state"] == "READY"
     assert index["bad-json"]["state"] == "UNAVAILABLE" and "not valid JSON" in index["bad-json"]["reason"]
     assert index["bad-load"]["state"] == "UNAVAILABLE" and "weights file is corrupt" in index["bad-load"]["reason"]
@@ -143,7 +138,7 @@ def test_broken_models_are_unavailable_with_reasons(lifecycle_server, http):
     ],
 )
 def test_wrong_settings_fail_alone(http, name, fragment):
-    entry = index_of(http)[name]
+    entry = repository_index(http)[name]
     assert entry["state"] == "UNAVAILABLE" and fragment in entry["reason"], entry
 
 
@@ -156,14 +151,14 @@ def test_index_ready_filter_and_empty_body(http):
 
 def test_unload_then_load_over_http(http):
     assert http.post("/v2/repository/models/iris/unload").status_code == 200
-    assert index_of(http)["iris"].items() >= {"name": "iris", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}.items()
+    assert repository_index(http)["iris"].items() >= {"name": "iris", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}.items()
     refused = http.post("/v2/models/iris/infer", json=iris_json())
     assert refused.status_code == 400 and "unloaded" in refused.json()["error"]
     assert http.get("/v2/models/iris/ready").status_code == 400
     assert http.post("/v2/repository/models/iris/unload").status_code == 404
 
     assert http.post("/v2/repository/models/iris/load").status_code == 200
-    assert index_of(http)["iris"]["state"] == "READY"
+    assert repository_index(http)["iris"]["state"] == "READY"
     assert http.post("/v2/models/iris/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
 
 
@@ -181,7 +176,7 @@ def test_load_a_folder_added_after_start(lifecycle_server, http):
     (lifecycle_server.repository / "iris-late" / "model-settings.json").write_text(
         (lifecycle_server.repository / "iris" / "model-settings.json").read_text().replace('"iris"', '"iris-late"')
     )
-    assert index_of(http)["iris-late"] == {"name": "iris-late", "state": "UNAVAILABLE", "reason": "not loaded"}
+    assert repository_index(http)["iris-late"] == {"name": "iris-late", "state": "UNAVAILABLE", "reason": "not loaded"}
     assert http.post("/v2/repository/models/iris-late/load").status_code == 200
     assert http.post("/v2/models/iris-late/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
 
@@ -201,10 +196,10 @@ def test_loading_state_is_visible(lifecycle_server, http):
         loading = pool.submit(http.post, "/v2/repository/models/slow-load/load")
         states = set()
         while not loading.done():
-            states.add(index_of(http).get("slow-load", {}).get("state"))
+            states.add(repository_index(http).get("slow-load", {}).get("state"))
         assert loading.result().status_code == 200
     assert "LOADING" in states
-    assert index_of(http)["slow-load"]["state"] == "READY"
+    assert repository_index(http)["slow-load"]["state"] == "READY"
 
 
 def test_unload_waits_for_in_flight_requests(http):
@@ -215,7 +210,7 @@ def test_unload_waits_for_in_flight_requests(http):
         unloading = pool.submit(http.post, "/v2/repository/models/slow/unload")
         states = set()
         while not unloading.done():
-            states.add(index_of(http)["slow"]["state"])
+            states.add(repository_index(http)["slow"]["state"])
         assert in_flight.result().status_code == 200
         assert unloading.result().status_code == 200
     assert "UNLOADING" in states
@@ -240,7 +235,7 @@ def test_failed_reload_keeps_the_serving_version(lifecycle_server, http):
         refused = http.post("/v2/repository/models/flaky/load")
         assert refused.status_code == 400
         assert "artifact broken" in refused.json()["error"] and "go on serving" in refused.json()["error"]
-        assert index_of(http)["flaky"]["state"] == "READY"
+        assert repository_index(http)["flaky"]["state"] == "READY"
         assert http.post("/v2/models/flaky/infer", json=body).json()["outputs"][0]["data"] == [7]
     finally:
         marker.unlink()
@@ -251,12 +246,12 @@ def test_unload_during_first_load_waits_for_it(lifecycle_server, http):
     add_slow_model(lifecycle_server.repository, "slow-first", load_seconds=1.0)
     with ThreadPoolExecutor(1) as pool:
         loading = pool.submit(http.post, "/v2/repository/models/slow-first/load")
-        while index_of(http).get("slow-first", {}).get("state") != "LOADING":
+        while repository_index(http).get("slow-first", {}).get("state") != "LOADING":
             assert not loading.done()
         unloaded = http.post("/v2/repository/models/slow-first/unload")
         assert loading.result().status_code == 200
     assert unloaded.status_code == 200, unloaded.text
-    assert index_of(http)["slow-first"]["reason"] == "unloaded"
+    assert repository_index(http)["slow-first"]["reason"] == "unloaded"
 
 
 def test_one_busy_model_cannot_take_every_worker(http):
@@ -283,7 +278,7 @@ def test_cancelled_request_keeps_the_model_pinned(lifecycle_server, http):
         unloading = pool.submit(http.post, "/v2/repository/models/slow/unload")
         states = set()
         while not unloading.done():
-            states.add(index_of(http)["slow"]["state"])
+            states.add(repository_index(http)["slow"]["state"])
         assert unloading.result().status_code == 200
     assert "UNLOADING" in states and time.monotonic() - started > 0.5
     assert http.post("/v2/repository/models/slow/load").status_code == 200

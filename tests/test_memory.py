@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sklearn.dummy import DummyClassifier
 
-from conftest import ROOT, running_server, write_settings
+from conftest import ROOT, repository_index, running_server, write_settings
 from test_lifecycle import SLOW_MODEL, sleep_request
 
 ROW = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
@@ -79,10 +79,6 @@ def metric(http: httpx.Client, name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name}{{{wanted}}} in /metrics")
 
 
-def index(http: httpx.Client) -> dict[str, dict]:
-    return {entry["name"]: entry for entry in http.post("/v2/repository/index").json()}
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
@@ -111,7 +107,7 @@ def test_overcommit_scenario(server, http, models):
     manifests = "---\n".join(model_manifest(f"m{n:02d}", models / f"m{n:02d}") for n in range(1, 12))
     applied = apply(server, manifests)
     assert applied.returncode == 0, applied.stdout + applied.stderr
-    entries = index(http)
+    entries = repository_index(http)
     assert all(entries[f"m{n:02d}"]["state"] == "READY" for n in range(1, 12))
     assert sum(entry.get("resident", False) for entry in entries.values()) <= 10
 
@@ -146,7 +142,7 @@ def test_overcommit_scenario(server, http, models):
 
 def test_first_model_of_a_framework_is_not_charged_for_its_import(http):
     """m01 imported scikit-learn's modules when it loaded; its measured cost must not include them."""
-    first, second = (index(http)[name]["measured_memory_bytes"] for name in ("m01", "m02"))
+    first, second = (repository_index(http)[name]["measured_memory_bytes"] for name in ("m01", "m02"))
     assert 0 < first < 2**20 and 0 < second < 2**20, (first, second)
 
 
@@ -154,7 +150,7 @@ def test_measured_cost_wins_over_a_low_declaration(server, http, models):
     for name in ("m11", "m12"):  # room in the registered budget
         assert delete(server, model_manifest(name, models / name)).returncode == 0
     assert apply(server, model_manifest("big", models / "big", memory="1Mi", requirements=())).returncode == 0
-    entry = index(http)["big"]
+    entry = repository_index(http)["big"]
     assert entry["declared_memory_bytes"] == 2**20
     assert entry["measured_memory_bytes"] >= 32 * 2**20
     assert "declares 1.0 MiB of memory but loading it took" in server.log()
@@ -171,7 +167,7 @@ def delete(server, text: str) -> subprocess.CompletedProcess:
 def test_reload_is_single_flight(http):
     """Twenty requests for one evicted model: one reload, and all of them served."""
     victim = min(
-        (entry for entry in index(http).values() if entry["state"] == "READY" and not entry["resident"]),
+        (entry for entry in repository_index(http).values() if entry["state"] == "READY" and not entry["resident"]),
         key=lambda entry: entry["name"],
     )["name"]
     reloads_before = metric(http, "fleetserve_model_reload_duration_seconds_count")
@@ -200,7 +196,7 @@ def test_a_busy_model_is_never_evicted_and_loads_wait_then_503(server, http, mod
         assert waited >= 1.0
         loading = httpx.post(f"{server.url}/v2/manifests", content=model_manifest("m-new", models / "m13"), timeout=30)
         assert loading.status_code == 503 and "is held by models serving requests" in loading.json()["error"]
-        entries = index(http)
+        entries = repository_index(http)
         assert entries["slow-a"]["resident"] and entries["slow-b"]["resident"]
         assert all(request.result().status_code == 200 for request in busy)
     # Once they are idle, the same request evicts one of them and is served.

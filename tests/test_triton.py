@@ -19,7 +19,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
-from conftest import free_port, http_client, running_server, write_settings
+from conftest import free_port, http_client, repository_index, running_server, write_settings
 from test_memory import metric
 
 ADDSUB_CONFIG = """
@@ -179,7 +179,7 @@ def test_without_a_backend_the_load_says_why(tmp_path):
     addsub_folder(repo, "needs-triton", {"implementation": "triton"})
     addsub_folder(repo, "needs-tensorrt", {"requirements": ["tensorrt"]})
     with running_server(repo, tmp_path / "server.log") as server, http_client(server) as client:
-        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+        index = repository_index(client)
     assert "start it with --triton-url" in index["needs-triton"]["reason"]
     assert "start the server with --triton-url" in index["needs-tensorrt"]["reason"]
 
@@ -295,7 +295,7 @@ def test_gpu_models_are_evicted_from_triton_and_reloaded_on_demand(triton, tmp_p
     env = {"FLEETSERVE_TRITON_URL": triton.grpc_url, "FLEETSERVE_GPU_MEMORY_LIMIT": "100Mi",
            "FLEETSERVE_MEMORY_LIMIT": "50Mi", "FLEETSERVE_OVERCOMMIT_PERCENT": "30"}
     with running_server(repo, tmp_path / "server.log", env) as server, http_client(server) as client:
-        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+        index = repository_index(client)
         assert all(index[name]["state"] == "READY" and index[name]["device"] == "gpu" for name in names)
         assert sum(index[name]["resident"] for name in names) == 2
         assert_in_triton(triton, names, {name for name in names if index[name]["resident"]})
@@ -305,7 +305,7 @@ def test_gpu_models_are_evicted_from_triton_and_reloaded_on_demand(triton, tmp_p
                 misses = metric(client, "seldon_cache_miss_count", device="gpu")
             answer = client.post(f"/v2/models/{name}/infer", json=addsub_body([5], [3]))
             assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [8], answer.text
-            index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+            index = repository_index(client)
             assert index[name]["resident"] and sum(index[n]["resident"] for n in names) == 2
             assert_in_triton(triton, names, {n for n in names if index[n]["resident"]})
         previous = names[(names.index(name) - 1) % 3]  # the two most recently used stay
@@ -331,6 +331,6 @@ def test_gpu_models_are_evicted_from_triton_and_reloaded_on_demand(triton, tmp_p
         assert "more than the GPU memory limit of 100.0 MiB" in client.post("/v2/manifests", content=too_big).json()["error"]
         assert client.post("/v2/repository/models/gpu-a/unload").status_code == 200
         assert client.post("/v2/manifests", content=manifest).status_code == 200
-        index = {entry["name"]: entry for entry in client.post("/v2/repository/index").json()}
+        index = repository_index(client)
         assert index["gpu-d"]["device"] == "gpu" and index["gpu-d"]["state"] == "READY"
         assert client.post("/v2/models/gpu-d/infer", json=addsub_body([1], [1])).json()["outputs"][0]["data"] == [2]
