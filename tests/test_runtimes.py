@@ -665,15 +665,14 @@ def test_each_runtime_is_measured_and_unloading_frees_its_memory(tmp_path_factor
             assert http.post(f"/v2/repository/models/{name}/unload").status_code == 200
             # Where a load's blocks interleaved with other allocations, glibc cannot hand all of
             # an unload's pages back at once (LightGBM: half of them on the first cycle, all later),
-            # so up to three cycles; a model that is never freed never gives memory back.
+            # so up to three cycles; a model that is never freed never gives memory back. How much
+            # a reload grows RSS proves nothing: it may reuse pages an earlier unload kept. An
+            # unload that gives back 0.8x the model's size proves both that it held them and freed them.
             given_back = []
             for _ in range(3):
-                before = settled_rss(pid)
                 assert http.post(f"/v2/repository/models/{name}/load").status_code == 200
                 assert outputs(infer(http, name, BIG_REQUESTS[name]))  # weights mapped from files are read now
-                loaded = rss_reaches(pid, lambda rss: rss - before >= 0.8 * size)
-                if not given_back:  # later loads may reuse what the allocator kept
-                    assert loaded - before >= 0.8 * size, (name, before, loaded)
+                loaded = settled_rss(pid)
                 assert http.post(f"/v2/repository/models/{name}/unload").status_code == 200
                 # What the unload gave back, not `after` against `before`: a load on a new thread may
                 # leave a malloc arena behind, which is the allocator's, not the model's.
