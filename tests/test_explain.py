@@ -15,7 +15,7 @@ import torch
 import tritonclient.grpc as triton_grpc
 from sklearn.ensemble import RandomForestClassifier
 
-from conftest import http_client, index_without, manifests_applied, running_server, write_settings
+from conftest import http_client, index_without, manifests_applied, repository_index, running_server, write_settings
 
 FEATURES = ["age", "hours", "education", "sex"]
 LINEAR_WEIGHTS = [2.0, -1.0, 0.5, 3.0]
@@ -197,6 +197,8 @@ def test_anchor_tabular_fitted_at_load_explains_its_model(http):
     assert explanation["data"]["anchor"] == ["education = doctorate"]  # categorical names from the settings
     metadata = http.get("/v2/models/income-explainer").json()
     assert metadata["outputs"] == [{"name": "explanation", "datatype": "BYTES", "shape": [-1]}]
+    # Its memory holds the training data it sampled from, at least.
+    assert repository_index(http)["income-explainer"]["measured_memory_bytes"] >= income_data().to_numpy().nbytes
 
 
 def test_anchor_tabular_over_a_pipeline_from_a_saved_explainer(http, repo, tmp_path):
@@ -318,6 +320,7 @@ def test_integrated_gradients_of_a_linear_model_are_exact(server, http):
     assert np.allclose(explanation["data"]["attributions"][0], expected, atol=1e-5)
     assert explanation["data"]["target"] is None  # one output: nothing to choose
     assert explanation["meta"]["params"]["method"] == "riemann_middle"
+    assert repository_index(http)["linear-explainer"]["measured_memory_bytes"] == 4 * 4 + 4  # its model's weights and bias
 
     wrong = http.post("/v2/models/linear-explainer/infer", json={"inputs": [
         {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]})

@@ -26,7 +26,9 @@ import asyncio
 import concurrent.futures
 import json
 import re
+import sys
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,10 @@ class AlibiExplainRuntime(Runtime):
         self._explaining = threading.Lock()  # alibi's anchor explainers keep the instance they explain on themselves
         self.own_inputs = []
         self.own_outputs = [TensorMetadata(name=OUTPUT, datatype="BYTES", shape=[-1])]
+
+    def footprint(self) -> int:
+        # A load's memory growth is not the explainer's: it calls its target while it is built.
+        return arrays_held(self.explainer)
 
     def _build(self):
         alibi = _import_alibi(self.name)
@@ -251,6 +257,42 @@ def _training_data(name: str, folder: Path, file: str | None) -> tuple[np.ndarra
         return frame.to_numpy(), [str(column) for column in frame.columns]
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"explainer '{name}': training_data {path}: {error}") from None
+
+
+def arrays_held(root: Any, most_objects: int = 100_000) -> int:
+    """Bytes of the numpy arrays and torch tensors (a torch module's weights) reachable from `root`
+    through attributes and containers, each counted once: an anchor explainer's training data and
+    samples, an integrated-gradients model. Functions and methods are not followed: the predictor,
+    bound to this runtime, would lead to the whole server."""
+    torch = sys.modules.get("torch")  # imported by whatever made torch objects
+    seen: set[int] = set()
+    pending, total = [root], 0
+    while pending and len(seen) < most_objects:
+        item = pending.pop()
+        if id(item) in seen or isinstance(item, _NOT_HOLDERS):
+            continue
+        seen.add(id(item))
+        if isinstance(item, np.ndarray):
+            if isinstance(item.base, np.ndarray):  # a view: its base holds the bytes
+                pending.append(item.base)
+            else:
+                total += item.nbytes
+        elif torch is not None and isinstance(item, torch.nn.Module):
+            pending.extend(item.parameters())
+            pending.extend(item.buffers())
+        elif torch is not None and isinstance(item, torch.Tensor):
+            total += item.untyped_storage().nbytes()
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            pending.extend(item)
+        elif hasattr(item, "__dict__"):
+            pending.extend(vars(item).values())
+    return total
+
+
+_NOT_HOLDERS = (type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
+                str, bytes, int, float, bool, type(None))
 
 
 def _import_alibi(name: str):
