@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
+import time
 
 import joblib
 import numpy as np
@@ -129,6 +131,14 @@ def repo(tmp_path_factory):
         "init_parameters": {"categorical_names": {"2": EDUCATION, "3": ["female", "male"]}, "seed": 1},
     }}})
     frame.to_csv(explainer / "train.csv", index=False)
+    # A model that declares FP32 rows: the explainer sends its samples (the CSV's integers) as FP32.
+    write_settings(repo / "income-fp32", {"implementation": "sklearn", "inputs": [
+        {"name": "features", "datatype": "FP32", "shape": [-1, 4]}]})
+    joblib.dump(model, repo / "income-fp32" / "model.joblib")
+    shutil.copytree(explainer, repo / "income-fp32-explainer")
+    settings = json.loads((explainer / "model-settings.json").read_text())
+    settings["parameters"]["extra"]["model_ref"] = "income-fp32"
+    write_settings(repo / "income-fp32-explainer", settings)
 
     write_settings(repo / "sentiment", {"implementation": "text_model.Sentiment"})
     (repo / "sentiment" / "text_model.py").write_text(TEXT_MODEL)
@@ -195,6 +205,8 @@ def test_anchor_tabular_fitted_at_load_explains_its_model(http):
     check_income_anchor(explanation)
     [explanation] = explain(http, "income-explainer", income_row(30, 20, 3, 0))
     assert explanation["data"]["anchor"] == ["education = doctorate"]  # categorical names from the settings
+    [explanation] = explain(http, "income-fp32-explainer", income_row(60, 60, 1, 0))
+    check_income_anchor(explanation)
     metadata = http.get("/v2/models/income-explainer").json()
     assert metadata["outputs"] == [{"name": "explanation", "datatype": "BYTES", "shape": [-1]}]
     # Its memory holds the training data it sampled from, at least.
@@ -263,9 +275,26 @@ spec:
     refused = http.post("/v2/manifests", content=missing)
     assert refused.status_code == 400, refused.text
     assert "cannot use its model 'no-such-model': model 'no-such-model' not found" in refused.json()["error"]
+    for timeout in ("0", ".inf", ".nan", "soon"):
+        endless = missing.replace("modelRef: no-such-model", "modelRef: income") + \
+            f"  parameters: [{{name: timeout, value: {timeout}}}]\n"
+        refused = http.post("/v2/manifests", content=endless)
+        assert refused.status_code == 400 and "timeout must be a positive number of seconds" in refused.json()["error"], refused.text
     # The server and the explainers go on.
     assert explain(http, "sentiment-explainer", {"inputs": [
         {"name": "t", "datatype": "BYTES", "shape": [1], "data": ["good"]}]})[0]["data"]["anchor"] == ["good"]
+
+
+def test_a_manifest_without_a_ref_explains_what_its_artifact_names(http, repo):
+    manifest = f"""
+kind: Model
+metadata: {{name: income-explainer-copy}}
+spec:
+  storageUri: {repo / 'income-explainer'}
+  explainer: {{type: anchor_tabular}}
+"""
+    with manifests_applied(http, manifest):
+        check_income_anchor(explain(http, "income-explainer-copy", income_row(60, 60, 1, 0))[0])
 
 
 def test_without_alibi_the_load_names_the_extra(repo, tmp_path):
@@ -344,6 +373,30 @@ def test_anchor_image_finds_the_superpixels_that_decide(http):
     rows, columns, _ = np.nonzero(anchor)
     # The anchor keeps superpixels of the striped quarter (its grid cells reach row and column 8), nothing else.
     assert len(rows) and rows.max() <= 8 and columns.max() <= 8
+
+
+def test_waiting_explanations_hold_no_shared_thread(server, http, repo):
+    """Explanations wait their turn on the event loop and run on the explainer's own thread: more of
+    them than the loop's shared pool has threads (6 on two cores) leave it free for /metrics."""
+    manifest = f"""
+kind: Model
+metadata: {{name: patient-explainer}}
+spec:
+  storageUri: {repo / 'sentiment-explainer'}
+  parameters: [{{name: timeout, value: 1}}]
+"""
+    slow = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a slow good film"]}]}
+
+    def one(_) -> int:
+        with http_client(server) as client:
+            return client.post("/v2/models/patient-explainer/infer", json=slow).status_code
+
+    with manifests_applied(http, manifest), concurrent.futures.ThreadPoolExecutor(7) as pool:
+        explaining = [pool.submit(one, n) for n in range(7)]
+        time.sleep(0.3)  # all sent; the first times out after a second
+        assert http.get("/metrics").status_code == 200
+        assert not any(request.done() for request in explaining)
+        assert [request.result() for request in explaining] == [504] * 7
 
 
 def test_concurrent_explanations_keep_to_their_own_instance(server):

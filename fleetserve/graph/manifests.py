@@ -91,4 +91,6 @@ def _explainer(where: str, explainer: Any) -> dict[str, Any]:
         raise InvalidInput(f"{where}: spec.explainer: only one of modelRef and pipelineRef")
     if not all(isinstance(value, str) for value in refs.values()):
         raise InvalidInput(f"{where}: spec.explainer: modelRef and pipelineRef are names")
+    if not refs:  # the artifact's model-settings.json may name the target
+        return {"explainer_type": explainer["type"]}
     return {"explainer_type": explainer["type"], "model_ref": refs.get("modelRef"), "pipeline_ref": refs.get("pipelineRef")}

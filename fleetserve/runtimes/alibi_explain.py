@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import math
 import re
 import sys
 import threading
@@ -35,10 +36,10 @@ from typing import Any
 import numpy as np
 
 from fleetserve.codecs import bytes_to_text
-from fleetserve.errors import FleetError, InferenceError, InvalidInput, ModelLoadError, NotFound, NotReady, Timeout
+from fleetserve.errors import FleetError, InferenceError, InvalidInput, ModelLoadError, NotFound, NotReady, Timeout, describe
 from fleetserve.runtime.base import Runtime
 from fleetserve.settings import TensorMetadata
-from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
+from fleetserve.types import NUMPY_DTYPES, InferenceRequest, InferenceResponse, Tensor
 
 OUTPUT = "explanation"
 EXPLAINERS = {
@@ -68,15 +69,32 @@ class AlibiExplainRuntime(Runtime):
         try:
             self.timeout = float(extra.get("timeout", 30))
         except (TypeError, ValueError):
-            raise ModelLoadError(f"explainer '{self.name}': timeout must be a number of seconds") from None
+            self.timeout = math.nan
+        if not 0 < self.timeout <= threading.TIMEOUT_MAX:  # NaN too
+            raise ModelLoadError(f"explainer '{self.name}': timeout must be a positive number of seconds, "
+                                 f"not {extra.get('timeout')!r}")
         if self.router is None:
             raise ModelLoadError(f"explainer '{self.name}': no router to call its target through")
         self._loop = asyncio.get_running_loop()
         await self._wait_for_target()
-        self.explainer = await self._loop.run_in_executor(None, self._build)
-        self._explaining = threading.Lock()  # alibi's anchor explainers keep the instance they explain on themselves
+        # Explanations take seconds of blocking calls: on a thread of the explainer's own, so that
+        # they never hold the threads the server shares (metrics, other explainers' calls).
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"explain-{self.name}")
+        try:
+            self.explainer = await self._loop.run_in_executor(self._thread, self._build)
+        except Exception as error:  # alibi calls the target while it builds, and wraps what that raised
+            self._thread.shutdown(wait=False)
+            if isinstance(error, ModelLoadError):
+                raise
+            raise ModelLoadError(f"explainer '{self.name}' could not be built: {describe(_reason(error))}") from None
+        # alibi's anchor explainers keep the instance they explain on themselves: one explanation at
+        # a time; the others wait here, where a caller that goes away stops waiting.
+        self._explaining = asyncio.Lock()
         self.own_inputs = []
         self.own_outputs = [TensorMetadata(name=OUTPUT, datatype="BYTES", shape=[-1])]
+
+    def unload(self) -> None:
+        self._thread.shutdown(wait=False)
 
     def footprint(self) -> int:
         # A load's memory growth is not the explainer's: it calls its target while it is built.
@@ -153,7 +171,10 @@ class AlibiExplainRuntime(Runtime):
     def _predict_target(self, instances: Any) -> np.ndarray:
         """alibi's predictor, on an explain thread: one call of the target through the event loop."""
         data = np.array(instances, dtype=object) if isinstance(instances, list) else np.asarray(instances)
-        request = InferenceRequest(inputs=[Tensor(self._target_input(), data)])
+        name, dtype = self._target_input()
+        if dtype is not None and dtype.kind in "biuf" and data.dtype.kind in "biuf":
+            data = data.astype(dtype, copy=False)  # alibi's samples take the training data's type
+        request = InferenceRequest(inputs=[Tensor(name, data)])
         future = asyncio.run_coroutine_threadsafe(self._call_target(request), self._loop)
         try:
             response = future.result(self.timeout)
@@ -170,16 +191,17 @@ class AlibiExplainRuntime(Runtime):
             return (await self.router.infer_pipeline(self.target, request))[0]
         return (await self.router.infer(self.target, None, request))[0]
 
-    def _target_input(self) -> str:
-        """The explained model's first input name when it declares one, else MLServer's `predict`."""
+    def _target_input(self) -> tuple[str, np.dtype | None]:
+        """The explained model's first input, its name and type, when it declares one, else
+        MLServer's `predict` of any type."""
         if self.target_kind == "model":
             try:
                 inputs = self.router.registry.get(self.target).inputs
             except FleetError:
                 inputs = []
             if inputs:
-                return inputs[0].name
-        return "predict"
+                return inputs[0].name, NUMPY_DTYPES.get(inputs[0].datatype)
+        return "predict", None
 
     async def predict(self, request: InferenceRequest) -> InferenceResponse:
         if not request.inputs:
@@ -194,7 +216,8 @@ class AlibiExplainRuntime(Runtime):
             raise InvalidInput(f"explainer '{self.name}': parameter explain_parameters must be an object "
                                "(over gRPC, its JSON text)")
         instances = self._instances(request.inputs[0])
-        explanations = await self._loop.run_in_executor(None, self._explain_all, instances, parameters)
+        async with self._explaining:
+            explanations = await self._loop.run_in_executor(self._thread, self._explain_all, instances, parameters)
         return self.response([Tensor(OUTPUT, np.array(explanations, dtype=object), {"content_type": "str"})], request)
 
     def _instances(self, tensor: Tensor) -> list:
@@ -215,14 +238,14 @@ class AlibiExplainRuntime(Runtime):
         explanations = []
         for instance in instances:
             try:
-                with self._explaining:
-                    explanations.append(self.explainer.explain(instance, **parameters).to_json())
-            except FleetError as error:  # the target's own error, raised through alibi
-                raise type(error)(f"explainer '{self.name}': {error.message}") from None
-            except TypeError as error:
-                raise InvalidInput(f"explainer '{self.name}': explain_parameters: {error}") from None
+                explanations.append(self.explainer.explain(instance, **parameters).to_json())
             except Exception as error:
-                raise InferenceError(f"explainer '{self.name}' failed: {type(error).__name__}: {error}") from None
+                reason = _reason(error)
+                if isinstance(reason, FleetError):  # the target's own error, raised through alibi
+                    raise type(reason)(f"explainer '{self.name}': {reason.message}") from None
+                if isinstance(error, TypeError):
+                    raise InvalidInput(f"explainer '{self.name}': explain_parameters: {error}") from None
+                raise InferenceError(f"explainer '{self.name}' failed: {describe(error)}") from None
         return explanations
 
 
@@ -280,7 +303,7 @@ def arrays_held(root: Any, most_objects: int = 100_000) -> int:
         elif torch is not None and isinstance(item, torch.nn.Module):
             pending.extend(item.parameters())
             pending.extend(item.buffers())
-        elif torch is not None and isinstance(item, torch.Tensor):
+        elif torch is not None and isinstance(item, torch.Tensor) and item.layout == torch.strided:
             total += item.untyped_storage().nbytes()
         elif isinstance(item, dict):
             pending.extend(item.values())
@@ -293,6 +316,11 @@ def arrays_held(root: Any, most_objects: int = 100_000) -> int:
 
 _NOT_HOLDERS = (type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
                 str, bytes, int, float, bool, type(None))
+
+
+def _reason(error: Exception) -> Exception:
+    """The target's own error where alibi wrapped it (PredictorCallError), else `error`."""
+    return error.__cause__ if isinstance(error.__cause__, FleetError) else error
 
 
 def _import_alibi(name: str):
