@@ -3,6 +3,7 @@ a pipeline's batched side step, and an IForest outlier detector answering beside
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import time
 
@@ -70,6 +71,10 @@ def repo(tmp_path_factory):
     mmd = MMDDrift((rows[:300] / SCALE).astype(np.float32), backend="pytorch", p_val=0.05, n_permutations=50)
     save_detector(mmd, str(repo / "income-mmd"))
     write_settings(repo / "income-mmd", {"implementation": "alibi-detect"})
+    # Forty requests gathered, then a check of seconds (thousands of permutations).
+    slow_mmd = MMDDrift((rows[:300] / SCALE).astype(np.float32), backend="pytorch", p_val=0.05, n_permutations=1500)
+    save_detector(slow_mmd, str(repo / "income-mmd-slow"))
+    write_settings(repo / "income-mmd-slow", {"implementation": "alibi-detect", "parameters": {"extra": {"batch_size": 40}}})
 
     # An online detector: each row is a time step. Age and hours only.
     online = CVMDriftOnline(rows[:500, :2].astype(np.float32), ert=50, window_sizes=[10], n_bootstraps=500)
@@ -150,6 +155,25 @@ def test_a_pytorch_backend_detector(http):
     assert 'drift_detected{model="income-mmd"}' not in http.get("/metrics").text  # its drift figures go with it
 
 
+def test_a_batch_check_never_blocks_the_server(server, http):
+    """Gathering a request takes microseconds, checking the batch seconds: never on the event loop."""
+    rows = (fresh_rows(400, 14) / SCALE).astype(np.float32)
+
+    def send(client, part: np.ndarray):
+        return client.post("/v2/models/income-mmd-slow/infer", json={"inputs": [
+            {"name": "income", "datatype": "FP32", "shape": list(part.shape), "data": part.flatten().tolist()}]})
+
+    for start in range(0, 390, 10):
+        assert send(http, rows[start:start + 10]).json()["outputs"] == []
+    with http_client(server) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        checking = pool.submit(send, client, rows[390:])
+        time.sleep(0.5)  # the check has begun
+        assert http.get("/v2/health/live").status_code == 200
+        assert not checking.done()
+        answer = checking.result()
+    assert answer.status_code == 200 and {output["name"]: output["data"] for output in answer.json()["outputs"]}["is_drift"] == [0]
+
+
 def test_detectors_go_on_after_an_eviction(http, repo):
     """An online detector's time step and the requests a batch_size detector has gathered outlive evictions."""
     big = """
@@ -198,6 +222,12 @@ def test_mlserver_batch_size_gathers_requests_before_a_check(http):
     last = http.post("/v2/models/income-drift-batched/infer", json=rows_body(rows[20:]))
     assert last.status_code == 200, last.text
     assert {output["name"]: output["data"] for output in last.json()["outputs"]}["is_drift"] == [1]
+    # A reload while it serves: the new detector completes the batch the old one gathered.
+    assert http.post("/v2/models/income-drift-batched/infer", json=rows_body(rows[:10])).json()["outputs"] == []
+    assert http.post("/v2/repository/models/income-drift-batched/load").status_code == 200
+    assert http.post("/v2/models/income-drift-batched/infer", json=rows_body(rows[10:20])).json()["outputs"] == []
+    last = http.post("/v2/models/income-drift-batched/infer", json=rows_body(rows[20:]))
+    assert {output["name"]: output["data"] for output in last.json()["outputs"]}["is_drift"] == [1]
 
 
 def test_an_online_detector_takes_rows_as_time_steps(http):
@@ -209,6 +239,11 @@ def test_an_online_detector_takes_rows_as_time_steps(http):
     assert outputs["time"]["data"] == list(range(1, 31))  # one answer per row
     drift = outputs["is_drift"]["data"]
     assert len(drift) == 30 and drift[0] == 0 and drift[-1] == 1  # detected once the window holds shifted rows
+    # A reload while it serves goes on from the time step it had reached.
+    assert http.post("/v2/repository/models/age-hours-online/load").status_code == 200
+    answer = http.post("/v2/models/age-hours-online/infer", json={"inputs": [
+        {"name": "age-hours", "datatype": "FP32", "shape": [2, 2], "data": rows[:2].flatten().tolist()}]})
+    assert {output["name"]: output["data"] for output in answer.json()["outputs"]}["time"] == [31, 32]
 
 
 def drift_checks(http, outcome: str) -> float:

@@ -166,7 +166,7 @@ class DataPlane:
             model.pace.record_threaded(wall_ns, cpu_ns, input_bytes)
 
     def _pace_for(self, model: ModelVersion) -> "Pace":
-        model.pace = Pace(self.inline_below_ns)
+        model.pace = Pace(self.inline_below_ns if model.runtime.steady_cost else 0)
         return model.pace
 
     def _batcher_for(self, model: ModelVersion) -> AdaptiveBatcher | bool:

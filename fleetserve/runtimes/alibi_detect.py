@@ -15,9 +15,10 @@ The answer has one output per entry of the detector's data (`is_drift`, `distanc
 `threshold`; `is_outlier`, `instance_score`, `feature_score`), those the detector returns as
 None omitted, a single number as shape [1]; the detector's `meta` goes in the response
 parameters. An online detector (meta `online`) takes the rows one at a time, as time steps, and
-answers one value per row; its state (time step, windows) is kept when it is unloaded or evicted
-and restored at its next load in this server process. A drift detector's latest result is
-`fleetserve_drift_detected{model}`.
+answers one value per row. Its state (time step, windows), like the requests gathered for
+`batch_size`, carries over to the detector's next load in this server process: after an unload
+or an eviction, and in a reload, which loads the new detector while the old one still serves.
+A drift detector's latest result is `fleetserve_drift_detected{model}`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +57,14 @@ log = logging.getLogger(__name__)
 STATE_ROOT = Path(tempfile.mkdtemp(prefix="fleetserve-detector-state-"))
 atexit.register(shutil.rmtree, STATE_ROOT, True)
 _WAITING: dict[tuple[str, str | None], list[np.ndarray]] = {}
+# The detector serving each (name, version). A reload loads the new one before the old one unloads;
+# weak, so that a load the memory manager drops (its warm-up) leaves no entry behind.
+_SERVING: weakref.WeakValueDictionary[tuple[str, str | None], "AlibiDetectRuntime"] = weakref.WeakValueDictionary()
 
 
 class AlibiDetectRuntime(Runtime):
+    steady_cost = False  # most batch_size requests only append; the one completing a batch checks it
+
     def load(self) -> None:
         extra = self.settings.extra
         self.batch_size = extra.get("batch_size")
@@ -76,26 +83,52 @@ class AlibiDetectRuntime(Runtime):
         self.is_drift_detector = meta.get("detector_type") == "drift"
         self.online = bool(meta.get("online"))  # predict() takes one instance at a time
         self.row_shape = _reference_row_shape(self.detector)
-        # Requests gathered for batch_size that an eviction interrupted wait on for the next load.
-        self._waiting: list[np.ndarray] = [rows for rows in _WAITING.pop((self.name, self.version), [])
-                                           if self.row_shape is None or rows.shape[1:] == self.row_shape]
+        self._waiting: list[np.ndarray] = []
         self._lock = threading.Lock()  # requests run on worker threads; the batch and a stateful detector are shared
-        if self.online:
-            self._restore_state()
+        predecessor = _SERVING.get(self._key)
+        if predecessor is None:
+            # What the last unload (an eviction, say) kept: the requests gathered for batch_size, an
+            # online detector's state.
+            self._take_waiting(_WAITING.get(self._key, []))
+            if self.online:
+                self._restore_state(_state_folder(self.name, self.version))
+        elif self.online and predecessor.online:
+            # A reload while the old detector serves: this one goes on from the old one's state now
+            # (the old one hands over the requests it has gathered at its unload).
+            with tempfile.TemporaryDirectory(dir=STATE_ROOT) as folder:
+                with predecessor._lock:
+                    predecessor._keep_state(Path(folder))
+                self._restore_state(Path(folder))
+        _SERVING[self._key] = self
+
+    @property
+    def _key(self) -> tuple[str, str | None]:
+        return self.name, self.version
+
+    def _take_waiting(self, gathered: list[np.ndarray]) -> None:
+        with self._lock:
+            self._waiting += [rows for rows in gathered if self.row_shape is None or rows.shape[1:] == self.row_shape]
 
     def unload(self) -> None:
         with self._lock:
-            if self._waiting:
-                _WAITING[(self.name, self.version)] = self._waiting
+            successor = _SERVING.get(self._key)
+            if successor is not self:  # a reload replaced this detector while it served
+                if successor is not None:
+                    successor._take_waiting(self._waiting)
+                return
+            del _SERVING[self._key]
+            _WAITING[self._key] = self._waiting
             if self.online:
-                try:
-                    self.detector.save_state(str(_state_folder(self.name, self.version)))
-                except Exception:
-                    log.exception("detector %s: its online state could not be kept", self.name)
+                self._keep_state(_state_folder(self.name, self.version))
 
-    def _restore_state(self) -> None:
-        """An online detector goes on from where its last unload (an eviction, say) left it."""
-        folder = _state_folder(self.name, self.version)
+    def _keep_state(self, folder: Path) -> None:
+        try:
+            self.detector.save_state(str(folder))
+        except Exception:
+            log.exception("detector %s: its online state could not be kept", self.name)
+
+    def _restore_state(self, folder: Path) -> None:
+        """An online detector goes on from where another left it (its last unload, say)."""
         if not folder.is_dir():
             return
         try:
