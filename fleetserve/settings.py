@@ -262,6 +262,9 @@ class ModelSettings:
         except (InvalidInput, TypeError, ValueError) as error:
             raise ModelLoadError(f"{where}: {error}") from None
         version = parameters.get("version", default_version)
+        if version is not None and not is_model_name(str(version)):  # it names folders and URL paths
+            raise ModelLoadError(f"{where}: invalid version {version!r}: use letters, digits, '.', '_' and '-', "
+                                 "no path separators or '..'")
         unknown = {key: value for key, value in raw.items() if key not in cls._KNOWN}
         unknown_parameters = {k: v for k, v in parameters.items() if k not in cls._KNOWN_PARAMETERS}
         if unknown_parameters:

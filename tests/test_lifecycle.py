@@ -105,6 +105,7 @@ def lifecycle_server(tmp_path_factory):
     (repository / "no-shared" / "2").mkdir()
     write_settings(repository / "same-version" / "1", {"implementation": "sklearn", "parameters": {"version": "1"}})
     write_settings(repository / "same-version" / "2", {"implementation": "sklearn", "parameters": {"version": "1"}})
+    write_settings(repository / "path-version", {"implementation": "sklearn", "parameters": {"version": "../../etc"}})
     with running_server(repository, tmp_path_factory.mktemp("lifecycle_logs") / "server.log") as server:
         yield server
 
@@ -135,6 +136,7 @@ def test_broken_models_are_unavailable_with_reasons(lifecycle_server, http):
         ("typo-datatype", "unknown datatype 'FLOAT32'"),
         ("no-shared", "no model-settings.json in it or in"),
         ("same-version", "1/ and 2/ both declare version 1"),
+        ("path-version", "invalid version '../../etc'"),
     ],
 )
 def test_wrong_settings_fail_alone(http, name, fragment):
