@@ -157,10 +157,11 @@ def is_model_name(name: Any) -> bool:
     return isinstance(name, str) and bool(_VALID_NAME.match(name)) and ".." not in name
 
 
-def check_model_name(name: Any) -> str:
+def check_model_name(name: Any, what: str = "model name") -> str:
+    """`name`, a model's or a version's: it names folders and URL paths."""
     if not is_model_name(name):
         raise InvalidInput(
-            f"invalid model name {name!r}: use letters, digits, '.', '_' and '-', no path separators or '..'"
+            f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-', no path separators or '..'"
         )
     return name
 
@@ -259,12 +260,10 @@ class ModelSettings:
             if max_batch_size < 0 or max_batch_time < 0 or parallel_workers < 0:
                 raise ValueError("max_batch_size, max_batch_time and parallel_workers must not be negative")
             memory = parse_quantity(raw.get("memory") or 0)
+            version = parameters.get("version", default_version)
+            version = None if version is None else check_model_name(str(version), "version")
         except (InvalidInput, TypeError, ValueError) as error:
             raise ModelLoadError(f"{where}: {error}") from None
-        version = parameters.get("version", default_version)
-        if version is not None and not is_model_name(str(version)):  # it names folders and URL paths
-            raise ModelLoadError(f"{where}: invalid version {version!r}: use letters, digits, '.', '_' and '-', "
-                                 "no path separators or '..'")
         unknown = {key: value for key, value in raw.items() if key not in cls._KNOWN}
         unknown_parameters = {k: v for k, v in parameters.items() if k not in cls._KNOWN_PARAMETERS}
         if unknown_parameters:
@@ -274,7 +273,7 @@ class ModelSettings:
             folder=folder,
             implementation=raw.get("implementation"),
             uri=parameters.get("uri"),
-            version=None if version is None else str(version),
+            version=version,
             extra=extra,
             content_type=parameters.get("content_type"),
             inputs=_tensor_list(raw, "inputs", where),
