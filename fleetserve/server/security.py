@@ -139,6 +139,7 @@ RPCS: dict[str, Access] = {
 
 class _Requirement(NamedTuple):
     tokens: tuple[bytes, ...]  # any one of them opens the route
+    headers: tuple[bytes, ...]  # the same as "Bearer <token>", what clients send
     needed: str  # what a refusal tells the client it needs
 
 
@@ -163,13 +164,17 @@ class Tokens:
         # The data token first: inference clients hold it, so theirs is the one comparison made.
         named = [(token, name) for token, name in ((self.data, "the data token"), (self.admin, "the admin token"))
                  if token in accepted]
-        return _Requirement(tuple(token for token, _ in named), " or ".join(name for _, name in named))
+        tokens = tuple(token for token, _ in named)
+        return _Requirement(tokens, tuple(b"Bearer " + token for token in tokens), " or ".join(name for _, name in named))
 
 
 def _refusal(authorization: bytes | None, requirement: _Requirement) -> FleetError | None:
     """Why a request whose Authorization header (or metadata) is `authorization` may not pass; None if it may."""
     if authorization is None:
         return Unauthenticated(f"this route needs {requirement.needed}: send 'Authorization: Bearer <token>'")
+    for header in requirement.headers:  # the usual spelling, compared whole: one comparison
+        if hmac.compare_digest(authorization, header):
+            return None
     scheme, _, token = authorization.strip().partition(b" ")
     token = token.strip()
     if scheme.lower() != b"bearer" or not token:
