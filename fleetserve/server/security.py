@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import grpc
 import orjson
+from starlette.routing import WebSocketRoute
 
 from fleetserve.errors import FleetError, PermissionDenied, Unauthenticated
 from fleetserve.server.rest import infer_target
@@ -262,6 +263,9 @@ def unclassified_routes(routes: Iterable) -> list[str]:
                  if template.endswith(":path}")]
     missing: dict[str, None] = {}  # ordered, and HEAD folds into GET
     for route in routes:
+        if isinstance(route, WebSocketRoute):  # the check guards HTTP requests only
+            missing[f"WEBSOCKET {route.path}"] = None
+            continue
         methods = getattr(route, "methods", None)
         # A mount (static files) serves everything below its path.
         template = route.path if methods else route.path + "/{path:path}"
