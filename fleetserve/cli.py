@@ -35,9 +35,12 @@ def _client(args: argparse.Namespace, inference: bool = False):
     token = args.token or (inference and from_env("data-token")) or from_env("admin-token")
     verify: ssl.SSLContext | bool = True
     if args.ca or args.cert:
-        verify = ssl.create_default_context(cafile=args.ca or None)
-        if args.cert:
-            verify.load_cert_chain(args.cert, args.key or None)
+        try:
+            verify = ssl.create_default_context(cafile=args.ca or None)
+            if args.cert:
+                verify.load_cert_chain(args.cert, args.key or None)
+        except (OSError, ssl.SSLError) as error:
+            raise SystemExit(f"cannot load --ca / --cert / --key: {error}") from None
     headers = {"Authorization": f"Bearer {token}"} if token else None
     return httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers, verify=verify)
 

@@ -9,8 +9,9 @@ Invariants:
   among them, so the handler that runs never needs more than the check demanded. A request that
   matches no template, or an RPC missing from `RPCS`, needs every token that is set.
 - CONTROL needs the admin token when one is set. DATA needs the data token or the admin token
-  when a data token is set. OPEN needs nothing. Without any token nothing is installed: no ASGI
-  wrapper, no gRPC interceptor, no cost.
+  when a data token is set. OPEN needs nothing. DATA | CONTROL (pipeline inspect) needs a token
+  that opens both. Without any token nothing is installed: no ASGI wrapper, no gRPC interceptor,
+  no cost.
 - Tokens come only from the settings, are compared in constant time (hmac.compare_digest), and
   never reach logs, error bodies or metrics: a refusal says which token a route needs, never what
   was sent or expected.
