@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from fleetserve.settings import ServerSettings
+from fleetserve.settings import ServerSettings, read_secret
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -21,10 +21,28 @@ def _start(args: argparse.Namespace) -> int:
     return run(settings)
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, inference: bool = False):
+    """An HTTP client for the server at --url, sending the token the command needs: --token, else
+    (for inference) FLEETSERVE_DATA_TOKEN[_FILE], else FLEETSERVE_ADMIN_TOKEN[_FILE]."""
+    import ssl
+
     import httpx
 
-    return httpx.Client(base_url=args.url, timeout=args.timeout)
+    def from_env(flag: str) -> str:
+        variable = "FLEETSERVE_" + flag.replace("-", "_").upper()
+        return read_secret(os.environ.get(variable, ""), os.environ.get(variable + "_FILE", ""), flag)
+
+    token = args.token or (inference and from_env("data-token")) or from_env("admin-token")
+    verify: ssl.SSLContext | bool = True
+    if args.ca or args.cert:
+        try:
+            verify = ssl.create_default_context(cafile=args.ca or None)
+            if args.cert:
+                verify.load_cert_chain(args.cert, args.key or None)
+        except (OSError, ssl.SSLError) as error:
+            raise SystemExit(f"cannot load --ca / --cert / --key: {error}") from None
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers, verify=verify)
 
 
 def _print_or_fail(response) -> int:
@@ -40,7 +58,10 @@ def _status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         ready = client.get("/v2/health/ready")
         print(f"server: {'ready' if ready.is_success else 'not ready'} at {args.url}")
-        index = client.post("/v2/repository/index").json()
+        listed = client.post("/v2/repository/index")
+    if not listed.is_success:  # e.g. 401: the index needs the admin token
+        return _print_or_fail(listed)
+    index = listed.json()
     width = max((len(entry["name"]) for entry in index), default=4)
     for entry in index:
         version = entry.get("version", "-")
@@ -52,7 +73,7 @@ def _status(args: argparse.Namespace) -> int:
 def _infer(args: argparse.Namespace) -> int:
     body = sys.stdin.read() if args.data == "-" else args.data
     path = f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "") + "/infer"
-    with _client(args) as client:
+    with _client(args, inference=True) as client:
         return _print_or_fail(client.post(path, content=body, headers={"Content-Type": "application/json"}))
 
 
@@ -120,12 +141,23 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--triton-repository", help="a model repository folder Triton also reads (else files go in load requests)")
     start.add_argument("--gpu-memory-limit",
                        help="memory for models resident in Triton: bytes or 16Gi (default: no limit; FLEETSERVE_GPU_MEMORY_LIMIT)")
+    start.add_argument("--admin-token", help="required on routes that change or reveal the repository (FLEETSERVE_ADMIN_TOKEN)")
+    start.add_argument("--admin-token-file", help="a file holding the admin token (FLEETSERVE_ADMIN_TOKEN_FILE)")
+    start.add_argument("--data-token", help="required on inference routes; the admin token opens them too (FLEETSERVE_DATA_TOKEN)")
+    start.add_argument("--data-token-file", help="a file holding the data token (FLEETSERVE_DATA_TOKEN_FILE)")
+    start.add_argument("--tls-cert", help="PEM certificate: REST, gRPC and metrics serve TLS (FLEETSERVE_TLS_CERT)")
+    start.add_argument("--tls-key", help="PEM private key of --tls-cert (FLEETSERVE_TLS_KEY)")
+    start.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed, mTLS (FLEETSERVE_TLS_CLIENT_CA)")
     start.set_defaults(run=_start)
 
     def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--url", default=os.environ.get("FLEETSERVE_URL", "http://127.0.0.1:8080"))
         sub.add_argument("--timeout", type=float, default=60.0)
+        sub.add_argument("--token", help="bearer token (default FLEETSERVE_ADMIN_TOKEN[_FILE]; for infer FLEETSERVE_DATA_TOKEN first)")
+        sub.add_argument("--ca", default=os.environ.get("FLEETSERVE_CA"), help="CA that signed the server's certificate (FLEETSERVE_CA)")
+        sub.add_argument("--cert", default=os.environ.get("FLEETSERVE_CLIENT_CERT"), help="client certificate for mTLS (FLEETSERVE_CLIENT_CERT)")
+        sub.add_argument("--key", default=os.environ.get("FLEETSERVE_CLIENT_KEY"), help="its private key (FLEETSERVE_CLIENT_KEY)")
         sub.set_defaults(run=run)
         return sub
 

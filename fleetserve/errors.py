@@ -65,6 +65,14 @@ class Timeout(FleetError):
     """What the server called on the client's behalf (an explainer's model) did not answer in time."""
 
 
+class Unauthenticated(FleetError):
+    """The route needs a token and the request carries none (or no readable `Bearer` one)."""
+
+
+class PermissionDenied(FleetError):
+    """The request's token does not open this route."""
+
+
 def describe(error: BaseException) -> str:
     """What a client or an operator reads about an error: our own message, else its type and text."""
     if isinstance(error, FleetError):
@@ -86,4 +94,6 @@ STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     Busy: (503, grpc.StatusCode.UNAVAILABLE),
     ServerUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
     Timeout: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
+    Unauthenticated: (401, grpc.StatusCode.UNAUTHENTICATED),
+    PermissionDenied: (403, grpc.StatusCode.PERMISSION_DENIED),
 }

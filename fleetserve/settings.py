@@ -60,6 +60,18 @@ class ServerSettings:
     # Memory for the models resident in Triton (bytes or a quantity); empty: no limit, Triton's
     # own. Past it, the least recently used idle GPU model is unloaded from Triton.
     gpu_memory_limit: str = ""
+    # Bearer tokens (server/security.py): the admin token opens the routes that change or reveal
+    # the repository, the data token inference (the admin token opens inference too). Empty: that
+    # door is open. A *_file (a mounted Kubernetes secret) is read once at start.
+    admin_token: str = field(default="", repr=False)
+    admin_token_file: str = ""
+    data_token: str = field(default="", repr=False)
+    data_token_file: str = ""
+    # TLS on the REST, gRPC and metrics ports (PEM files); a client CA also requires client
+    # certificates signed by it (mTLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
     @property
     def memory_limit_bytes(self) -> int:
@@ -78,6 +90,14 @@ class ServerSettings:
             return parse_quantity(self.gpu_memory_limit)
         except ValueError as error:
             raise SystemExit(f"--gpu-memory-limit: {error}") from None
+
+    @property
+    def admin_secret(self) -> str:
+        return read_secret(self.admin_token, self.admin_token_file, "admin-token")
+
+    @property
+    def data_secret(self) -> str:
+        return read_secret(self.data_token, self.data_token_file, "data-token")
 
     @property
     def capability_list(self) -> list[str]:
@@ -123,6 +143,25 @@ def parse_quantity(value: Any) -> int:
     if not size < 2**63:
         raise ValueError(f"{value!r} is too large a memory quantity")
     return int(size)
+
+
+def read_secret(value: str, path: str, flag: str) -> str:
+    """A token given as `--FLAG` or as `--FLAG-file` (read now, stripped); empty when neither is."""
+    variable = "FLEETSERVE_" + flag.replace("-", "_").upper()
+    direct, from_file = f"--{flag} ({variable})", f"--{flag}-file ({variable}_FILE)"
+    if value and path:
+        raise SystemExit(f"{direct} and {from_file} are both set; give one")
+    if path:
+        try:
+            value = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise SystemExit(f"{from_file}: cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+        if not value:
+            raise SystemExit(f"{from_file}: {path} is empty")
+    # It travels in an HTTP header and in gRPC metadata.
+    if value and not all("!" <= character <= "~" for character in value):
+        raise SystemExit(f"{from_file if path else direct}: a token must be printable ASCII without spaces")
+    return value
 
 
 def _available_memory() -> int:

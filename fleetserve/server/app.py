@@ -29,6 +29,7 @@ from fleetserve.runtime.workers import remove_stale_blocks
 from fleetserve.runtimes import alibi_explain, resolve_runtime, triton
 from fleetserve.server.grpc_service import build_grpc_server, set_serving
 from fleetserve.server.rest import build_metrics_app, build_rest_app
+from fleetserve.server.security import TLS, Tokens, log_front_doors, protect_rest
 from fleetserve.settings import ServerSettings
 
 log = logging.getLogger("fleetserve")
@@ -41,6 +42,17 @@ class _UvicornServer(uvicorn.Server):
     def capture_signals(self):
         yield
 
+    async def shutdown(self, sockets=None) -> None:
+        if self.config.is_ssl:
+            # Closing TLS sends close_notify and waits (30 s) for the peer's, which a pooled idle
+            # client sends only when it next uses the connection: that held SIGTERM for 30 s.
+            # An idle keep-alive connection carries nothing, so it is dropped at once.
+            for connection in list(self.server_state.connections):
+                cycle = getattr(connection, "cycle", "not http")  # a websocket has none
+                if cycle is None or getattr(cycle, "response_complete", False):
+                    connection.transport.abort()
+        await super().shutdown(sockets)
+
 
 async def _serve_until_exit(server: _UvicornServer) -> None:
     # Uvicorn calls sys.exit() when it cannot bind; that must end this task, not the event loop.
@@ -51,6 +63,8 @@ async def _serve_until_exit(server: _UvicornServer) -> None:
 class FleetServer:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
+        self.tokens = Tokens.from_settings(settings)
+        self.tls = TLS.from_settings(settings)
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="fleetserve-worker")
         self.repository = ModelRepository(settings.model_repository)
         remove_stale_blocks()  # shared memory left by a server or worker that was killed
@@ -92,6 +106,7 @@ class FleetServer:
             timeout_graceful_shutdown=int(self.settings.shutdown_grace),
             # Keep-alive connections from load balancers and clients outlive uvicorn's 5 s default.
             timeout_keep_alive=75,
+            **(self.tls.uvicorn_options() if self.tls else {}),
         )
         return _UvicornServer(config)
 
@@ -103,7 +118,8 @@ class FleetServer:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
 
-        http = self._uvicorn(build_rest_app(self), self.settings.http_port)
+        rest = build_rest_app(self)
+        http = self._uvicorn(protect_rest(rest, rest.app.routes, self.tokens), self.settings.http_port)
         metrics = self._uvicorn(build_metrics_app(), self.settings.metrics_port)
         try:
             grpc_server, health = build_grpc_server(self)
@@ -114,11 +130,12 @@ class FleetServer:
         await grpc_server.start()
         front_doors = [asyncio.create_task(_serve_until_exit(http)), asyncio.create_task(_serve_until_exit(metrics))]
         log.info(
-            "fleetserve listening: http %s:%d, grpc %s:%d, metrics %s:%d",
+            "fleetserve listening: %s %s:%d, grpc %s:%d, metrics %s:%d", "https" if self.tls else "http",
             self.settings.host, self.settings.http_port, self.settings.host, self.settings.grpc_port,
             self.settings.host, self.settings.metrics_port,
         )
 
+        log_front_doors(self.settings, self.tokens, self.tls)
         loading = asyncio.create_task(self._load_models(health))
         stop = asyncio.create_task(self.stop_requested.wait())
         done, _ = await asyncio.wait([stop, *front_doors], return_when=asyncio.FIRST_COMPLETED)

@@ -22,6 +22,7 @@ from fleetserve.codecs import json_text
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
 from fleetserve.errors import FleetError, InvalidInput, describe
 from fleetserve.server import documents
+from fleetserve.server.security import grpc_interceptors, unclassified_rpcs
 from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor, check_datatype
 
 if TYPE_CHECKING:
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+# What the server registers; every RPC of each is classified in security.RPCS.
+SERVICES = (service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"])
 
 # Where typed (non-raw) contents live per datatype; FP16 travels only as raw contents.
 _CONTENTS_FIELD = {
@@ -229,7 +233,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 def build_grpc_server(server: "FleetServer") -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     limit = server.settings.max_message_size
+    if missing := unclassified_rpcs(SERVICES):
+        raise RuntimeError(f"gRPC methods missing from fleetserve.server.security.RPCS: {missing}")
     grpc_server = grpc.aio.server(
+        interceptors=grpc_interceptors(server.tokens),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -241,7 +248,11 @@ def build_grpc_server(server: "FleetServer") -> tuple[grpc.aio.Server, health.ai
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     address = f"{server.settings.host}:{server.settings.grpc_port}"
-    if grpc_server.add_insecure_port(address) == 0:
+    if server.tls is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, server.tls.grpc_credentials())
+    if port == 0:
         raise RuntimeError(f"failed to bind to {address}")
     return grpc_server, health_servicer
 

@@ -325,7 +325,11 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
 _PARSERS = {"Model": model_from_manifest, "Pipeline": pipeline_from_manifest, "Experiment": experiment_from_manifest}
 
 
-def _infer_target(path: str) -> tuple[str, str, str | None] | None:
+# The routes InferenceFastPath answers itself (infer_target recognises them); FastAPI never sees them.
+FAST_PATH_ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer", "/v2/pipelines/{name}/infer")
+
+
+def infer_target(path: str) -> tuple[str, str, str | None] | None:
     """("models", model, version) for /v2/models/{m}[/versions/{v}]/infer, ("pipelines",
     pipeline, None) for /v2/pipelines/{p}/infer, else None."""
     parts = path.split("/")
@@ -364,7 +368,7 @@ class InferenceFastPath:
         self.limit = server.settings.max_message_size
 
     async def __call__(self, scope, receive, send):
-        target = _infer_target(scope["path"]) if scope["type"] == "http" else None
+        target = infer_target(scope["path"]) if scope["type"] == "http" else None
         if target is None:
             return await self.app(scope, receive, send)
         headers = {}
