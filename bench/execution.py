@@ -41,19 +41,33 @@ class Spin(Runtime):
         return self.response([Tensor("sum", x.sum(axis=1) + total * 0)], request)
 '''
 
+TINY_MODEL = '''
+from fleetserve.runtime.base import Runtime
+from fleetserve.types import Tensor
+
+
+class Tiny(Runtime):
+    """A custom model whose predict costs microseconds: what a worker process's hop costs shows whole."""
+
+    def predict(self, request):
+        return self.response([Tensor("sum", request.inputs[0].data.sum(axis=1))], request)
+'''
+
 MODELS = {
     "iris (sklearn LogisticRegression, 1 row)": ("iris", "input-0", "FP32", [[5.1, 3.5, 1.4, 0.2]]),
     "iris-xgboost (xgboost, 1 row)": ("iris-xgboost", "input-0", "FP32", [[5.1, 3.5, 1.4, 0.2]]),
     "spin (custom model, pure Python, ~1 ms)": ("spin", "x", "FP32", [[1.0, 2.0, 3.0, 4.0]]),
+    "tiny (custom model, a numpy sum)": ("tiny", "x", "FP32", [[1.0, 2.0, 3.0, 4.0]]),
 }
 
 
 def write_repo(repo: Path, workers: int) -> None:
     for name in ("iris", "iris-xgboost"):
         shutil.copytree(ROOT / "model_repo" / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "spin").mkdir()
-    (repo / "spin" / "spin.py").write_text(SPIN_MODEL)
-    (repo / "spin" / "model-settings.json").write_text(json.dumps({"name": "spin", "implementation": "spin.Spin"}))
+    for name, source in (("spin", SPIN_MODEL), ("tiny", TINY_MODEL)):
+        (repo / name).mkdir()
+        (repo / name / f"{name}.py").write_text(source)
+        (repo / name / "model-settings.json").write_text(json.dumps({"name": name, "implementation": f"{name}.{name.title()}"}))
     for settings_file in repo.glob("*/model-settings.json"):
         settings = json.loads(settings_file.read_text())
         settings["parallel_workers"] = workers
@@ -143,8 +157,8 @@ def main() -> None:
         f"- machine: {machine()['cpu']}, nproc {os.cpu_count()}, {machine()['ram']} RAM",
         f"- load: wrk -t1 -c{args.concurrency}, REST JSON, one row; {args.warmup} s warm-up, {args.duration} s measured, "
         f"{args.rounds} round(s), setups alternating; nothing pinned: the server may use every core, wrk shares them",
-        "- setups: one fleetserve per setup, same models; `parallel_workers` 0 (threads, the default), 1, 2 in every "
-        "model-settings.json",
+        "- setups: one fleetserve per setup, same models; `parallel_workers` 0 (threads: the default of framework "
+        "runtimes), 1 (the default of custom runtimes), 2 in every model-settings.json",
         "",
         "Cells: req/s · p50 ms · p99 ms (the best round), then server CPU in cores. Ratio: against threads.",
         "",

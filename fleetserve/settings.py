@@ -263,7 +263,9 @@ class ModelSettings:
     platform: str = ""
     max_batch_size: int = 0
     max_batch_time: float = 0.0
-    parallel_workers: int = 0  # processes of its own that run predict; 0: the server's threads
+    # Processes of its own that run predict; 0: the server's threads; None (not written): one for a
+    # custom runtime, so a crash in user code fails only its own requests, else 0.
+    parallel_workers: int | None = None
     requirements: list[str] = field(default_factory=list)
     memory: int = 0  # declared bytes; 0 when not declared
     unknown: dict[str, Any] = field(default_factory=dict)
@@ -295,8 +297,9 @@ class ModelSettings:
             name = check_model_name(raw.get("name") or default_name)
             max_batch_size = int(raw.get("max_batch_size") or 0)
             max_batch_time = float(raw.get("max_batch_time") or 0)
-            parallel_workers = int(raw.get("parallel_workers") or 0)
-            if max_batch_size < 0 or max_batch_time < 0 or parallel_workers < 0:
+            parallel_workers = raw.get("parallel_workers")
+            parallel_workers = None if parallel_workers is None else int(parallel_workers)
+            if max_batch_size < 0 or max_batch_time < 0 or (parallel_workers or 0) < 0:
                 raise ValueError("max_batch_size, max_batch_time and parallel_workers must not be negative")
             memory = parse_quantity(raw.get("memory") or 0)
             version = parameters.get("version", default_version)
@@ -352,7 +355,8 @@ class ModelSettings:
         self.content_type = self.content_type or inner.content_type
         self.inputs, self.outputs, self.platform = inner.inputs, inner.outputs, inner.platform
         self.max_batch_size, self.max_batch_time = inner.max_batch_size, inner.max_batch_time
-        self.parallel_workers = self.parallel_workers or inner.parallel_workers
+        if self.parallel_workers is None:
+            self.parallel_workers = inner.parallel_workers
         if inner.uri:
             self.fetched = inner.artifact_path
 

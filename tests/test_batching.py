@@ -84,8 +84,9 @@ def server(tmp_path_factory):
         ("probe", "probe.BatchProbe", BATCHING),
         ("aggregate", "probe.Aggregate", BATCHING),
         ("slow", "probe.BatchProbe", {"max_batch_size": 4, "max_batch_time": 0.05}),
-        ("where", "probe.Where", {}),
-        ("sleepy", "probe.Sleepy", {}),
+        # On the server's threads, where Pace may move them onto the event loop: what these tests watch.
+        ("where", "probe.Where", {"parallel_workers": 0}),
+        ("sleepy", "probe.Sleepy", {"parallel_workers": 0}),
     ):
         write_settings(repo / name, {"implementation": implementation, **settings})
         (repo / name / "probe.py").write_text(PROBE_MODEL)
@@ -223,7 +224,7 @@ def test_a_model_that_waits_never_runs_on_the_event_loop(server):
 
 
 def test_inline_predicts_can_be_turned_off(tmp_path):
-    write_settings(tmp_path / "repo" / "where", {"implementation": "probe.Where"})
+    write_settings(tmp_path / "repo" / "where", {"implementation": "probe.Where", "parallel_workers": 0})
     (tmp_path / "repo" / "where" / "probe.py").write_text(PROBE_MODEL)
     with running_server(tmp_path / "repo", tmp_path / "server.log", {"FLEETSERVE_INLINE_PREDICT_US": "0"}) as off:
         assert all(thread_of(off, "where", np.zeros((1, 2))).startswith("fleetserve-worker") for _ in range(50))

@@ -85,8 +85,9 @@ def sleep_request(seconds: float) -> dict:
     return {"inputs": [{"name": "seconds", "datatype": "FP32", "shape": [1], "data": [seconds]}]}
 
 
-def add_slow_model(repository, name: str, load_seconds: float = 0) -> None:
-    write_settings(repository / name, {"implementation": "slow_model.Slow", "parameters": {"extra": {"load_seconds": load_seconds}}})
+def add_slow_model(repository, name: str, load_seconds: float = 0, **settings) -> None:
+    write_settings(repository / name, {"implementation": "slow_model.Slow", "parameters": {"extra": {"load_seconds": load_seconds}},
+                                       **settings})
     (repository / name / "slow_model.py").write_text(SLOW_MODEL)
 
 

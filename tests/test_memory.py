@@ -85,10 +85,11 @@ def models(tmp_path_factory):
     for number in range(1, 14):
         constant_model(root / f"m{number:02d}", number)
     slow = root / "slow"
-    write_settings(slow, {"implementation": "slow_model.Slow"})
+    # In the server process: these tests count the memory each model declares, not a worker's.
+    write_settings(slow, {"implementation": "slow_model.Slow", "parallel_workers": 0})
     (slow / "slow_model.py").write_text(SLOW_MODEL)
     big = root / "big"
-    write_settings(big, {"implementation": "big_model.BigLoad"})
+    write_settings(big, {"implementation": "big_model.BigLoad", "parallel_workers": 0})
     (big / "big_model.py").write_text(BIG_LOAD_MODEL)
     return root
 

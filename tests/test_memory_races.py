@@ -46,7 +46,9 @@ class Probe(Runtime):
 
 
 def probe(repository, name: str, memory: str, **extra) -> None:
-    write_settings(repository / name, {"implementation": "probe_model.Probe", "memory": memory, "parameters": {"extra": extra}})
+    # In the server process, so the books hold the declared memory, not a worker's measured RSS.
+    write_settings(repository / name, {"implementation": "probe_model.Probe", "memory": memory, "parallel_workers": 0,
+                                       "parameters": {"extra": extra}})
     (repository / name / "probe_model.py").write_text(PROBE_MODEL)
 
 

@@ -79,8 +79,9 @@ def test_an_idle_stream_does_not_hold_shutdown(slow_repository, tmp_path):
             server.process.kill()
 
 
-def test_a_stuck_predict_does_not_hold_exit_past_the_grace(slow_repository, tmp_path):
-    server = start_server(slow_repository, tmp_path / "server.log", extra_env={"FLEETSERVE_SHUTDOWN_GRACE": "1"})
+def test_a_stuck_predict_does_not_hold_exit_past_the_grace(tmp_path):
+    add_slow_model(tmp_path / "repo", "slow", parallel_workers=0)  # a worker thread, which nothing can stop
+    server = start_server(tmp_path / "repo", tmp_path / "server.log", extra_env={"FLEETSERVE_SHUTDOWN_GRACE": "1"})
     try:
         caller, _ = call_in_background(httpx.post, f"{server.url}/v2/models/slow/infer", json=sleep_request(20), timeout=30)
         time.sleep(0.5)

@@ -239,3 +239,52 @@ def test_workers_exit_when_the_server_is_killed_and_their_memory_is_reclaimed(tm
     (tmp_path / "empty").mkdir()
     with running_server(tmp_path / "empty", tmp_path / "next.log"):  # the next server cleans up
         assert not any(path.exists() for path in left)
+
+
+PID_MODEL = '''
+import ctypes
+import os
+
+import numpy as np
+
+from fleetserve.runtime.base import Runtime
+from fleetserve.types import Tensor
+
+
+class Pid(Runtime):
+    """Says which process ran it; a negative input crashes it in native code."""
+
+    def predict(self, request):
+        if request.inputs[0].data.flat[0] < 0:
+            ctypes.string_at(0)  # a segfault, as a bug in a C extension would cause
+        return self.response([Tensor("pid", np.array([os.getpid()], dtype=np.int64))], request)
+'''
+
+
+def test_custom_runtimes_run_in_a_worker_by_default_and_a_segfault_harms_no_other_model(tmp_path):
+    repo = tmp_path / "repo"
+    for name, settings in (("own-process", {}), ("in-server", {"parallel_workers": 0})):
+        write_settings(repo / name, {"implementation": "pid.Pid", **settings})
+        (repo / name / "pid.py").write_text(PID_MODEL)
+    shutil.copytree(ROOT / "model_repo" / "iris", repo / "iris", ignore=shutil.ignore_patterns("__pycache__"))
+    with running_server(repo, tmp_path / "server.log") as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        def pid_of(model: str) -> int:
+            return outputs_of(client.post(f"/v2/models/{model}/infer", json=x_body(np.array([[1.0]]))))["pid"][0]
+
+        assert pid_of("own-process") in children_of(server.process.pid)
+        assert pid_of("in-server") == server.process.pid  # "parallel_workers": 0 opts back into the server's threads
+
+        crashed = client.post("/v2/models/own-process/infer", json=x_body(np.array([[-1.0]])))
+        assert crashed.status_code >= 400
+        assert "worker process exited (code -11)" in crashed.json()["error"]
+        assert client.get("/v2/health/live").status_code == 200
+        assert pid_of("in-server") == server.process.pid
+        assert outputs_of(client.post("/v2/models/iris/infer", json={"inputs": [
+            {"name": "input-0", "datatype": "FP32", "shape": [2, 4], "data": IRIS_ROWS.tolist()}]}))["predict"] == [0, 2]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # its worker is replaced: the model serves again
+            answer = client.post("/v2/models/own-process/infer", json=x_body(np.array([[1.0]])))
+            if answer.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert pid_of("own-process") in children_of(server.process.pid)

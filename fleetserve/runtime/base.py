@@ -143,3 +143,8 @@ class MethodRuntime(Runtime):
             )
         outputs = [codecs.encode_tensor(method, getattr(self.model, method)(features)) for method in methods]
         return self.response(outputs, request)
+
+
+def is_custom_runtime(runtime_class: type) -> bool:
+    """A user's runtime (from a model folder or an installed package), not one of fleetserve's own."""
+    return not runtime_class.__module__.startswith("fleetserve.")

@@ -18,6 +18,7 @@ from fleetserve.errors import FleetError, InferenceError, InvalidInput, NotFound
 from fleetserve.runtime import metrics
 from fleetserve.runtime.batching import AdaptiveBatcher
 from fleetserve.runtime.registry import ModelVersion, Registry
+from fleetserve.runtime.workers import WorkerPool
 from fleetserve.settings import TensorMetadata
 from fleetserve.types import NUMPY_DTYPES, WIRE_DTYPES, InferenceRequest, InferenceResponse, Tensor
 
@@ -82,7 +83,7 @@ class DataPlane:
             self.registry.memory.touch(model)
             function = getattr(model.runtime, method, None)
             if function is None:
-                why = " (its runtime runs in worker processes: parallel_workers)" if model.settings.parallel_workers else ""
+                why = " (its runtime runs in worker processes: parallel_workers)" if isinstance(model.runtime, WorkerPool) else ""
                 raise NotFound(f"model '{name}' ({type(model.runtime).__name__}) does not answer {method}{why}")
             await model.slots.acquire()
             try:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from fleetserve.errors import Busy, FleetError, ModelLoadError, ModelUnavailable, NotFound, describe
 from fleetserve.runtime import metrics
 from fleetserve.runtime.artifacts import ArtifactCache, cache_key, is_remote
-from fleetserve.runtime.base import Runtime
+from fleetserve.runtime.base import Runtime, is_custom_runtime
 from fleetserve.runtime.memory import MemoryManager, format_bytes, return_freed_memory, start_measured
 from fleetserve.runtime.repository import Found, ModelRepository, is_version_number
 from fleetserve.runtime.workers import WorkerPool
@@ -470,13 +470,19 @@ class Registry:
         settings = version.settings
         # Resolving imports the runtime's module (seconds for some): off the event loop too.
         runtime_class = await self._in_thread(self.resolve_runtime, settings)
-        if settings.parallel_workers:
-            if inspect.iscoroutinefunction(runtime_class.load) or inspect.iscoroutinefunction(runtime_class.predict):
+        is_async = inspect.iscoroutinefunction(runtime_class.load) or inspect.iscoroutinefunction(runtime_class.predict)
+        workers = settings.parallel_workers
+        if workers is None:
+            # User code runs in a process of its own, so a crash in it (a segfault in native code)
+            # fails only its own requests; async runtimes run on the loop, which a worker cannot host.
+            workers = int(is_custom_runtime(runtime_class) and not is_async)
+        if workers:
+            if is_async:
                 raise ModelLoadError(
                     f"model '{settings.name}': parallel_workers runs plain load() and predict() methods in worker "
                     f"processes; {runtime_class.__name__} has async ones, which run on the server's event loop instead"
                 )
-            pool = WorkerPool(settings, settings.parallel_workers)
+            pool = WorkerPool(settings, workers)
             await self._in_thread(pool.load)
             version.measured, version.unmeasured = pool.memory_bytes(), False
             return pool

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleetserve.errors import InferenceError, ModelLoadError, ModelUnavailable, describe
+from fleetserve.errors import STATUS, FleetError, InferenceError, ModelLoadError, ModelUnavailable, describe
 from fleetserve.runtime.base import Runtime
 from fleetserve.runtime.memory import rss
 from fleetserve.settings import ModelSettings, TensorMetadata
@@ -167,6 +167,8 @@ def _predict(runtime: Runtime, message: tuple, inputs: MappedBlocks, outputs: Sh
         written = _write_tensors(response.outputs, outputs)  # first: it may move to a larger block
         return "ok", (str(outputs.path), written, response.parameters)
     except BaseException as error:  # a model's code may raise anything, even SystemExit
+        if type(error) in STATUS:  # the model's own verdict (InvalidInput: 400) crosses as it is
+            return "refused", error
         return "error", describe(error)
 
 
@@ -282,13 +284,15 @@ class WorkerPool(Runtime):
             answer.set_exception(error)
             return
         try:
+            if status == "refused":
+                raise detail
             if status != "ok":
                 raise InferenceError(f"model '{self.name}' failed: {detail}")
             path, described, parameters = detail
             outputs = _read_tensors(described, worker.outputs.get(path), copy=True)  # the block is reused
             answer.set_result(InferenceResponse(self.name, outputs, self.version, parameters=parameters))
         except BaseException as error:
-            answer.set_exception(error if isinstance(error, InferenceError) else InferenceError(describe(error)))
+            answer.set_exception(error if isinstance(error, FleetError) else InferenceError(describe(error)))
         finally:
             self.idle.put_nowait(worker)
 
