@@ -120,6 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--triton-repository", help="a model repository folder Triton also reads (else files go in load requests)")
     start.add_argument("--gpu-memory-limit",
                        help="memory for models resident in Triton: bytes or 16Gi (default: no limit; FLEETSERVE_GPU_MEMORY_LIMIT)")
+    start.add_argument("--allow-remote-code", action="store_true", default=None,
+                       help="import custom runtimes that come with remote artifacts (FLEETSERVE_ALLOW_REMOTE_CODE)")
+    start.add_argument("--allowed-storage",
+                       help="comma-separated prefixes every storageUri / uri must start with (default: any; "
+                            "FLEETSERVE_ALLOWED_STORAGE)")
+    start.add_argument("--download-timeout", type=float,
+                       help="seconds one model's download may take (default 1800; FLEETSERVE_DOWNLOAD_TIMEOUT)")
+    start.add_argument("--max-download-size",
+                       help="largest download or unpacked archive: bytes or 512Mi, 10Gi (default 10Gi; "
+                            "FLEETSERVE_MAX_DOWNLOAD_SIZE)")
     start.set_defaults(run=_start)
 
     def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:
