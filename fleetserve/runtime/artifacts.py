@@ -281,7 +281,7 @@ class ArtifactCache:
 
     async def _within_allowed(self, request, handler):
         url = str(request.url)
-        if not any(_admits(prefix, _place(url, self.root)) for prefix in self.allowed):
+        if not any(_admits(prefix, _place(url, Path.cwd())) for prefix in self.allowed):
             raise _Refused(f"a redirect to {redact(url)} leaves the allowed storage ({self.shown_allowed})")
         return await handler(request)
 
@@ -303,11 +303,11 @@ class _Unsafe(Exception):
 
 
 _FILTER_REASONS = {  # tarfile's own messages name the server's temporary paths
-    "AbsolutePathError": "an absolute path",
-    "OutsideDestinationError": "it would land outside the folder",
-    "SpecialFileError": "a device or other special file",
-    "AbsoluteLinkError": "a link to an absolute path",
-    "LinkOutsideDestinationError": "a link that points outside the folder",
+    tarfile.AbsolutePathError: "an absolute path",
+    tarfile.OutsideDestinationError: "it would land outside the folder",
+    tarfile.SpecialFileError: "a device or other special file",
+    tarfile.AbsoluteLinkError: "a link to an absolute path",
+    tarfile.LinkOutsideDestinationError: "a link that points outside the folder",
 }
 
 
@@ -342,7 +342,7 @@ def _unpack(archive: Path, target: Path, max_bytes: int) -> None:
         try:
             member = tarfile.data_filter(member, path)
         except tarfile.FilterError as error:
-            why = _FILTER_REASONS.get(type(error).__name__, "not a plain file or folder inside it")
+            why = _FILTER_REASONS.get(type(error), "not a plain file or folder inside it")
             raise _Unsafe(f"the archive {archive.name} has an unsafe member {member.name!r}: {why}") from None
         count(member.size)
         return member
