@@ -148,6 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--tls-cert", help="PEM certificate: REST, gRPC and metrics serve TLS (FLEETSERVE_TLS_CERT)")
     start.add_argument("--tls-key", help="PEM private key of --tls-cert (FLEETSERVE_TLS_KEY)")
     start.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed, mTLS (FLEETSERVE_TLS_CLIENT_CA)")
+    start.add_argument("--allow-remote-code", action="store_true", default=None,
+                       help="import custom runtimes that come with remote artifacts (FLEETSERVE_ALLOW_REMOTE_CODE)")
+    start.add_argument("--allowed-storage",
+                       help="comma-separated prefixes every storageUri / uri must start with (default: any; "
+                            "FLEETSERVE_ALLOWED_STORAGE)")
+    start.add_argument("--download-timeout", type=float,
+                       help="seconds one model's download may take (default 1800; FLEETSERVE_DOWNLOAD_TIMEOUT)")
+    start.add_argument("--max-download-size",
+                       help="largest download or unpacked archive: bytes or 512Mi, 10Gi (default 10Gi; "
+                            "FLEETSERVE_MAX_DOWNLOAD_SIZE)")
     start.set_defaults(run=_start)
 
     def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:

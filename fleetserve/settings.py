@@ -72,6 +72,17 @@ class ServerSettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # Safe code loading (README, "Code and storage"). A custom runtime's own code that came with
+    # downloaded artifacts (s3://, gs://, http(s)://) is imported only when this is set.
+    allow_remote_code: bool = False
+    # Comma-separated prefixes that every storageUri / uri must start with (the model repository
+    # is then allowed too); empty: any. /dev, /proc and /sys are refused whatever this says.
+    allowed_storage: str = ""
+    # Seconds one model's download may take in all; a connection or read that waits for bytes
+    # gives up sooner (30 s, or this if less).
+    download_timeout: float = 1800.0
+    # Largest download of one model (and the most an archive may unpack to): bytes or a quantity.
+    max_download_size: str = "10Gi"
 
     @property
     def memory_limit_bytes(self) -> int:
@@ -98,6 +109,21 @@ class ServerSettings:
     @property
     def data_secret(self) -> str:
         return read_secret(self.data_token, self.data_token_file, "data-token")
+
+    @property
+    def max_download_bytes(self) -> int:
+        try:
+            return parse_quantity(self.max_download_size)
+        except ValueError as error:
+            raise SystemExit(f"--max-download-size: {error}") from None
+
+    @property
+    def allowed_storage_prefixes(self) -> list[str]:
+        """The --allowed-storage prefixes, plus the model repository when there are any."""
+        prefixes = _split(self.allowed_storage)
+        if prefixes and self.model_repository:
+            prefixes.append(str(Path(self.model_repository).resolve()))
+        return prefixes
 
     @property
     def capability_list(self) -> list[str]:
@@ -176,11 +202,24 @@ def _available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def is_within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether `path` is `root` or lies under it, once both are resolved (symlinks and '..' followed)."""
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def _split(items: str) -> list[str]:
     return [item.strip() for item in items.split(",") if item.strip()]
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _convert(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.strip().lower() not in _TRUE + _FALSE:
+            raise SystemExit(f"FLEETSERVE_{name.upper()} must be true or false (1, yes, on / 0, no, off), got {raw!r}")
+        return raw.strip().lower() in _TRUE
     if kind in (int, float):
         try:
             return kind(raw)
@@ -358,6 +397,12 @@ class ModelSettings:
         if self.parallel_workers is None:
             self.parallel_workers = inner.parallel_workers
         if inner.uri:
+            # The storage the manifest names is what was checked: its own settings may not reach past it.
+            if not is_within(inner.artifact_path, folder):
+                raise ModelLoadError(
+                    f"model '{self.name}': the uri {inner.uri!r} in the model-settings.json of its artifacts "
+                    "points outside them"
+                )
             self.fetched = inner.artifact_path
 
     @property

@@ -231,10 +231,10 @@ class Server:
 
 
 def spawn_server(repository: Path, log_path: Path, ports: list[int], extra_env: dict[str, str] | None = None,
-                 ports_in_env: bool = False) -> Server:
-    """Starts `fleetserve start` without waiting; ports as flags, or as FLEETSERVE_* variables."""
+                 ports_in_env: bool = False, args: tuple[str, ...] = ()) -> Server:
+    """Starts `fleetserve start` (with `args`) without waiting; ports as flags, or as FLEETSERVE_* variables."""
     env = {**os.environ, "FLEETSERVE_MAX_MESSAGE_SIZE": str(MAX_MESSAGE_SIZE), **(extra_env or {})}
-    command = [sys.executable, "-m", "fleetserve.cli", "start", str(repository)]
+    command = [sys.executable, "-m", "fleetserve.cli", "start", str(repository), *args]
     names = ("http-port", "grpc-port", "metrics-port")
     if ports_in_env:
         env.update({f"FLEETSERVE_{name.replace('-', '_').upper()}": str(port) for name, port in zip(names, ports)})
@@ -245,9 +245,9 @@ def spawn_server(repository: Path, log_path: Path, ports: list[int], extra_env: 
 
 
 def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None,
-                 ports_in_env: bool = False) -> Server:
+                 ports_in_env: bool = False, args: tuple[str, ...] = ()) -> Server:
     """A server that answers ready, on fresh ports."""
-    server = spawn_server(repository, log_path, [free_port() for _ in range(3)], extra_env, ports_in_env)
+    server = spawn_server(repository, log_path, [free_port() for _ in range(3)], extra_env, ports_in_env, args)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -263,9 +263,10 @@ def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | N
 
 
 @contextlib.contextmanager
-def running_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None):
+def running_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None,
+                   args: tuple[str, ...] = ()):
     """A server for the block; it must stop cleanly (exit 0) on SIGTERM afterwards."""
-    server = start_server(repository, log_path, extra_env)
+    server = start_server(repository, log_path, extra_env, args=args)
     try:
         yield server
     finally:

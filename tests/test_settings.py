@@ -71,3 +71,22 @@ def test_server_settings_from_environment(monkeypatch):
     monkeypatch.setenv("FLEETSERVE_HOST", "0.0.0.0")
     settings = ServerSettings.from_env(grpc_port=9001, metrics_port=None)
     assert (settings.host, settings.http_port, settings.grpc_port, settings.metrics_port) == ("0.0.0.0", 9000, 9001, 8082)
+
+
+@pytest.mark.parametrize("raw, value", [("1", True), ("true", True), ("Yes", True), ("on", True),
+                                        ("0", False), ("false", False), ("no", False), ("off", False), ("", False)])
+def test_boolean_settings_from_environment(monkeypatch, raw, value):
+    monkeypatch.setenv("FLEETSERVE_ALLOW_REMOTE_CODE", raw)
+    assert ServerSettings.from_env().allow_remote_code is value
+
+
+def test_a_boolean_setting_that_is_neither_is_refused(monkeypatch):
+    monkeypatch.setenv("FLEETSERVE_ALLOW_REMOTE_CODE", "maybe")
+    with pytest.raises(SystemExit, match="FLEETSERVE_ALLOW_REMOTE_CODE must be true or false"):
+        ServerSettings.from_env()
+
+
+def test_allowed_storage_includes_the_repository_only_with_an_allow_list(tmp_path):
+    assert ServerSettings(model_repository=str(tmp_path)).allowed_storage_prefixes == []
+    listed = ServerSettings(model_repository=str(tmp_path), allowed_storage=" s3://models/a , /srv/models,")
+    assert listed.allowed_storage_prefixes == ["s3://models/a", "/srv/models", str(tmp_path.resolve())]

@@ -1,28 +1,84 @@
-"""The local disk cache of remote model artifacts (`storageUri`, `parameters.uri`).
+"""The local disk cache of remote model artifacts (`storageUri`, `parameters.uri`), and which
+storage a model may name.
 
 A remote URI (s3://, gs://, http(s)://, any fsspec protocol but local paths) is downloaded once,
 through fsspec, into `<root>/<slug>-<hash>`; local paths are used where they are and never
 copied. An entry appears only complete: it is downloaded into a temporary sibling and renamed
 into place, so its presence alone means "complete", also after a restart. One process per root.
+A downloaded archive (.tar.gz, .tgz, .tar, .zip, ...) is unpacked into its entry.
+
+Hostile storage cannot reach past its entry or the limits: an archive member that would land
+outside the entry (`..`, an absolute path, a link out, a device) fails the download; every
+download has a size cap (what an archive unpacks to included) and a deadline; HTTP(S) follows at
+most MAX_REDIRECTS redirects, each checked against the allowed prefixes before it is followed.
+`check` says whether a model may name a URI at all: /dev, /proc and /sys never, and with an
+allow list only what starts with one of its prefixes.
+
+Credentials written in a URI (`s3://KEY:SECRET@bucket`, `https://user:pass@host`, a signed query)
+never leave this module: URIs are shown through `redact`, library messages through `redact_text`,
+and entry names are made from the redacted URI.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 import shutil
+import stat
+import sys
+import tarfile
 import tempfile
 import threading
-from pathlib import Path
-from urllib.parse import unquote, urlsplit
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+from fsspec.callbacks import Callback
 from fsspec.core import url_to_fs
 from fsspec.utils import get_protocol
 
-from fleetserve.errors import ModelLoadError
+from fleetserve.errors import InvalidInput, ModelLoadError
 
 _TMP_PREFIX = ".tmp-"  # a name no entry can have: entries start with the URI's protocol
+GIB = 1024**3
+MAX_REDIRECTS = 5
+# A connection or read that waits this long for bytes fails, whatever the overall deadline.
+READ_TIMEOUT = 30.0
+ARCHIVES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
+_SYSTEM = ("/dev", "/proc", "/sys")
+
+# `scheme://userinfo@`: plain userinfo, or `user:secret@` whose secret holds a '/' (AWS secret
+# keys often do) and so reads to a URL parser as a path; but not `host:port/path@...`, a path
+# with an '@' in it. Shown as `scheme://***@`.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/?#]*@|[^@/?#:]*:(?!\d+/)[^@?#]*@)")
+_USERINFO_IN_TEXT = re.compile(
+    r"([A-Za-z][A-Za-z0-9+.-]*://)([^@\s/?#'\"]*@|[^@\s/?#:'\"]*:(?!\d+/)[^@\s?#'\"]*@)")
+_QUERY_IN_TEXT = re.compile(r"(://[^\s'\"?#]*)\?[^\s'\"#]*")
+
+
+def redact(uri: str) -> str:
+    """`uri` as it may be shown: without the credentials it may carry (`user:password@`, a signed query)."""
+    shown = _USERINFO.sub(r"\1***@", uri, count=1)
+    query = shown.find("?")
+    return shown if query < 0 else shown[:query] + "?***"
+
+
+def redact_text(text: str, uri: str = "") -> str:
+    """`text` (a library's message, a log line) with any URI's credentials, and those of `uri`
+    wherever they appear on their own, replaced by ***."""
+    match = _USERINFO.match(uri)
+    if match:
+        userinfo = match.group(2)[:-1]
+        user, _, password = userinfo.partition(":")
+        for secret in sorted({userinfo, unquote(userinfo), password, unquote(password), user}, key=len, reverse=True):
+            if len(secret) >= 4:  # shorter ones would mangle ordinary words
+                text = text.replace(secret, "***")
+    text = _USERINFO_IN_TEXT.sub(r"\1***@", text)
+    return _QUERY_IN_TEXT.sub(r"\1?***", text)
 
 
 def is_remote(uri: str) -> bool:
@@ -36,7 +92,8 @@ def cache_key(uri: str) -> str:
 
 
 def _entry_name(key: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:80]
+    # The hash is of the whole key: the same place reached with other credentials is another entry.
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", redact(key))[:80]
     return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
@@ -45,35 +102,115 @@ def _file_name(key: str) -> str:
     return unquote(urlsplit(key).path.rsplit("/", 1)[-1]) or "artifact"
 
 
+def _place(uri: str, base: Path) -> tuple[str, str, str]:
+    """(scheme, host, path) compared against the allowed prefixes: a local path resolved (so '..'
+    and symlinks cannot pass a prefix), a URL's host lower-cased without credentials, its path
+    unquoted and normalised."""
+    if not is_remote(uri):
+        return "file", "", os.path.realpath(base / uri.removeprefix("file://"))
+    parts = urlsplit(uri)  # parsed as the clients parse it: `_USERINFO`'s guess at credentials could be a path
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    path = posixpath.normpath(unquote(parts.path)) if parts.path else ""
+    return parts.scheme.lower(), host, path.rstrip("/")
+
+
+def _admits(prefix: tuple[str, str, str], place: tuple[str, str, str]) -> bool:
+    """Whether `place` starts with `prefix` at a path boundary: s3://bucket admits s3://bucket/x, not s3://bucket-evil."""
+    return prefix[:2] == place[:2] and (place[2] == prefix[2] or place[2].startswith(prefix[2].rstrip("/") + "/"))
+
+
+class _Refused(Exception):
+    """A download stopped by a limit or the allow list; the message says which. (Not a ValueError,
+    which fsspec's HTTP listing would take for "not a folder".)"""
+
+
+class _Budget(Callback):
+    """The bytes and time left to one download, shared by all its files (fsspec gives each file a
+    child callback, `branched`, told its size when known and every chunk written)."""
+
+    def __init__(self, max_bytes: int, timeout: float):
+        super().__init__()
+        self.max_bytes, self.timeout = max_bytes, timeout
+        self.deadline = time.monotonic() + timeout
+        self.written = 0
+
+    def branched(self, path_1, path_2, **kwargs) -> Callback:
+        return _FileBudget(self)
+
+    def refuse_past(self, size: int) -> None:
+        if size > self.max_bytes:
+            raise _Refused(f"larger than --max-download-size ({self.max_bytes:,} bytes)")
+
+
+class _FileBudget(Callback):
+    def __init__(self, budget: _Budget):
+        super().__init__()
+        self.budget = budget
+
+    def set_size(self, size):
+        if size is not None:  # the announced size: refused before a byte is written
+            self.budget.refuse_past(self.budget.written + size)
+
+    def relative_update(self, inc=1):
+        budget = self.budget
+        budget.written += inc
+        budget.refuse_past(budget.written)
+        if time.monotonic() > budget.deadline:
+            raise _Refused(f"took longer than --download-timeout ({budget.timeout:g} s)")
+
+
 class ArtifactCache:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, allowed: Sequence[str] = (), max_bytes: int = 10 * GIB,
+                 timeout: float = 1800.0):
+        """`allowed`: the prefixes a URI must start with (none: any); `max_bytes` and `timeout`
+        bound each download."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.allowed = [_place(prefix, Path.cwd()) for prefix in allowed]
+        self.shown_allowed = ", ".join(redact(prefix) for prefix in allowed)
+        self.max_bytes, self.timeout = max_bytes, timeout
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         # Left by a crash mid-download (or mid-delete): never complete, so never worth keeping.
         for stale in self.root.glob(_TMP_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)
 
+    def check(self, uri: str, base: Path) -> None:
+        """Raises InvalidInput unless a model may take its artifacts from `uri` (a relative path
+        is relative to `base`)."""
+        try:
+            place = _place(uri, base)
+        except ValueError as error:  # a URL that does not parse (a bad port, say)
+            raise InvalidInput(f"storage {redact(uri)!r} is not a valid URI: {redact_text(str(error), uri)}") from None
+        # Before symlinks are followed too: /proc/self/root/... resolves elsewhere.
+        paths = (place[2], os.path.normpath(base / uri.removeprefix("file://"))) if place[0] == "file" else ()
+        if any(path == top or path.startswith(top + "/") for path in paths for top in _SYSTEM):
+            raise InvalidInput(f"storage {redact(uri)!r} is refused: models never come from /dev, /proc or /sys")
+        if self.allowed and not any(_admits(prefix, place) for prefix in self.allowed):
+            raise InvalidInput(
+                f"storage {redact(uri)!r} is outside the allowed storage ({self.shown_allowed}); "
+                "the server's --allowed-storage lists the prefixes a storageUri or uri must start with"
+            )
+
     def fetch(self, uri: str) -> Path:
-        """The local copy of a remote `uri`: a folder if the URI names a folder, a file if it names a file.
-        Downloaded once: later calls (also from a new ArtifactCache on the same root, e.g. after a restart)
-        return the complete cached copy without touching the network. Blocking: callers run it on a worker thread.
-        Thread-safe: concurrent fetches of one URI download it once. Raises fleetserve.errors.ModelLoadError
-        with a clear message (naming the URI and the cause) when the download fails."""
+        """The local copy of a remote `uri`: a folder if the URI names a folder or an archive, a file
+        if it names a file. Downloaded once: later calls (also from a new ArtifactCache on the same
+        root, e.g. after a restart) return the complete cached copy without touching the network.
+        Blocking: callers run it on a worker thread. Thread-safe: concurrent fetches of one URI
+        download it once. Raises fleetserve.errors.ModelLoadError with a clear message (naming the
+        URI, redacted, and the cause) when the download fails or is refused."""
         if not is_remote(uri):
-            raise ValueError(f"not a remote URI, nothing to fetch: {uri}")
+            raise ValueError(f"not a remote URI, nothing to fetch: {redact(uri)}")
         key = cache_key(uri)
         final = self.root / _entry_name(key)
         with self._lock(final.name):
             if not final.is_dir():
                 tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
                 try:
-                    self._download(key, tmp)
-                    os.rename(tmp, final)
+                    os.rename(self._download(key, tmp), final)
                 except Exception as exc:
                     if not final.is_dir():  # else another process renamed a complete copy first
-                        raise ModelLoadError(f"cannot download {uri}: {type(exc).__name__}: {exc}") from exc
+                        raise ModelLoadError(f"cannot download {redact(uri)}: {self._reason(exc, uri)}") from None
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
             # A single-file URI is saved alone in its entry, under its own name. (A folder holding
@@ -99,13 +236,19 @@ class ArtifactCache:
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())
 
-    @staticmethod
-    def _download(key: str, tmp: Path) -> None:
+    def _download(self, key: str, tmp: Path) -> Path:
+        """Downloads `key` under `tmp`; returns the folder that becomes its entry."""
         # A fresh filesystem instance: no listing cached from before a delete, current env/config.
-        fs, path = url_to_fs(key, skip_instance_cache=True)
-        if not fs.isdir(path):
-            fs.get([path], [str(tmp / _file_name(key))])
-            return
+        fs, path = url_to_fs(key, skip_instance_cache=True, **self._options(get_protocol(key)))
+        budget = _Budget(self.max_bytes, self.timeout)
+        name = _file_name(key)
+        if name.lower().endswith(ARCHIVES) or not fs.isdir(path):
+            fs.get([path], [str(tmp / name)], callback=budget)
+            if not name.lower().endswith(ARCHIVES):
+                return tmp
+            unpacked = tmp / "unpacked"  # not a name an archive has
+            _unpack(tmp / name, unpacked, self.max_bytes)
+            return unpacked
         # Files listed, then fetched as explicit pairs: a recursive `get` also tries to download
         # the folder URLs themselves over HTTP, and checks every source with a costly `isdir`.
         prefix = path.rstrip("/") + "/"
@@ -119,4 +262,90 @@ class ArtifactCache:
             if "" in parts or ".." in parts or "." in parts:  # a hostile listing must not write outside tmp
                 raise ValueError(f"unsafe file name in the listing: {p}")
             local.append(str(tmp.joinpath(*parts)))
-        fs.get(remote, local)
+        fs.get(remote, local, callback=budget)
+        return tmp
+
+    def _options(self, protocol: str) -> dict:
+        """fsspec options for `protocol`: for HTTP(S), aiohttp's timeouts and a redirect guard."""
+        if protocol not in ("http", "https"):
+            return {}
+        import aiohttp  # fsspec's HTTP filesystem needs it anyway
+
+        wait = min(READ_TIMEOUT, self.timeout)
+        # `total` bounds what no callback sees (a listing); a file's bytes meet the deadline in _Budget.
+        total = aiohttp.ClientTimeout(total=self.timeout + wait, sock_connect=wait, sock_read=wait)
+        client: dict = {"timeout": total}
+        if self.allowed:
+            client["middlewares"] = (self._within_allowed,)  # sees every request, each redirect's too
+        return {"client_kwargs": client, "max_redirects": MAX_REDIRECTS}
+
+    async def _within_allowed(self, request, handler):
+        url = str(request.url)
+        if not any(_admits(prefix, _place(url, Path.cwd())) for prefix in self.allowed):
+            raise _Refused(f"a redirect to {redact(url)} leaves the allowed storage ({self.shown_allowed})")
+        return await handler(request)
+
+    def _reason(self, error: Exception, uri: str) -> str:
+        if isinstance(error, (_Refused, _Unsafe)):
+            reason = str(error)
+        elif (aiohttp := sys.modules.get("aiohttp")) and isinstance(error, aiohttp.TooManyRedirects):
+            reason = f"more than {MAX_REDIRECTS} redirects"
+        elif isinstance(error, TimeoutError):  # aiohttp's connect and read timeouts, fsspec's own
+            reason = (f"timed out: no bytes for {min(READ_TIMEOUT, self.timeout):g} s, or longer than "
+                      f"--download-timeout ({self.timeout:g} s)")
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        return redact_text(reason, uri)
+
+
+class _Unsafe(Exception):
+    """An archive member that would land outside its folder, or an archive past the size cap."""
+
+
+_FILTER_REASONS = {  # tarfile's own messages name the server's temporary paths
+    tarfile.AbsolutePathError: "an absolute path",
+    tarfile.OutsideDestinationError: "it would land outside the folder",
+    tarfile.SpecialFileError: "a device or other special file",
+    tarfile.AbsoluteLinkError: "a link to an absolute path",
+    tarfile.LinkOutsideDestinationError: "a link that points outside the folder",
+}
+
+
+def _unpack(archive: Path, target: Path, max_bytes: int) -> None:
+    """Unpacks `archive` into `target`; refuses members that would land outside it and more than
+    `max_bytes` in all (a small archive can hold a huge file)."""
+    total = 0
+
+    def count(size: int) -> None:
+        nonlocal total
+        total += size
+        if total > max_bytes:
+            raise _Unsafe(f"the archive {archive.name} unpacks to more than --max-download-size ({max_bytes:,} bytes)")
+
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as zipped:
+            for member in zipped.infolist():
+                parts = PurePosixPath(member.filename.replace("\\", "/")).parts
+                if member.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                    raise _Unsafe(f"the archive {archive.name} has a member outside its folder: {member.filename!r}")
+                if stat.S_ISLNK(member.external_attr >> 16):
+                    raise _Unsafe(f"the archive {archive.name} has a link: {member.filename!r}")
+                count(member.file_size)
+            zipped.extractall(target)
+        return
+
+    def data_only(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+        # Python's "data" filter refuses '..', links out and device files (absolute names it would
+        # only make relative: refused here, as in a zip).
+        if member.name.startswith(("/", "\\")):
+            raise _Unsafe(f"the archive {archive.name} has an unsafe member {member.name!r}: an absolute path")
+        try:
+            member = tarfile.data_filter(member, path)
+        except tarfile.FilterError as error:
+            why = _FILTER_REASONS.get(type(error), "not a plain file or folder inside it")
+            raise _Unsafe(f"the archive {archive.name} has an unsafe member {member.name!r}: {why}") from None
+        count(member.size)
+        return member
+
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter=data_only)

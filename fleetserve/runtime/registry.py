@@ -287,6 +287,7 @@ class Registry:
                 raise
             errors = await asyncio.gather(*(self._load_version(version) for version in loading))
             failed = [version for version in loading if version.state != READY]
+            await self._forget_downloads(failed)  # a failed load leaves no files behind
             reasons = "; ".join(f"{_label(version)}: {version.reason}" for version in failed)
             busy = next((error for error in errors if isinstance(error, Busy)), None)
             if serving and failed:
@@ -413,9 +414,11 @@ class Registry:
             self._schedule_refreeze(within=60.0)
 
     async def _prepare_artifacts(self, version: ModelVersion) -> None:
-        """Download remote artifacts (a cache hit after the first time) and, for a manifest, read
-        the model-settings.json among them."""
+        """Check where the artifacts are, download remote ones (a cache hit after the first time)
+        and, for a manifest, read the model-settings.json among them."""
         settings = version.settings
+        if settings.uri and settings.fetched is None:  # checked before anything is read or downloaded
+            self.artifacts.check(settings.uri, settings.folder)
         if is_remote(settings.uri or ""):
             settings.fetched = await self._in_thread(self.artifacts.fetch, settings.uri)
         if settings.from_manifest:

@@ -16,8 +16,9 @@ import types
 from pathlib import Path
 
 from fleetserve.errors import ModelLoadError
+from fleetserve.runtime.artifacts import redact
 from fleetserve.runtime.base import Runtime
-from fleetserve.settings import TRITON_CAPABILITIES, TRITON_RUNTIME, ModelSettings
+from fleetserve.settings import TRITON_CAPABILITIES, TRITON_RUNTIME, ModelSettings, is_within
 
 _SKLEARN = "fleetserve.runtimes.sklearn.SKLearnRuntime"
 _XGBOOST = "fleetserve.runtimes.xgboost.XGBoostRuntime"
@@ -48,8 +49,9 @@ BUILTIN: dict[str, str] = {
     "mlserver_alibi_detect.AlibiDetectRuntime": _ALIBI_DETECT,
 }
 
-def resolve_runtime(settings: ModelSettings, capabilities: list[str]) -> type[Runtime]:
-    """The runtime class for a model; its `requirements` must all be among the server's `capabilities`."""
+def resolve_runtime(settings: ModelSettings, capabilities: list[str], downloads: Path | None = None) -> type[Runtime]:
+    """The runtime class for a model; its `requirements` must all be among the server's `capabilities`.
+    `downloads`: the folder of downloaded artifacts, whose code is not imported (None: it is)."""
     missing = [item for item in settings.requirements if item not in capabilities]
     if missing:
         triton_only = " (served by Triton: start the server with --triton-url)" if set(missing) <= set(TRITON_CAPABILITIES) else ""
@@ -65,14 +67,23 @@ def resolve_runtime(settings: ModelSettings, capabilities: list[str]) -> type[Ru
                 f"model '{settings.name}' names no 'implementation' and its requirements "
                 f"{settings.requirements} pick no runtime; runtimes: {sorted(k for k in BUILTIN if '.' not in k)}"
             )
-    path = BUILTIN.get(implementation, implementation)
-    runtime_class = _import_class(path, settings.folder)
+    if implementation in BUILTIN:  # never looked up in the model's folder, where a file could shadow it
+        runtime_class = _import_class(BUILTIN[implementation], None)
+    else:
+        own = _own_module(implementation.rpartition(".")[0], settings.folder)
+        if own is not None and downloads is not None and (is_within(settings.folder, downloads) or is_within(own, downloads)):
+            raise ModelLoadError(
+                f"its runtime '{implementation}' is code that came with its artifacts from "
+                f"remote storage ({redact(settings.uri or '')}); this server imports code from remote storage only "
+                "when started with --allow-remote-code (FLEETSERVE_ALLOW_REMOTE_CODE=1)"
+            )
+        runtime_class = _import_class(implementation, settings.folder)
     if not (isinstance(runtime_class, type) and issubclass(runtime_class, Runtime)):
         raise ModelLoadError(f"'{implementation}' is not a subclass of fleetserve.runtime.base.Runtime")
     return runtime_class
 
 
-def _import_class(path: str, folder: Path) -> type:
+def _import_class(path: str, folder: Path | None) -> type:
     module_name, _, class_name = path.rpartition(".")
     if not module_name:
         raise ModelLoadError(
@@ -95,7 +106,13 @@ _user_code = threading.Lock()  # sys.path is process-wide: one model's import at
 _loads = itertools.count(1)
 
 
-def _import_module(module_name: str, folder: Path):
+def _own_module(module_name: str, folder: Path | None) -> Path | None:
+    """The source file of `module_name` in the model's folder, if it is there."""
+    source = folder.joinpath(*module_name.split(".")).with_suffix(".py") if folder and module_name else None
+    return source if source is not None and source.is_file() else None
+
+
+def _import_module(module_name: str, folder: Path | None):
     """A module from the model's own folder, else from sys.path.
 
     Each load imports the folder as a fresh package, so two models may both ship a `model.py`,
@@ -103,8 +120,7 @@ def _import_module(module_name: str, folder: Path):
     model. Plain `import helpers` also works (the folder is on sys.path while it loads) but, as
     in MLServer, such modules are shared by every model that imports the same name.
     """
-    source = folder.joinpath(*module_name.split(".")).with_suffix(".py")
-    if not source.is_file():
+    if _own_module(module_name, folder) is None:
         return importlib.import_module(module_name)
     package_name = f"_fleetserve_model_{next(_loads)}"
     package = types.ModuleType(package_name)

@@ -13,13 +13,14 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
 from fleetserve.errors import describe
 from fleetserve.graph.router import GraphCollector, Router
-from fleetserve.runtime.artifacts import ArtifactCache
+from fleetserve.runtime.artifacts import ArtifactCache, redact_text
 from fleetserve.runtime.dataplane import DataPlane
 from fleetserve.runtime.memory import MemoryCollector, MemoryManager, keep_freed_buffers_for_reuse
 from fleetserve.runtime.metrics import DriftCollector, InferenceCollector
@@ -72,14 +73,20 @@ class FleetServer:
         capabilities = settings.capability_list
         triton.configure(settings)
         self.memory = MemoryManager(settings.memory_limit_bytes, settings.overcommit_percent, settings.gpu_memory_limit_bytes)
+        # Code that came with downloaded artifacts is refused unless the operator allowed it.
+        downloads = None if settings.allow_remote_code else Path(settings.cache_dir)
         self.registry = Registry(
             self.repository,
-            lambda model_settings: resolve_runtime(model_settings, capabilities),
+            lambda model_settings: resolve_runtime(model_settings, capabilities, downloads),
             self.memory,
-            ArtifactCache(settings.cache_dir),
+            ArtifactCache(settings.cache_dir, settings.allowed_storage_prefixes, settings.max_download_bytes,
+                          settings.download_timeout),
             max_concurrency=max(1, settings.inference_threads // 2),
             eviction_wait=settings.eviction_wait,
         )
+        if settings.allow_remote_code and not settings.allowed_storage:
+            log.warning("--allow-remote-code without --allowed-storage: a manifest naming any storage can run its "
+                        "own code in this server")
         REGISTRY.register(MemoryCollector(self.memory, self.registry.all_versions))
         REGISTRY.register(InferenceCollector(self.registry.all_versions))
         REGISTRY.register(DriftCollector(
@@ -168,10 +175,24 @@ class FleetServer:
         log.info("ready: %d model version(s) loaded", len(self.registry.ready_versions()))
 
 
+class _RedactCredentials(logging.Filter):
+    """Credentials written in a URI (s3://KEY:SECRET@...) never reach the log, whoever logs it
+    (fsspec, for one, logs the URLs it fetches at debug level)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def run(settings: ServerSettings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactCredentials())
 
     server: FleetServer | None = None
 
