@@ -20,6 +20,8 @@ from fleetserve.errors import InvalidInput
 from fleetserve.types import MAX_NESTING, InferenceRequest, InferenceResponse, RequestedOutput, Tensor, check_nesting
 
 HEADER_LENGTH = "inference-header-content-length"
+_TOO_DEEP = f"JSON nesting depth exceeds the limit of {MAX_NESTING}"
+_SHALLOW = 2 * MAX_NESTING  # a level takes two characters: no body this short can nest too deeply
 
 
 def _parameters(raw: dict, kind: str, name: str = "") -> dict[str, Any]:
@@ -38,6 +40,24 @@ def parse_json_object(body: bytes) -> dict:
     if len(body) > _SHALLOW and _may_nest_too_deeply(body, len(body)):
         check_nesting(document)
     return document
+
+
+def refuse_deep_json(body: bytes) -> None:
+    """For JSON another library parses (MLflow's scoring protocol): refused nested past MAX_NESTING.
+    What does not parse is left for that library to word."""
+    if len(body) <= _SHALLOW or not _may_nest_too_deeply(body, len(body)):
+        return
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        try:
+            document = _json_with_non_finite_numbers(body, error)
+        except InvalidInput as refused:
+            if refused.message == _TOO_DEEP:
+                raise
+            return
+    if type(document) is list or type(document) is dict:
+        check_nesting(document)
 
 
 def _json_object(body: bytes | memoryview) -> dict:
@@ -67,9 +87,6 @@ def _json_with_non_finite_numbers(body: bytes | memoryview, error: orjson.JSONDe
     except RecursionError:
         raise InvalidInput(_TOO_DEEP) from None
 
-
-_TOO_DEEP = f"JSON nesting depth exceeds the limit of {MAX_NESTING}"
-_SHALLOW = 2 * MAX_NESTING  # a level takes two characters: no body this short can nest too deeply
 
 
 def _check_request_nesting(document: dict) -> None:

@@ -27,7 +27,7 @@ from fleetserve.graph.experiment import experiment_from_manifest
 from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
 from fleetserve.graph.pipeline import pipeline_from_manifest
 from fleetserve.server import documents
-from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object
+from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object, refuse_deep_json
 
 if TYPE_CHECKING:
     from fleetserve.server.app import FleetServer
@@ -201,6 +201,8 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     async def mlflow_invocations(request: Request, name: str, version: str | None = None) -> Response:
         body = await read_body(request.receive, request.headers, limit)
         content_type = request.headers.get("content-type", "application/json")
+        if content_type.startswith("application/json"):
+            refuse_deep_json(body)  # MLflow's json.loads would recurse
         status, content, media_type = await server.dataplane.call(name, version, "invocations", body, content_type)
         return Response(content, status_code=status, media_type=media_type)
 
