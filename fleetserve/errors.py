@@ -46,7 +46,12 @@ class ModelLoadError(FleetError):
 
 
 class InferenceError(FleetError):
-    """The model itself failed while predicting."""
+    """The model itself failed while predicting (its code raised on this request)."""
+
+
+class WorkerDied(FleetError):
+    """The process running the model died during the predict: a crash, the server's fault rather
+    than the request's (Triton answers a backend crash with INTERNAL)."""
 
 
 class CapacityExceeded(FleetError):
@@ -85,11 +90,12 @@ STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     FleetError: (500, grpc.StatusCode.INTERNAL),
     InvalidInput: (400, grpc.StatusCode.INVALID_ARGUMENT),
     NotFound: (404, grpc.StatusCode.NOT_FOUND),
-    ModelUnavailable: (400, grpc.StatusCode.UNAVAILABLE),
+    ModelUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
     NotReady: (424, grpc.StatusCode.UNAVAILABLE),
     PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ModelLoadError: (400, grpc.StatusCode.INVALID_ARGUMENT),
     InferenceError: (400, grpc.StatusCode.INTERNAL),
+    WorkerDied: (500, grpc.StatusCode.INTERNAL),
     CapacityExceeded: (400, grpc.StatusCode.RESOURCE_EXHAUSTED),
     Busy: (503, grpc.StatusCode.UNAVAILABLE),
     ServerUnavailable: (503, grpc.StatusCode.UNAVAILABLE),

@@ -7,6 +7,7 @@ arrays, and the front doors encode once on the way out. BYTES tensors are object
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 DATATYPES = frozenset(NUMPY_DTYPES)
 _LARGEST_ITEMSIZE = max(dtype.itemsize for dtype in NUMPY_DTYPES.values())
 _MAX_BYTES = int(np.iinfo(np.intp).max)
+MAX_DIMS = 32  # numpy 1.x's limit on an array's dimensions (numpy 2 raised it to 64)
 _DATATYPE_OF_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
 WIRE_DTYPES = frozenset(NUMPY_DTYPES.values())  # arrays of these need no conversion to go out
 
@@ -63,6 +65,8 @@ def check_datatype(datatype: str, tensor: str) -> np.dtype:
 def check_shape(shape: Any, tensor: str) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)):
         _bad_shape(shape, tensor)
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"tensor '{tensor}': shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
     nonzero_product = 1
     for dim in shape:
         if type(dim) is not int or dim < 0:  # bool is not int here, as it must not be
@@ -75,8 +79,33 @@ def check_shape(shape: Any, tensor: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+MAX_NESTING = 100  # how deeply a JSON or YAML body may nest (Triton's limit); the top-level value is depth 1
+
+
+def check_nesting(value: Any, language: str = "JSON", depth: int = 1, budget: int | None = None) -> None:
+    """Refuse a parsed document (a list or dict, sitting at `depth`) nested deeper than MAX_NESTING.
+
+    With a budget, also refuse one holding more values than that: YAML aliases let a few lines
+    share one value many times over, a document that expands to billions of values.
+    """
+    stack = [(value, depth)]
+    seen = 0
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise InvalidInput(f"{language} nesting depth exceeds the limit of {MAX_NESTING}")
+        children = value.values() if type(value) is dict else value
+        for child in children:
+            if type(child) is list or type(child) is dict:
+                stack.append((child, depth + 1))
+        if budget is not None:
+            seen += len(children)
+            if seen > budget:
+                raise InvalidInput(f"{language} document expands (through aliases) to more than {budget} values")
+
+
 def _bad_shape(shape: Any, tensor: str):
-    raise InvalidInput(f"tensor '{tensor}': shape must be a list of non-negative integers, got {shape!r}")
+    raise InvalidInput(f"tensor '{tensor}': shape must be a list of non-negative integers, got {reprlib.repr(shape)}")
 
 
 @dataclass(slots=True)

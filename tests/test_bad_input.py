@@ -193,9 +193,10 @@ REST_CASES = [
     case("unknown-model", "/v2/models/no-such-model/infer", 404, "model 'no-such-model' not found", json=iris_json()),
     case("unknown-version", "/v2/models/versioned/versions/7/infer", 404, "model 'versioned' has no version '7'",
          json=iris_json()),
-    case("model-failed-to-load", "/v2/models/bad-load/infer", 400, "weights file is corrupt", json=iris_json()),
-    case("model-with-broken-settings", "/v2/models/bad-json/infer", 400, "not valid JSON", json=iris_json()),
-    case("model-needing-missing-capability", "/v2/models/needs-gpu/infer", 400, "tensorrt", json=iris_json()),
+    # A model that failed to load is unavailable: 503, the server's state rather than the request's fault.
+    case("model-failed-to-load", "/v2/models/bad-load/infer", 503, "weights file is corrupt", json=iris_json()),
+    case("model-with-broken-settings", "/v2/models/bad-json/infer", 503, "not valid JSON", json=iris_json()),
+    case("model-needing-missing-capability", "/v2/models/needs-gpu/infer", 503, "tensorrt", json=iris_json()),
     case("unknown-route", "/v2/no/such/route", 404, "Not Found", method="GET"),
     case("wrong-method", IRIS, 405, "Method Not Allowed", method="DELETE"),
     case("predict-proba-from-a-regressor", "/v2/models/diabetes/infer", 400, "has no output 'predict_proba'",

@@ -156,8 +156,8 @@ def test_unload_then_load_over_http(http):
     assert http.post("/v2/repository/models/iris/unload").status_code == 200
     assert repository_index(http)["iris"].items() >= {"name": "iris", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}.items()
     refused = http.post("/v2/models/iris/infer", json=iris_json())
-    assert refused.status_code == 400 and "unloaded" in refused.json()["error"]
-    assert http.get("/v2/models/iris/ready").status_code == 400
+    assert refused.status_code == 503 and "unloaded" in refused.json()["error"]
+    assert http.get("/v2/models/iris/ready").status_code == 503
     assert http.post("/v2/repository/models/iris/unload").status_code == 404
 
     assert http.post("/v2/repository/models/iris/load").status_code == 200

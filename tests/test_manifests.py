@@ -40,7 +40,7 @@ def test_multi_document_apply_and_delete(server, http, artifacts):
     assert [http.post(f"/v2/models/a{n}/infer", json=ROW).json()["outputs"][0]["data"] for n in (1, 2)] == [[1], [2]]
     deleted = delete(server, text)
     assert deleted.returncode == 0 and json.loads(deleted.stdout)["deleted"][1] == {"kind": "Model", "name": "a2"}
-    assert http.post("/v2/models/a1/infer", json=ROW).status_code == 400
+    assert http.post("/v2/models/a1/infer", json=ROW).status_code == 503  # deleted: unavailable
 
 
 @pytest.mark.parametrize(

@@ -400,7 +400,15 @@ def test_mlflow_scoring_protocol(http, built):
     tensors = http.post("/v2/models/mlflow-tensors/invocations", json={"inputs": {"a": [[1, 2]], "b": [[3, 4]]}, "params": {"factor": 3.0}})
     assert tensors.json() == {"predictions": {"sum": [[12.0, 18.0]]}}
     bad = http.post("/v2/models/mlflow-iris/invocations", content="not json", headers={"Content-Type": "application/json"})
-    assert bad.status_code == 400 and "error_code" in bad.json()
+    assert bad.status_code == 400 and "error_code" in bad.json() and bad.json()["error"] == bad.json()["message"]
+    assert "stack_trace" not in bad.json()
+    unsupported = http.post("/v2/models/mlflow-iris/invocations", content="x", headers={"Content-Type": "text/plain"})
+    assert unsupported.status_code == 415 and unsupported.headers["content-type"] == "application/json"
+    assert "content types" in unsupported.json()["error"]
+    for nesting in (150, 5000):  # orjson reads up to 1024 levels; MLflow's json.loads would recurse
+        deep = http.post("/v2/models/mlflow-iris/invocations", content="[" * nesting + "]" * nesting,
+                         headers={"Content-Type": "application/json"})
+        assert deep.status_code == 400 and deep.json() == {"error": "JSON nesting depth exceeds the limit of 100"}
     assert http.get("/v2/models/mlflow-iris/ping").status_code == 200
     assert http.get("/v2/models/nothing-here/ping").status_code == 404
     not_mlflow = http.post("/v2/models/lgb-binary/invocations", json={"inputs": [[1, 2, 3, 4]]})

@@ -214,7 +214,7 @@ def test_backend_killed_and_restarted(tmp_path):
             assert down.status_code == 503 and "Triton backend is unavailable" in down.json()["error"]
             assert client.get("/v2/health/live").status_code == 200  # the server itself is fine
             not_ready = client.get("/v2/models/addsub/ready")
-            assert not_ready.status_code == 400 and "not ready in its backend" in not_ready.json()["error"]
+            assert not_ready.status_code == 503 and "not ready in its backend" in not_ready.json()["error"]
             assert not triton_grpc.InferenceServerClient(server.grpc_address).is_model_ready("addsub")
             backend = start_triton(workdir, ports)  # a new Triton that has never heard of the model
             deadline = time.monotonic() + 10

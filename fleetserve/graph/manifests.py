@@ -11,6 +11,7 @@ import yaml
 from fleetserve.errors import InvalidInput
 from fleetserve.runtime.repository import Found
 from fleetserve.settings import ModelSettings, check_model_name, parse_quantity
+from fleetserve.types import MAX_NESTING, check_nesting
 
 SUPPORTED_KINDS = ("Model", "Pipeline", "Experiment")
 _MODEL_SPEC = {"storageUri", "requirements", "memory", "parameters", "explainer"}
@@ -23,12 +24,15 @@ def parse_manifests(text: str | bytes) -> list[dict[str, Any]]:
     except yaml.YAMLError as error:
         raise InvalidInput(f"invalid YAML: {error}") from None
     except RecursionError:
-        raise InvalidInput("invalid YAML: nested too deeply") from None
+        raise InvalidInput(f"YAML nesting depth exceeds the limit of {MAX_NESTING}") from None
     if not documents:
         raise InvalidInput("no manifests found")
     for document in documents:
         if not isinstance(document, dict):
             raise InvalidInput(f"a manifest must be a mapping, got {type(document).__name__}")
+    # Every value takes at least a character of the text, unless aliases repeat it.
+    check_nesting(documents, "YAML", depth=0, budget=len(text))
+    for document in documents:
         kind = document.get("kind")
         if kind not in SUPPORTED_KINDS:
             raise InvalidInput(f"unsupported kind {kind!r}; this server accepts {list(SUPPORTED_KINDS)}")

@@ -252,9 +252,14 @@ def _timed_predict(predict, request: InferenceRequest) -> tuple[InferenceRespons
 
 
 def _check_inputs(model: ModelVersion, request: InferenceRequest) -> None:
-    """Inputs must match the model's declared inputs, where it declares them."""
+    """Inputs must match the model's declared inputs, where it declares them; no two inputs, nor
+    two requested outputs, may share a name."""
     if not request.inputs:
         raise InvalidInput("the request has no inputs")
+    if len(request.inputs) > 1:
+        _refuse_repeated_names(request.inputs, "input")
+    if len(request.outputs) > 1:
+        _refuse_repeated_names(request.outputs, "requested output")
     checks = model.input_checks if model.input_checks is not None else _input_checks(model)
     if not checks:
         return
@@ -277,6 +282,13 @@ def _check_inputs(model: ModelVersion, request: InferenceRequest) -> None:
             raise InvalidInput(
                 f"input '{tensor.name}' of model '{model.name}' must have shape {expected.shape}, got {list(shape)}"
             )
+
+
+def _refuse_repeated_names(items: list, what: str) -> None:
+    names = [item.name for item in items]
+    if len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise InvalidInput(f"the request names {what}s {repeated} more than once")
 
 
 def _input_checks(model: ModelVersion) -> dict[str, tuple[TensorMetadata, np.dtype, tuple | None]]:

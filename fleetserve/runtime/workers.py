@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleetserve.errors import STATUS, FleetError, InferenceError, ModelLoadError, ModelUnavailable, describe
+from fleetserve.errors import STATUS, FleetError, InferenceError, ModelLoadError, ModelUnavailable, WorkerDied, describe
 from fleetserve.runtime.base import Runtime
 from fleetserve.runtime.memory import rss
 from fleetserve.settings import ModelSettings, TensorMetadata
@@ -260,7 +260,7 @@ class WorkerPool(Runtime):
             worker.connection.send((str(worker.inputs.path), described, request.id, request.parameters, requested))
         except OSError as error:  # the worker died while idle
             self._replace(worker)
-            raise InferenceError(f"model '{self.name}': its worker process is gone ({error}); starting another") from None
+            raise ModelUnavailable(f"model '{self.name}': its worker process is gone ({error}); starting another") from None
         except BaseException:
             self.idle.put_nowait(worker)
             raise
@@ -276,7 +276,7 @@ class WorkerPool(Runtime):
             status, detail = worker.connection.recv()
         except (EOFError, OSError):
             worker.process.join(0.5)  # reaps it: it closed the pipe by exiting
-            error = InferenceError(
+            error = WorkerDied(
                 f"model '{self.name}': its worker process exited (code {worker.process.exitcode}) during the predict"
             )
             log.error("%s; starting another", error.message)

@@ -21,6 +21,7 @@ from typing import Any
 import mlflow.models.model
 import mlflow.pyfunc
 import numpy as np
+import orjson
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
@@ -116,7 +117,11 @@ class MLflowRuntime(Runtime):
         try:
             answer = scoring_server.invocations(body, content_type, self.model, self.input_schema)
         except MlflowException as error:  # refused input: MLflow's server answers these as JSON errors
-            return error.get_http_status_code(), error.serialize_as_json(), "application/json"
+            # `error` as every route answers, and the fields MLflow's own server sends, less its stack trace.
+            document = {"error": error.message, "error_code": error.error_code, "message": error.message}
+            return error.get_http_status_code(), orjson.dumps(document), "application/json"
+        if answer.status >= 400 and answer.mimetype != "application/json":  # MLflow's 415s are plain text
+            return answer.status, orjson.dumps({"error": answer.response.strip()}), "application/json"
         return answer.status, answer.response, answer.mimetype
 
 

@@ -8,6 +8,7 @@ read with `np.frombuffer`, without copying.
 from __future__ import annotations
 
 import json
+import reprlib
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,11 @@ import orjson
 from fleetserve.codecs import as_plain
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer, bytes_to_text, little_endian
 from fleetserve.errors import InvalidInput
-from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from fleetserve.types import MAX_NESTING, InferenceRequest, InferenceResponse, RequestedOutput, Tensor, check_nesting
 
 HEADER_LENGTH = "inference-header-content-length"
+_TOO_DEEP = f"JSON nesting depth exceeds the limit of {MAX_NESTING}"
+_SHALLOW = 2 * MAX_NESTING  # a level takes two characters: no body this short can nest too deeply
 
 
 def _parameters(raw: dict, kind: str, name: str = "") -> dict[str, Any]:
@@ -31,7 +34,33 @@ def _parameters(raw: dict, kind: str, name: str = "") -> dict[str, Any]:
     return parameters
 
 
-def parse_json_object(body: bytes | memoryview) -> dict:
+def parse_json_object(body: bytes) -> dict:
+    """A JSON object, nested at most MAX_NESTING deep."""
+    document = _json_object(body)
+    if len(body) > _SHALLOW and _may_nest_too_deeply(body, len(body)):
+        check_nesting(document)
+    return document
+
+
+def refuse_deep_json(body: bytes) -> None:
+    """For JSON another library parses (MLflow's scoring protocol): refused nested past MAX_NESTING.
+    What does not parse is left for that library to word."""
+    if len(body) <= _SHALLOW or not _may_nest_too_deeply(body, len(body)):
+        return
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        try:
+            document = _json_with_non_finite_numbers(body, error)
+        except InvalidInput as refused:
+            if refused.message == _TOO_DEEP:
+                raise
+            return
+    if type(document) is list or type(document) is dict:
+        check_nesting(document)
+
+
+def _json_object(body: bytes | memoryview) -> dict:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
@@ -41,12 +70,39 @@ def parse_json_object(body: bytes | memoryview) -> dict:
     return document
 
 
+def _may_nest_too_deeply(body: bytes, end: int) -> bool:
+    """Whether body[:end] could nest past MAX_NESTING: the brackets and braces that open in it,
+    counted at C speed, bound its depth. Only a body that could is walked."""
+    return body.count(b"[", 0, end) + body.count(b"{", 0, end) > MAX_NESTING
+
+
 def _json_with_non_finite_numbers(body: bytes | memoryview, error: orjson.JSONDecodeError) -> Any:
     """NaN and Infinity are not JSON, but tritonclient and Python's json send them: accept them."""
+    if error.msg.startswith("depth limit"):  # orjson stops at 1024 levels; json.loads would recurse
+        raise InvalidInput(_TOO_DEEP)
     try:
         return json.loads(bytes(body))
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput(f"malformed JSON: {error}") from None
+    except RecursionError:
+        raise InvalidInput(_TOO_DEEP) from None
+
+
+
+def _check_request_nesting(document: dict) -> None:
+    """check_nesting for a V2 request, less its tensors' data: array_from_json bounds that at
+    MAX_DIMS levels, without walking every number."""
+    for key, value in document.items():
+        if key == "inputs" and type(value) is list:
+            for raw in value:
+                if type(raw) is dict:
+                    for part, item in raw.items():
+                        if part != "data" and (type(item) is list or type(item) is dict):
+                            check_nesting(item, depth=4)
+                elif type(raw) is list:
+                    check_nesting(raw, depth=3)
+        elif type(value) is list or type(value) is dict:
+            check_nesting(value, depth=2)
 
 
 def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
@@ -61,7 +117,9 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
             raise InvalidInput(f"Inference-Header-Content-Length {length} is outside the body of {len(body)} bytes")
         view = memoryview(body)
         header, binary = view[:length], view[length:]
-    document = parse_json_object(header)
+    document = _json_object(header)
+    if len(header) > _SHALLOW and _may_nest_too_deeply(body, len(header)):
+        _check_request_nesting(document)
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list):
         raise InvalidInput("the request needs 'inputs', a list of tensors")
@@ -77,7 +135,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
         if size is not None:
             if binary is None:
                 raise InvalidInput(f"input '{name}' has binary_data_size but the request has no Inference-Header-Content-Length")
-            if not isinstance(size, int) or size < 0:
+            if type(size) is not int or size < 0:  # bool is not int here, as it must not be
                 raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
                 raise InvalidInput(
@@ -114,7 +172,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = reprlib.repr(value)  # bounded: a value may be huge, or nested too deeply for repr()
     return text if len(text) <= 80 else text[:77] + "..."
 
 

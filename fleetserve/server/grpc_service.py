@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
@@ -107,11 +108,55 @@ def encode_infer_response(response: InferenceResponse) -> service_pb2.ModelInfer
     return message
 
 
+class _Undecodable:
+    """What a request deserializer hands over for bytes that are not the method's message."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    undecodable = _Undecodable(f"the request bytes are not a valid {deserialize.__self__.DESCRIPTOR.full_name} message")
+
+    def deserialize_or_mark(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return undecodable
+
+    return deserialize_or_mark
+
+
+class _Captured:
+    """Stands in for a server to receive the handlers generated code registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = handlers
+
+
+def _add_inference_service(servicer: "InferenceService", grpc_server: grpc.aio.Server) -> None:
+    """Registers the service as the generated code does, but with request deserializers that
+    hand an _Undecodable over instead of raising: gRPC would answer UNKNOWN, naming a Python class."""
+    captured = _Captured()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    handlers = {
+        name: handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        for name, handler in captured.handlers.items()
+    }
+    grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    grpc_server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def _aborts_on_error(method: Callable[..., Awaitable[Any]]):
-    """Turn a FleetError into the gRPC status its table entry names."""
+    """Turn a FleetError, or a request that did not decode, into the gRPC status it calls for."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        if type(request) is _Undecodable:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             return await method(self, request, context)
         except FleetError as error:
@@ -129,12 +174,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.registry = server.registry
         self.router = server.router
 
+    @_aborts_on_error
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
 
+    @_aborts_on_error
     async def ServerReady(self, request, context):
         return service_pb2.ServerReadyResponse(ready=self.server.ready)
 
+    @_aborts_on_error
     async def ModelReady(self, request, context):
         try:
             model = self.registry.get(request.name, request.version or None)
@@ -143,6 +191,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         ready = model.state == "READY" and (model.runtime is None or await model.runtime.backend_ready())
         return service_pb2.ModelReadyResponse(ready=ready)
 
+    @_aborts_on_error
     async def ServerMetadata(self, request, context):
         return json_format.ParseDict(documents.server_metadata(), service_pb2.ServerMetadataResponse())
 
@@ -185,6 +234,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 message = read.result()
                 if message is grpc.aio.EOF:
                     return
+                if type(message) is _Undecodable:
+                    yield service_pb2.ModelStreamInferResponse(error_message=message.message)
+                    continue
                 yield await self._stream_response(message, context)
         finally:
             stop.cancel()
@@ -244,7 +296,7 @@ def build_grpc_server(server: "FleetServer") -> tuple[grpc.aio.Server, health.ai
             ("grpc.so_reuseport", 0),
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(server), grpc_server)
+    _add_inference_service(InferenceService(server), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     address = f"{server.settings.host}:{server.settings.grpc_port}"

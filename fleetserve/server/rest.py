@@ -27,7 +27,7 @@ from fleetserve.graph.experiment import experiment_from_manifest
 from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
 from fleetserve.graph.pipeline import pipeline_from_manifest
 from fleetserve.server import documents
-from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object
+from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object, refuse_deep_json
 
 if TYPE_CHECKING:
     from fleetserve.server.app import FleetServer
@@ -70,7 +70,7 @@ async def read_body(receive, headers, limit: int) -> bytes:
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     encoding = headers.get("content-encoding")
     if encoding:
-        body = _inflate(body, encoding.lower(), limit)
+        body = _inflate(body, encoding.strip().lower(), limit)
     return body
 
 
@@ -78,6 +78,8 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding == "identity":
         return body
     if encoding not in _WBITS:
+        if "," in encoding:  # each layer would cost up to `limit` again
+            raise InvalidInput(f"Content-Encoding '{encoding}' stacks encodings; send one: gzip or deflate")
         raise InvalidInput(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
     # Inflate at most limit + 1 bytes: a small compressed body must not expand without bound.
     inflated = bytearray()
@@ -199,6 +201,8 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     async def mlflow_invocations(request: Request, name: str, version: str | None = None) -> Response:
         body = await read_body(request.receive, request.headers, limit)
         content_type = request.headers.get("content-type", "application/json")
+        if content_type.startswith("application/json"):
+            refuse_deep_json(body)  # MLflow's json.loads would recurse
         status, content, media_type = await server.dataplane.call(name, version, "invocations", body, content_type)
         return Response(content, status_code=status, media_type=media_type)
 
@@ -449,5 +453,10 @@ async def _each(items: list[tuple[str, Any]], action, done_word: str) -> list[di
 def build_metrics_app() -> FastAPI:
     """The metrics port: /metrics alone."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)  # a wrong path gets {"error"} here too, not FastAPI's {"detail"}
+    async def on_http_error(request: Request, error: HTTPException) -> Response:
+        return error_response(str(error.detail), error.status_code, request)
+
     app.get("/metrics")(metrics)
     return app
