@@ -400,7 +400,9 @@ def test_mlflow_scoring_protocol(http, built):
     tensors = http.post("/v2/models/mlflow-tensors/invocations", json={"inputs": {"a": [[1, 2]], "b": [[3, 4]]}, "params": {"factor": 3.0}})
     assert tensors.json() == {"predictions": {"sum": [[12.0, 18.0]]}}
     bad = http.post("/v2/models/mlflow-iris/invocations", content="not json", headers={"Content-Type": "application/json"})
-    assert bad.status_code == 400 and "error_code" in bad.json()
+    assert bad.status_code == 400 and {"error", "error_code", "message"} <= bad.json().keys()  # ours and MLflow's
+    unread = http.post("/v2/models/mlflow-iris/invocations", content="1,2", headers={"Content-Type": "text/plain"})
+    assert unread.status_code == 415 and "text/plain" in unread.json()["error"]
     assert http.get("/v2/models/mlflow-iris/ping").status_code == 200
     assert http.get("/v2/models/nothing-here/ping").status_code == 404
     not_mlflow = http.post("/v2/models/lgb-binary/invocations", json={"inputs": [[1, 2, 3, 4]]})

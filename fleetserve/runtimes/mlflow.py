@@ -14,6 +14,7 @@ name), unless the signature names it.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import mlflow.models.model
 import mlflow.pyfunc
 import numpy as np
+import orjson
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
@@ -32,6 +34,7 @@ from fleetserve.runtime.base import Runtime
 from fleetserve.settings import TensorMetadata
 from fleetserve.types import InferenceRequest, InferenceResponse, Tensor, datatype_of_dtype
 
+JSON = "application/json"
 _DATATYPES = {
     DataType.boolean: "BOOL",
     DataType.integer: "INT32",
@@ -111,12 +114,15 @@ class MLflowRuntime(Runtime):
         names = [tensor.name for tensor in self.own_outputs]
         return [_tensor(names[0] if len(names) == 1 else DEFAULT_OUTPUT, result)]
 
-    def invocations(self, body: bytes, content_type: str) -> tuple[int, str, str]:
-        """MLflow's scoring protocol: (status, body, content type) as `mlflow models serve` answers."""
+    def invocations(self, body: bytes, content_type: str) -> tuple[int, str | bytes, str]:
+        """MLflow's scoring protocol: (status, body, content type) as `mlflow models serve` answers,
+        but every error is JSON with this server's `error` key (MLflow's own keys kept beside it)."""
         try:
             answer = scoring_server.invocations(body, content_type, self.model, self.input_schema)
-        except MlflowException as error:  # refused input: MLflow's server answers these as JSON errors
-            return error.get_http_status_code(), error.serialize_as_json(), "application/json"
+        except MlflowException as error:  # refused input
+            return error.get_http_status_code(), orjson.dumps({"error": error.message, **json.loads(error.serialize_as_json())}), JSON
+        if answer.status >= 400:  # MLflow answers a content type it does not read in plain text
+            return answer.status, orjson.dumps({"error": answer.response}), JSON
         return answer.status, answer.response, answer.mimetype
 
 

@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
+from swagger_ui_bundle import swagger_ui_path
 
 from fleetserve.errors import (
     FleetError, InvalidInput, ModelUnavailable, NotFound, NotReady, PayloadTooLarge, ServerUnavailable, describe,
@@ -26,7 +29,7 @@ from fleetserve.errors import (
 from fleetserve.graph.experiment import experiment_from_manifest
 from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
 from fleetserve.graph.pipeline import pipeline_from_manifest
-from fleetserve.server import documents
+from fleetserve.server import documents, openapi
 from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object
 
 if TYPE_CHECKING:
@@ -42,10 +45,10 @@ def json_response(document: Any, status: int = 200, headers: dict[str, str] | No
     return Response(orjson.dumps(document), status_code=status, media_type=JSON, headers=headers)
 
 
-def error_response(message: str, status: int, request: Request | None = None) -> Response:
-    headers = None
+def error_response(message: str, status: int, request: Request | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
     if request is not None and (request_id := request.headers.get("x-request-id")):
-        headers = {"x-request-id": request_id}
+        headers = {**(headers or {}), "x-request-id": request_id}
     return json_response({"error": message}, status, headers)
 
 
@@ -143,7 +146,10 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, error: HTTPException) -> Response:
-        return error_response(str(error.detail), error.status_code, request)
+        headers = error.headers
+        if error.status_code == 405:  # Starlette's Allow names only the first route's methods
+            headers = {"Allow": _allowed_methods(app, request.scope)}
+        return error_response(str(error.detail), error.status_code, request, headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> Response:
@@ -319,10 +325,52 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         return json_response(documents.pipeline_messages(router.get_pipeline(name), target, limit))
 
     app.get("/metrics")(metrics)
+
+    # The API's documentation, with Swagger UI's files served from here: the page works offline.
+    app.get("/v2/docs")(docs_page)
+    app.get("/v2/docs/dataplane.json")(openapi_document)
+    for asset, media_type in openapi.DOCS_ASSETS.items():
+        app.get(f"/v2/docs/{asset}")(_asset(asset, media_type))
     return InferenceFastPath(app, server)
 
 
+def _allowed_methods(app: FastAPI, scope) -> str:
+    """Every method some route answers at this path: one path's methods may be several routes."""
+    return ", ".join(sorted({method for route in app.router.routes if route.matches(scope)[0] is not Match.NONE
+                             for method in route.methods}))
+
+
 _PARSERS = {"Model": model_from_manifest, "Pipeline": pipeline_from_manifest, "Experiment": experiment_from_manifest}
+
+
+_DOCS_PAGE = get_swagger_ui_html(
+    openapi_url="/v2/docs/dataplane.json",
+    title="fleetserve API",
+    swagger_js_url="/v2/docs/swagger-ui-bundle.js",
+    swagger_css_url="/v2/docs/swagger-ui.css",
+    swagger_favicon_url="/v2/docs/favicon-32x32.png",
+    swagger_ui_parameters={"validatorUrl": None},  # else the page asks swagger.io to validate the document
+).body
+
+
+async def docs_page() -> Response:
+    return Response(_DOCS_PAGE, media_type="text/html")
+
+
+async def openapi_document() -> Response:
+    return Response(openapi.DOCUMENT_JSON, media_type=JSON)
+
+
+def _asset(name: str, media_type: str):
+    path = swagger_ui_path / name
+
+    async def asset() -> Response:
+        return FileResponse(path, media_type=media_type)
+    return asset
+
+
+# What the fast path answers (POST), spelled as the app's route templates.
+INFER_ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer", "/v2/pipelines/{name}/infer")
 
 
 def _infer_target(path: str) -> tuple[str, str, str | None] | None:

@@ -1,0 +1,151 @@
+"""The OpenAPI document and its page: the document describes exactly the routes the server
+answers, the page works offline, and a fuzzer (schemathesis) run from the served document finds
+no server error, no error body without "error", and no answer outside the document."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+from openapi_spec_validator import validate
+
+from conftest import ECHO_MODEL, ROOT, iris_json, running_server, write_settings
+from fleetserve.server import openapi
+from fleetserve.server.app import FleetServer
+from fleetserve.server.rest import INFER_ROUTES, _infer_target, build_rest_app
+from fleetserve.settings import ServerSettings
+
+FUZZ = Path(__file__).parent / "fuzz"
+
+
+def served_operations(tmp_path: Path) -> set[tuple[str, str]]:
+    """(METHOD, template) of every route the REST app answers: the FastAPI routes and the fast path's."""
+    app = build_rest_app(FleetServer(ServerSettings(model_repository=str(tmp_path))))
+    routes = {(method, route.path) for route in app.app.routes if isinstance(route, APIRoute) for method in route.methods}
+    assert len(routes) == sum(len(route.methods) for route in app.app.routes), "a route that is not an APIRoute"
+    return routes | {("POST", template) for template in INFER_ROUTES}
+
+
+def test_document_describes_exactly_the_routes_served(tmp_path):
+    """A route added without documentation (or documentation left after a route went) fails here."""
+    served = served_operations(tmp_path)
+    documented = openapi.operations()
+    assert served - documented == set(), "routes the document does not describe"
+    assert documented - served == set(), "documented routes the server does not answer"
+
+
+def test_fast_path_templates_are_what_it_answers():
+    for template in INFER_ROUTES:
+        path = template.replace("{name}", "some-name").replace("{version}", "3")
+        kind = template.split("/")[2]
+        assert _infer_target(path) == (kind, "some-name", "3" if "{version}" in template else None)
+
+
+def test_document_is_valid_openapi():
+    validate(openapi.DOCUMENT)
+    assert openapi.DOCUMENT["openapi"].startswith("3.0.")  # what the bundled Swagger UI renders
+    for path, item in openapi.DOCUMENT["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    assert response["$ref"] == f"#/components/responses/{status}", (method, path, status)
+
+
+def test_served_document(http):
+    response = http.get("/v2/docs/dataplane.json")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    assert response.json() == openapi.DOCUMENT
+
+
+def test_docs_page_works_offline(http):
+    page = http.get("/v2/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert "://" not in html, "the page must not load anything from another host"
+    assert '"validatorUrl": null' in html  # Swagger UI would otherwise send the document to swagger.io
+    assert "url: '/v2/docs/dataplane.json'" in html
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert set(assets) == {f"/v2/docs/{name}" for name in openapi.DOCS_ASSETS}
+    for url in assets:
+        asset = http.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 0, url
+        assert asset.headers["content-type"].split(";")[0] == openapi.DOCS_ASSETS[url.rsplit("/", 1)[1]]
+
+
+def test_method_not_allowed_names_every_method_of_the_path(http):
+    """A path's methods may be spread over several routes; Allow lists them all."""
+    for path, allowed in (("/v2/pipelines", "GET, POST"), ("/v2/manifests", "DELETE, POST"),
+                          ("/v2/experiments/some-name", "DELETE, GET"), ("/v2/health/live", "GET"),
+                          ("/v2/models/iris/infer", "POST")):
+        response = http.request("PUT", path)
+        assert response.status_code == 405 and response.headers["allow"] == allowed, path
+        assert response.json() == {"error": "Method Not Allowed"}
+
+
+FUZZ_MANIFESTS = """
+apiVersion: mlops.seldon.io/v1alpha1
+kind: Pipeline
+metadata: {name: iris-pipeline}
+spec:
+  steps: [{name: iris}]
+  output: {steps: [iris]}
+---
+apiVersion: mlops.seldon.io/v1alpha1
+kind: Experiment
+metadata: {name: iris-experiment}
+spec:
+  candidates: [{name: iris, weight: 50}, {name: echo, weight: 50}]
+"""
+
+
+@pytest.fixture(scope="module")
+def fuzz_repository(tmp_path_factory) -> Path:
+    """A small repository of its own: the fuzzer unloads and deletes what it finds. The names are
+    the document's examples, so generated requests reach real models, a pipeline and an experiment."""
+    subprocess.run([sys.executable, str(ROOT / "model_repo" / "build.py")], check=True, capture_output=True)
+    repo = tmp_path_factory.mktemp("fuzz_repo")
+    for example in ("iris", "iris-mlflow"):
+        shutil.copytree(ROOT / "model_repo" / example, repo / example)
+    write_settings(repo / "echo", {"implementation": "echo_model.Echo"})
+    (repo / "echo" / "echo_model.py").write_text(ECHO_MODEL)
+    return repo
+
+
+# Each setup: the server's extra environment, and the headers every fuzzed request carries.
+FUZZ_SETUPS = [pytest.param({}, {}, id="open")]
+
+
+@pytest.mark.parametrize("server_env, headers", FUZZ_SETUPS)
+def test_fuzzing_from_the_document(fuzz_repository, tmp_path, server_env, headers):
+    """Every operation, a bounded and reproducible set of cases each (tests/fuzz/schemathesis.toml):
+    no 5xx but 503/504, every error `{"error": ...}`, statuses, headers and bodies as documented.
+    The server lives through it, still serves a good request, and stops cleanly."""
+    with running_server(fuzz_repository, tmp_path / "server.log", server_env) as server:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+            assert http.post("/v2/manifests", content=FUZZ_MANIFESTS).status_code == 200
+            command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(FUZZ / "schemathesis.toml"),
+                       "run", f"{server.url}/v2/docs/dataplane.json", "--no-color",
+                       *(item for name, value in headers.items() for item in ("--header", f"{name}: {value}"))]
+            started = time.monotonic()
+            run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                                 env={**os.environ, "SCHEMATHESIS_HOOKS": str(FUZZ / "checks.py")})
+            report = run.stdout[-20000:]
+            assert run.returncode == 0, report
+            operations = len(openapi.operations())
+            assert f"Tested: {operations}" in report, report  # every operation ran
+            assert server.process.poll() is None, server.log()
+            assert http.get("/v2/health/live").status_code == 200
+            assert http.post("/v2/repository/models/iris/load").status_code == 200  # the fuzzer may have unloaded it
+            answer = http.post("/v2/models/iris/infer", json=iris_json())
+            assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [0, 2]
+        assert "unexpected error" not in server.log()
+        print(f"fuzzed {operations} operations in {time.monotonic() - started:.0f} s")
+
