@@ -4,6 +4,7 @@ no server error, no error body without "error", and no answer outside the docume
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from fleetserve.server.rest import INFER_ROUTES, _infer_target, build_rest_app
 from fleetserve.settings import ServerSettings
 
 FUZZ = Path(__file__).parent / "fuzz"
+DOCUMENT_PATH = "/v2/docs/dataplane.json"
 
 
 def served_operations(tmp_path: Path) -> set[tuple[str, str]]:
@@ -121,6 +123,9 @@ def fuzz_repository(tmp_path_factory) -> Path:
 
 # Each setup: the server's extra environment, and the headers every fuzzed request carries.
 FUZZ_SETUPS = [pytest.param({}, {}, id="open")]
+# Operations that take away what the others need (models, the pipeline, the experiment) run last,
+# so the others reach loaded models.
+DESTRUCTIVE = r"^(DELETE .*|POST .*/unload)$"
 
 
 @pytest.mark.parametrize("server_env, headers", FUZZ_SETUPS)
@@ -131,21 +136,37 @@ def test_fuzzing_from_the_document(fuzz_repository, tmp_path, server_env, header
     with running_server(fuzz_repository, tmp_path / "server.log", server_env) as server:
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
             assert http.post("/v2/manifests", content=FUZZ_MANIFESTS).status_code == 200
-            command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(FUZZ / "schemathesis.toml"),
-                       "run", f"{server.url}/v2/docs/dataplane.json", "--no-color",
-                       *(item for name, value in headers.items() for item in ("--header", f"{name}: {value}"))]
             started = time.monotonic()
-            run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                                 env={**os.environ, "SCHEMATHESIS_HOOKS": str(FUZZ / "checks.py")})
-            report = run.stdout[-20000:]
-            assert run.returncode == 0, report
-            operations = len(openapi.operations())
-            assert f"Tested: {operations}" in report, report  # every operation ran
+            tested, checks = _fuzz(server.url, headers, tmp_path / "others.ndjson", "--exclude-name-regex", DESTRUCTIVE)
+            assert server.process.poll() is None, server.log()
+            more, more_checks = _fuzz(server.url, headers, tmp_path / "destructive.ndjson", "--include-name-regex", DESTRUCTIVE)
+            # Every operation but the document itself, which the fuzzer loads rather than tests.
+            assert tested | more == {f"{method} {path}" for method, path in openapi.operations()} - {f"GET {DOCUMENT_PATH}"}
+            assert "error_body_is_json_with_error" in checks & more_checks  # our own check ran (tests/fuzz/checks.py)
             assert server.process.poll() is None, server.log()
             assert http.get("/v2/health/live").status_code == 200
             assert http.post("/v2/repository/models/iris/load").status_code == 200  # the fuzzer may have unloaded it
             answer = http.post("/v2/models/iris/infer", json=iris_json())
             assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [0, 2]
         assert "unexpected error" not in server.log()
-        print(f"fuzzed {operations} operations in {time.monotonic() - started:.0f} s")
+        print(f"fuzzed {len(tested | more)} operations in {time.monotonic() - started:.0f} s")
 
+
+def _fuzz(url: str, headers: dict[str, str], report: Path, *selection: str) -> tuple[set[str], set[str]]:
+    """Runs schemathesis on the selected operations of the served document; the operations that
+    ran cases and the checks that ran, read from its NDJSON events."""
+    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(FUZZ / "schemathesis.toml"),
+               "run", f"{url}{DOCUMENT_PATH}", "--no-color", "--report", "ndjson", "--report-ndjson-path", str(report),
+               *selection, *(item for name, value in headers.items() for item in ("--header", f"{name}: {value}"))]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=report.parent,
+                         env={**os.environ, "SCHEMATHESIS_HOOKS": str(FUZZ / "checks.py")})
+    assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
+    tested, checks = set(), set()
+    for line in report.read_text().splitlines():
+        finished = json.loads(line).get("ScenarioFinished", {})
+        recorder = finished.get("recorder", {})
+        if recorder.get("cases"):  # a skipped scenario (an operation with no examples) has none
+            if finished["phase"] != "stateful":  # sequences of operations, under one label of their own
+                tested.add(recorder["label"])
+            checks |= {check["name"] for results in recorder.get("checks", {}).values() for check in results}
+    return tested, checks

@@ -403,7 +403,8 @@ def test_mlflow_scoring_protocol(http, built):
     assert bad.status_code == 400 and {"error", "error_code", "message"} <= bad.json().keys()  # ours and MLflow's
     unread = http.post("/v2/models/mlflow-iris/invocations", content="1,2", headers={"Content-Type": "text/plain"})
     assert unread.status_code == 415 and "text/plain" in unread.json()["error"]
-    assert http.get("/v2/models/mlflow-iris/ping").status_code == 200
+    ping = http.get("/v2/models/mlflow-iris/ping")
+    assert ping.status_code == 200 and ping.headers["content-type"].startswith("text/plain")  # its body is no JSON
     assert http.get("/v2/models/nothing-here/ping").status_code == 404
     not_mlflow = http.post("/v2/models/lgb-binary/invocations", json={"inputs": [[1, 2, 3, 4]]})
     assert not_mlflow.status_code == 404 and "invocations" in not_mlflow.json()["error"]

@@ -171,7 +171,8 @@ def _model_routes() -> dict[str, dict]:
             "text/csv": {"schema": {"type": "string"}},
         }))})
     paths |= _per_model("/ping", lambda p: {"get": _operation(
-        "MLflow ping", "mlflow", {"application/json": {"schema": {"type": "string"}}}, unavailable, parameters=p)})
+        "MLflow ping", "mlflow", {"text/plain": {"schema": {"type": "string"}}}, unavailable, parameters=p,
+        description="200 (a newline) when the MLflow model can serve.")})
     return paths
 
 

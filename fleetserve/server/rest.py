@@ -215,7 +215,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         # An evicted model's runtime is not there to ask: it answers as ready, like any ready model.
         if model.runtime is not None and not hasattr(model.runtime, "invocations"):
             raise NotFound(f"model '{name}' is not an MLflow model: it has no /ping")
-        return Response("\n", media_type=JSON)
+        return Response("\n", media_type="text/plain")  # MLflow's says application/json, with a body that is not
 
     # Repository.
 
