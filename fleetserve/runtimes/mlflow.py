@@ -14,7 +14,6 @@ name), unless the signature names it.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from typing import Any
@@ -120,7 +119,7 @@ class MLflowRuntime(Runtime):
         try:
             answer = scoring_server.invocations(body, content_type, self.model, self.input_schema)
         except MlflowException as error:  # refused input
-            return error.get_http_status_code(), orjson.dumps({"error": error.message, **json.loads(error.serialize_as_json())}), JSON
+            return error.get_http_status_code(), orjson.dumps({"error": error.message, **orjson.loads(error.serialize_as_json())}), JSON
         if answer.status >= 400:  # MLflow answers a content type it does not read in plain text
             return answer.status, orjson.dumps({"error": answer.response}), JSON
         return answer.status, answer.response, answer.mimetype

@@ -1,5 +1,6 @@
 """The REST front door: the V2 HTTP API. Inference takes a small ASGI fast path straight to the
-data plane; every other route is a FastAPI handler.
+data plane; every other route is a FastAPI handler. The API's document (server/openapi.py) and
+its Swagger UI page are served under /v2/docs.
 
 Handlers take the raw request and return raw responses: bodies are parsed once with orjson
 into numpy tensors (server/binary.py), never through pydantic models. Every failure answers
@@ -215,7 +216,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         # An evicted model's runtime is not there to ask: it answers as ready, like any ready model.
         if model.runtime is not None and not hasattr(model.runtime, "invocations"):
             raise NotFound(f"model '{name}' is not an MLflow model: it has no /ping")
-        return Response("\n", media_type="text/plain")  # MLflow's says application/json, with a body that is not
+        return Response("\n", media_type="text/plain")  # MLflow's own labels this newline JSON; it is not
 
     # Repository.
 
