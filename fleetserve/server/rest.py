@@ -328,10 +328,10 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     app.get("/metrics")(metrics)
 
     # The API's documentation, with Swagger UI's files served from here: the page works offline.
-    app.get("/v2/docs")(docs_page)
-    app.get("/v2/docs/dataplane.json")(openapi_document)
+    app.get(DOCS)(docs_page)
+    app.get(f"{DOCS}/dataplane.json")(openapi_document)
     for asset, media_type in openapi.DOCS_ASSETS.items():
-        app.get(f"/v2/docs/{asset}")(_asset(asset, media_type))
+        app.get(f"{DOCS}/{asset}")(_asset(asset, media_type))
     return InferenceFastPath(app, server)
 
 
@@ -344,12 +344,13 @@ def _allowed_methods(app: FastAPI, scope) -> str:
 _PARSERS = {"Model": model_from_manifest, "Pipeline": pipeline_from_manifest, "Experiment": experiment_from_manifest}
 
 
+DOCS = "/v2/docs"
 _DOCS_PAGE = get_swagger_ui_html(
-    openapi_url="/v2/docs/dataplane.json",
+    openapi_url=f"{DOCS}/dataplane.json",
     title="fleetserve API",
-    swagger_js_url="/v2/docs/swagger-ui-bundle.js",
-    swagger_css_url="/v2/docs/swagger-ui.css",
-    swagger_favicon_url="/v2/docs/favicon-32x32.png",
+    swagger_js_url=f"{DOCS}/swagger-ui-bundle.js",
+    swagger_css_url=f"{DOCS}/swagger-ui.css",
+    swagger_favicon_url=f"{DOCS}/favicon-32x32.png",
     swagger_ui_parameters={"validatorUrl": None},  # else the page asks swagger.io to validate the document
 ).body
 
