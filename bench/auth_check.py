@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fleetserve.server.rest import infer_target
+from fleetserve.server.routes import infer_target
 from fleetserve.server.security import Tokens, protect_rest
 
 ADMIN, DATA = b"a" * 32, b"d" * 32

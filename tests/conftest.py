@@ -337,6 +337,16 @@ def s3():
 
 
 @pytest.fixture(scope="session")
+def rest_routes(tmp_path_factory) -> list:
+    """The routes of the REST app, built in this process: once, since a server registers its metrics."""
+    from fleetserve.server.app import FleetServer
+    from fleetserve.server.rest import build_rest_app
+    from fleetserve.settings import ServerSettings
+
+    return build_rest_app(FleetServer(ServerSettings(model_repository=str(tmp_path_factory.mktemp("no-models"))))).app.routes
+
+
+@pytest.fixture(scope="session")
 def repository(tmp_path_factory) -> Path:
     return build_repository(tmp_path_factory.mktemp("model_repo"))
 

@@ -67,7 +67,7 @@ def bearer(token: str) -> dict[str, str]:
 
 # --- The table ----------------------------------------------------------------------------------
 
-def test_every_route_and_rpc_is_classified(tmp_path):
+def test_every_route_and_rpc_is_classified(rest_routes):
     """Every route FastAPI serves, every route the fast path serves and every RPC of both gRPC
     services has an entry, and the request matcher gives a concrete path its template's entry."""
     from fastapi.routing import APIRoute
@@ -75,12 +75,9 @@ def test_every_route_and_rpc_is_classified(tmp_path):
     from starlette.routing import Match
 
     from fleetserve.server import security
-    from fleetserve.server.app import FleetServer
-    from fleetserve.server.rest import FAST_PATH_ROUTES, build_rest_app, infer_target
-    from fleetserve.settings import ServerSettings
+    from fleetserve.server.routes import FAST_PATH_ROUTES, infer_target
 
-    app = build_rest_app(FleetServer(ServerSettings(model_repository=str(tmp_path)))).app
-    assert security.unclassified_routes(app.routes) == []
+    assert security.unclassified_routes(rest_routes) == []
     services = [service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"], health.DESCRIPTOR.services_by_name["Health"]]
     assert security.unclassified_rpcs(services) == []
     assert {security.RPCS[f"/inference.GRPCInferenceService/{name}"] for name in ("ModelInfer", "ModelStreamInfer")} == {security.DATA}
@@ -89,7 +86,7 @@ def test_every_route_and_rpc_is_classified(tmp_path):
     for template in FAST_PATH_ROUTES:
         assert security.ROUTES[("POST", template)] == security.DATA
         assert infer_target(template.replace("{name}", "m").replace("{version}", "1")) is not None
-    routes = [route for route in app.routes if isinstance(route, APIRoute)]
+    routes = [route for route in rest_routes if isinstance(route, APIRoute)]
     for route in routes:
         for method in route.methods:
             assert security.route_access(method, re.sub(r"\{\w+\}", "m", route.path)) == security.ROUTES[(method, route.path)]
@@ -110,6 +107,18 @@ def test_every_route_and_rpc_is_classified(tmp_path):
     assert security.route_access("GET", "/v2/repository/index") == security.UNKNOWN
     assert security.route_access("PUT", "/v2/models/iris") == security.UNKNOWN
     assert security.route_access("GET", "/v2/models//ready") == security.UNKNOWN
+
+
+def test_the_openapi_document_and_the_table_name_the_same_routes():
+    """The document is generated from neither: each must name every route, and what a token may
+    close is documented as answering 401 and 403."""
+    from fleetserve.server import openapi, security
+
+    assert openapi.operations() == set(security.ROUTES)
+    for path, item in openapi.DOCUMENT["paths"].items():
+        for method, operation in item.items():
+            guarded = {"401", "403"} <= operation["responses"].keys() and "security" in operation
+            assert guarded == (security.ROUTES[(method.upper(), path)] is not security.OPEN), (method, path)
 
 
 def test_a_route_missing_from_the_table_refuses_to_start():

@@ -33,6 +33,7 @@ from fleetserve.runtime.base import Runtime
 from fleetserve.settings import TensorMetadata
 from fleetserve.types import InferenceRequest, InferenceResponse, Tensor, datatype_of_dtype
 
+JSON = "application/json"
 _DATATYPES = {
     DataType.boolean: "BOOL",
     DataType.integer: "INT32",
@@ -112,8 +113,9 @@ class MLflowRuntime(Runtime):
         names = [tensor.name for tensor in self.own_outputs]
         return [_tensor(names[0] if len(names) == 1 else DEFAULT_OUTPUT, result)]
 
-    def invocations(self, body: bytes, content_type: str) -> tuple[int, str, str]:
-        """MLflow's scoring protocol: (status, body, content type) as `mlflow models serve` answers."""
+    def invocations(self, body: bytes, content_type: str) -> tuple[int, str | bytes, str]:
+        """MLflow's scoring protocol: (status, body, content type) as `mlflow models serve` answers,
+        but every error is JSON with this server's `error` key (MLflow's own keys kept beside it)."""
         try:
             answer = scoring_server.invocations(body, content_type, self.model, self.input_schema)
         except MlflowException as error:  # refused input: MLflow's server answers these as JSON errors

@@ -1,5 +1,6 @@
 """The REST front door: the V2 HTTP API. Inference takes a small ASGI fast path straight to the
-data plane; every other route is a FastAPI handler.
+data plane; every other route is a FastAPI handler. The API's document (server/openapi.py) and
+its Swagger UI page are served under /v2/docs.
 
 Handlers take the raw request and return raw responses: bodies are parsed once with orjson
 into numpy tensors (server/binary.py), never through pydantic models. Every failure answers
@@ -16,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
+from swagger_ui_bundle import swagger_ui_path
 
 from fleetserve.errors import (
     FleetError, InvalidInput, ModelUnavailable, NotFound, NotReady, PayloadTooLarge, ServerUnavailable, describe,
@@ -26,7 +30,8 @@ from fleetserve.errors import (
 from fleetserve.graph.experiment import experiment_from_manifest
 from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
 from fleetserve.graph.pipeline import pipeline_from_manifest
-from fleetserve.server import documents
+from fleetserve.server import documents, openapi
+from fleetserve.server.routes import infer_target
 from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object, refuse_deep_json
 
 if TYPE_CHECKING:
@@ -42,10 +47,10 @@ def json_response(document: Any, status: int = 200, headers: dict[str, str] | No
     return Response(orjson.dumps(document), status_code=status, media_type=JSON, headers=headers)
 
 
-def error_response(message: str, status: int, request: Request | None = None) -> Response:
-    headers = None
+def error_response(message: str, status: int, request: Request | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
     if request is not None and (request_id := request.headers.get("x-request-id")):
-        headers = {"x-request-id": request_id}
+        headers = {**(headers or {}), "x-request-id": request_id}
     return json_response({"error": message}, status, headers)
 
 
@@ -145,7 +150,10 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, error: HTTPException) -> Response:
-        return error_response(str(error.detail), error.status_code, request)
+        headers = error.headers
+        if error.status_code == 405:  # Starlette's Allow names only the first route's methods
+            headers = {"Allow": _allowed_methods(app, request.scope)}
+        return error_response(str(error.detail), error.status_code, request, headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> Response:
@@ -213,7 +221,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         # An evicted model's runtime is not there to ask: it answers as ready, like any ready model.
         if model.runtime is not None and not hasattr(model.runtime, "invocations"):
             raise NotFound(f"model '{name}' is not an MLflow model: it has no /ping")
-        return Response("\n", media_type=JSON)
+        return Response("\n", media_type="text/plain")  # MLflow's own labels this newline JSON; it is not
 
     # Repository.
 
@@ -323,27 +331,49 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         return json_response(documents.pipeline_messages(router.get_pipeline(name), target, limit))
 
     app.get("/metrics")(metrics)
+
+    # The API's documentation, with Swagger UI's files served from here: the page works offline.
+    app.get(DOCS)(docs_page)
+    app.get(f"{DOCS}/dataplane.json")(openapi_document)
+    for asset, media_type in openapi.DOCS_ASSETS.items():
+        app.get(f"{DOCS}/{asset}")(_asset(asset, media_type))
     return InferenceFastPath(app, server)
+
+
+def _allowed_methods(app: FastAPI, scope) -> str:
+    """Every method some route answers at this path: one path's methods may be several routes."""
+    return ", ".join(sorted({method for route in app.router.routes if route.matches(scope)[0] is not Match.NONE
+                             for method in route.methods}))
 
 
 _PARSERS = {"Model": model_from_manifest, "Pipeline": pipeline_from_manifest, "Experiment": experiment_from_manifest}
 
 
-# The routes InferenceFastPath answers itself (infer_target recognises them); FastAPI never sees them.
-FAST_PATH_ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer", "/v2/pipelines/{name}/infer")
+DOCS = "/v2/docs"
+_DOCS_PAGE = get_swagger_ui_html(
+    openapi_url=f"{DOCS}/dataplane.json",
+    title="fleetserve API",
+    swagger_js_url=f"{DOCS}/swagger-ui-bundle.js",
+    swagger_css_url=f"{DOCS}/swagger-ui.css",
+    swagger_favicon_url=f"{DOCS}/favicon-32x32.png",
+    swagger_ui_parameters={"validatorUrl": None},  # else the page asks swagger.io to validate the document
+).body
 
 
-def infer_target(path: str) -> tuple[str, str, str | None] | None:
-    """("models", model, version) for /v2/models/{m}[/versions/{v}]/infer, ("pipelines",
-    pipeline, None) for /v2/pipelines/{p}/infer, else None."""
-    parts = path.split("/")
-    if parts[-1] != "infer" or parts[1] != "v2" or parts[2] not in ("models", "pipelines"):
-        return None
-    if len(parts) == 5:
-        return parts[2], parts[3], None
-    if len(parts) == 7 and parts[4] == "versions" and parts[2] == "models":
-        return parts[2], parts[3], parts[5]
-    return None
+async def docs_page() -> Response:
+    return Response(_DOCS_PAGE, media_type="text/html")
+
+
+async def openapi_document() -> Response:
+    return Response(openapi.DOCUMENT_JSON, media_type=JSON)
+
+
+def _asset(name: str, media_type: str):
+    path = swagger_ui_path / name
+
+    async def asset() -> Response:
+        return FileResponse(path, media_type=media_type)
+    return asset
 
 
 def _json_size(body: bytes, header_length: str | None) -> int:

@@ -36,7 +36,7 @@ import orjson
 from starlette.routing import WebSocketRoute
 
 from fleetserve.errors import FleetError, PermissionDenied, Unauthenticated
-from fleetserve.server.rest import infer_target
+from fleetserve.server.routes import infer_target
 
 if TYPE_CHECKING:
     from fleetserve.settings import ServerSettings
@@ -83,8 +83,11 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("GET", "/metrics"): OPEN,  # Prometheus scrapes it without credentials; the metrics port too
     # The OpenAPI document and the page (and its assets) that render it.
     ("GET", "/v2/docs"): OPEN,
-    ("GET", "/v2/docs/{path:path}"): OPEN,
-    # Inference: the fast path's routes (rest.FAST_PATH_ROUTES) and MLflow's scoring protocol.
+    ("GET", "/v2/docs/dataplane.json"): OPEN,
+    ("GET", "/v2/docs/swagger-ui-bundle.js"): OPEN,
+    ("GET", "/v2/docs/swagger-ui.css"): OPEN,
+    ("GET", "/v2/docs/favicon-32x32.png"): OPEN,
+    # Inference: the fast path's routes (routes.FAST_PATH_ROUTES) and MLflow's scoring protocol.
     ("POST", "/v2/models/{name}/infer"): DATA,
     ("POST", "/v2/models/{name}/versions/{version}/infer"): DATA,
     ("POST", "/v2/pipelines/{name}/infer"): DATA,
