@@ -120,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--triton-repository", help="a model repository folder Triton also reads (else files go in load requests)")
     start.add_argument("--gpu-memory-limit",
                        help="memory for models resident in Triton: bytes or 16Gi (default: no limit; FLEETSERVE_GPU_MEMORY_LIMIT)")
+    start.add_argument("--max-concurrent-requests", type=int,
+                       help="requests in flight at once, REST and gRPC; past it 503 + Retry-After / RESOURCE_EXHAUSTED "
+                            "(default 64 per core, at least 256; 0: no limit; FLEETSERVE_MAX_CONCURRENT_REQUESTS)")
+    start.add_argument("--request-head-timeout", type=float,
+                       help="seconds a client may take to send a request's headers before it is disconnected "
+                            "(default 10; 0: no limit; FLEETSERVE_REQUEST_HEAD_TIMEOUT)")
+    start.add_argument("--request-body-timeout", type=float,
+                       help="seconds a client may take to send a request's body (default 60; 0: no limit; "
+                            "FLEETSERVE_REQUEST_BODY_TIMEOUT)")
     start.set_defaults(run=_start)
 
     def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:

@@ -65,6 +65,17 @@ class Timeout(FleetError):
     """What the server called on the client's behalf (an explainer's model) did not answer in time."""
 
 
+class Overloaded(FleetError):
+    """The server (--max-concurrent-requests) or a model's queue (max_queue_size) is full: the
+    client should retry shortly (REST answers with Retry-After). gRPC's own concurrency limit
+    answers RESOURCE_EXHAUSTED too."""
+
+
+class DeadlineExceeded(FleetError):
+    """The request's own deadline (parameters.timeout, a gRPC deadline, or its model's
+    default_timeout_microseconds) passed before its answer."""
+
+
 def describe(error: BaseException) -> str:
     """What a client or an operator reads about an error: our own message, else its type and text."""
     if isinstance(error, FleetError):
@@ -86,4 +97,6 @@ STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     Busy: (503, grpc.StatusCode.UNAVAILABLE),
     ServerUnavailable: (503, grpc.StatusCode.UNAVAILABLE),
     Timeout: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
+    Overloaded: (503, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    DeadlineExceeded: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
 }

@@ -60,6 +60,14 @@ class ServerSettings:
     # Memory for the models resident in Triton (bytes or a quantity); empty: no limit, Triton's
     # own. Past it, the least recently used idle GPU model is unloaded from Triton.
     gpu_memory_limit: str = ""
+    # Requests in flight at once, REST and gRPC together (inference and control; never health,
+    # metadata, statistics or /metrics); past it, 503 with Retry-After or RESOURCE_EXHAUSTED at
+    # once. 0: no limit. See _default_max_concurrent_requests.
+    max_concurrent_requests: int = field(default_factory=lambda: _default_max_concurrent_requests())
+    # Seconds a client may take to send a request's head (from its first byte, or from connecting),
+    # then its body (from the end of the head), before its connection is closed. 0: no limit.
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 60.0
 
     @property
     def memory_limit_bytes(self) -> int:
@@ -137,6 +145,16 @@ def _available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _default_max_concurrent_requests() -> int:
+    """64 per core, at least 256. Past what the worker threads run, requests only queue: at a
+    thousand or more small requests per second per core, 64 queued per core is tens of
+    milliseconds of waiting, room for every connection a load balancer or a benchmark keeps
+    busy; a flood past it is refused in microseconds instead of queueing for seconds while
+    holding its tensors."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(256, 64 * cores)
+
+
 def _split(items: str) -> list[str]:
     return [item.strip() for item in items.split(",") if item.strip()]
 
@@ -199,6 +217,16 @@ class TensorMetadata:
         return out
 
 
+def _count(raw: dict, key: str) -> int:
+    """A non-negative integer setting; absent or null is 0."""
+    value = raw.get(key)
+    if value is None:
+        return 0
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def _tensor_list(raw: dict, key: str, where: str) -> list[TensorMetadata]:
     tensors = raw.get(key)
     if tensors is None:
@@ -227,12 +255,18 @@ class ModelSettings:
     parallel_workers: int = 0  # processes of its own that run predict; 0: the server's threads
     requirements: list[str] = field(default_factory=list)
     memory: int = 0  # declared bytes; 0 when not declared
+    # Triton's queue policy: requests that may wait for a predict slot (0: no limit), and how
+    # long a request may take before it is answered 504 (0: no limit; a request's own shorter
+    # `timeout` parameter wins).
+    max_queue_size: int = 0
+    default_timeout_microseconds: int = 0
     unknown: dict[str, Any] = field(default_factory=dict)
     fetched: Path | None = None  # the local copy of a remote `uri`, once downloaded
     from_manifest: bool = False  # its artifacts may hold a model-settings.json to complete it
 
     _KNOWN = {"name", "implementation", "parameters", "inputs", "outputs", "platform", "max_batch_size",
-              "max_batch_time", "parallel_workers", "requirements", "versions", "memory"}
+              "max_batch_time", "parallel_workers", "requirements", "versions", "memory", "max_queue_size",
+              "default_timeout_microseconds"}
     _KNOWN_PARAMETERS = {"uri", "version", "extra", "content_type"}
 
     @classmethod
@@ -259,6 +293,8 @@ class ModelSettings:
             parallel_workers = int(raw.get("parallel_workers") or 0)
             if max_batch_size < 0 or max_batch_time < 0 or parallel_workers < 0:
                 raise ValueError("max_batch_size, max_batch_time and parallel_workers must not be negative")
+            max_queue_size = _count(raw, "max_queue_size")
+            default_timeout_microseconds = _count(raw, "default_timeout_microseconds")
             memory = parse_quantity(raw.get("memory") or 0)
             version = parameters.get("version", default_version)
             version = None if version is None else check_model_name(str(version), "version")
@@ -284,6 +320,8 @@ class ModelSettings:
             parallel_workers=parallel_workers,
             requirements=requirements,
             memory=memory,
+            max_queue_size=max_queue_size,
+            default_timeout_microseconds=default_timeout_microseconds,
             unknown=unknown,
         )
 
@@ -314,6 +352,8 @@ class ModelSettings:
         self.inputs, self.outputs, self.platform = inner.inputs, inner.outputs, inner.platform
         self.max_batch_size, self.max_batch_time = inner.max_batch_size, inner.max_batch_time
         self.parallel_workers = self.parallel_workers or inner.parallel_workers
+        self.max_queue_size = self.max_queue_size or inner.max_queue_size
+        self.default_timeout_microseconds = self.default_timeout_microseconds or inner.default_timeout_microseconds
         if inner.uri:
             self.fetched = inner.artifact_path
 
