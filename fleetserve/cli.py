@@ -158,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--max-download-size",
                        help="largest download or unpacked archive: bytes or 512Mi, 10Gi (default 10Gi; "
                             "FLEETSERVE_MAX_DOWNLOAD_SIZE)")
+    start.add_argument("--max-concurrent-requests", type=int,
+                       help="requests in flight at once, REST and gRPC; past it 503 + Retry-After / RESOURCE_EXHAUSTED "
+                            "(default 64 per core, at least 256; 0: no limit; FLEETSERVE_MAX_CONCURRENT_REQUESTS)")
+    start.add_argument("--request-head-timeout", type=float,
+                       help="seconds a client may take to send a request's headers before it is disconnected "
+                            "(default 10; 0: no limit; FLEETSERVE_REQUEST_HEAD_TIMEOUT)")
+    start.add_argument("--request-body-timeout", type=float,
+                       help="seconds a client may take to send a request's body (default 60; 0: no limit; "
+                            "FLEETSERVE_REQUEST_BODY_TIMEOUT)")
     start.set_defaults(run=_start)
 
     def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:

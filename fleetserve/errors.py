@@ -76,6 +76,15 @@ class Unauthenticated(FleetError):
 
 class PermissionDenied(FleetError):
     """The request's token does not open this route."""
+class Overloaded(FleetError):
+    """The server (--max-concurrent-requests) or a model's queue (max_queue_size) is full: the
+    client should retry shortly (REST answers with Retry-After). gRPC's own concurrency limit
+    answers RESOURCE_EXHAUSTED too."""
+
+
+class DeadlineExceeded(FleetError):
+    """The request's own deadline (parameters.timeout, a gRPC deadline, or its model's
+    default_timeout_microseconds) passed before its answer."""
 
 
 def describe(error: BaseException) -> str:
@@ -102,4 +111,6 @@ STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     Timeout: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
     Unauthenticated: (401, grpc.StatusCode.UNAUTHENTICATED),
     PermissionDenied: (403, grpc.StatusCode.PERMISSION_DENIED),
+    Overloaded: (503, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    DeadlineExceeded: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
 }

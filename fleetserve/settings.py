@@ -83,6 +83,14 @@ class ServerSettings:
     download_timeout: float = 1800.0
     # Largest download of one model (and the most an archive may unpack to): bytes or a quantity.
     max_download_size: str = "10Gi"
+    # Requests in flight at once, REST and gRPC together (inference and control; never health,
+    # metadata, statistics or /metrics); past it, 503 with Retry-After or RESOURCE_EXHAUSTED at
+    # once. 0: no limit. See _default_max_concurrent_requests.
+    max_concurrent_requests: int = field(default_factory=lambda: _default_max_concurrent_requests())
+    # Seconds a client may take to send a request's head (from its first byte, or from connecting),
+    # then its body (from the end of the head), before its connection is closed. 0: no limit.
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 60.0
 
     @property
     def memory_limit_bytes(self) -> int:
@@ -206,6 +214,14 @@ def is_within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     """Whether `path` is `root` or lies under it, once both are resolved (symlinks and '..' followed)."""
     path, root = os.path.realpath(path), os.path.realpath(root)
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+def _default_max_concurrent_requests() -> int:
+    """64 per core, at least 256. Past what the worker threads run, requests only queue: at a
+    thousand or more small requests per second per core, 64 queued per core is tens of
+    milliseconds of waiting, room for every connection a load balancer or a benchmark keeps
+    busy; a flood past it is refused in microseconds instead of queueing for seconds while
+    holding its tensors."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(256, 64 * cores)
 
 
 def _split(items: str) -> list[str]:
@@ -277,6 +293,16 @@ class TensorMetadata:
         return out
 
 
+def _count(raw: dict, key: str) -> int:
+    """A non-negative integer setting; absent or null is 0."""
+    value = raw.get(key)
+    if value is None:
+        return 0
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def _tensor_list(raw: dict, key: str, where: str) -> list[TensorMetadata]:
     tensors = raw.get(key)
     if tensors is None:
@@ -307,12 +333,18 @@ class ModelSettings:
     parallel_workers: int | None = None
     requirements: list[str] = field(default_factory=list)
     memory: int = 0  # declared bytes; 0 when not declared
+    # Triton's queue policy: requests that may wait for a predict slot (0: no limit), and how
+    # long a request may take before it is answered 504 (0: no limit; a request's own shorter
+    # `timeout` parameter wins).
+    max_queue_size: int = 0
+    default_timeout_microseconds: int = 0
     unknown: dict[str, Any] = field(default_factory=dict)
     fetched: Path | None = None  # the local copy of a remote `uri`, once downloaded
     from_manifest: bool = False  # its artifacts may hold a model-settings.json to complete it
 
     _KNOWN = {"name", "implementation", "parameters", "inputs", "outputs", "platform", "max_batch_size",
-              "max_batch_time", "parallel_workers", "requirements", "versions", "memory"}
+              "max_batch_time", "parallel_workers", "requirements", "versions", "memory", "max_queue_size",
+              "default_timeout_microseconds"}
     _KNOWN_PARAMETERS = {"uri", "version", "extra", "content_type"}
 
     @classmethod
@@ -340,6 +372,8 @@ class ModelSettings:
             parallel_workers = None if parallel_workers is None else int(parallel_workers)
             if max_batch_size < 0 or max_batch_time < 0 or (parallel_workers or 0) < 0:
                 raise ValueError("max_batch_size, max_batch_time and parallel_workers must not be negative")
+            max_queue_size = _count(raw, "max_queue_size")
+            default_timeout_microseconds = _count(raw, "default_timeout_microseconds")
             memory = parse_quantity(raw.get("memory") or 0)
             version = parameters.get("version", default_version)
             version = None if version is None else check_model_name(str(version), "version")
@@ -365,6 +399,8 @@ class ModelSettings:
             parallel_workers=parallel_workers,
             requirements=requirements,
             memory=memory,
+            max_queue_size=max_queue_size,
+            default_timeout_microseconds=default_timeout_microseconds,
             unknown=unknown,
         )
 
@@ -396,6 +432,8 @@ class ModelSettings:
         self.max_batch_size, self.max_batch_time = inner.max_batch_size, inner.max_batch_time
         if self.parallel_workers is None:
             self.parallel_workers = inner.parallel_workers
+        self.max_queue_size = self.max_queue_size or inner.max_queue_size
+        self.default_timeout_microseconds = self.default_timeout_microseconds or inner.default_timeout_microseconds
         if inner.uri:
             # The storage the manifest names is what was checked: its own settings may not reach past it.
             if not is_within(inner.artifact_path, folder):

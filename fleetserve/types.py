@@ -142,6 +142,9 @@ class InferenceRequest:
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: list[RequestedOutput] = field(default_factory=list)
+    # time.monotonic() by which the answer is due (Triton's `timeout` parameter, a gRPC
+    # deadline); None: no deadline. Set by the front doors, kept by pipeline steps.
+    deadline: float | None = None
 
     def input(self, name: str) -> Tensor:
         for tensor in self.inputs:

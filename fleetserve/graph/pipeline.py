@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from fleetserve.errors import FleetError, InferenceError, InvalidInput
+from fleetserve.errors import DeadlineExceeded, FleetError, InferenceError, InvalidInput
 from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
 
 log = logging.getLogger(__name__)
@@ -462,6 +462,7 @@ class PipelineRun:
         self.tasks: dict[asyncio.Task, str] = {}  # running step -> its name
         self.response: asyncio.Future = asyncio.get_running_loop().create_future()
         self.inputs = request.inputs
+        self.deadline = request.deadline  # each step's model answers by the pipeline request's deadline
 
     async def run(self) -> list[Tensor]:
         """The output's tensors; steps off the response path may still be running after it."""
@@ -582,7 +583,7 @@ class PipelineRun:
     async def _answer(self, step: Step, inputs: list[Tensor]) -> list[Tensor] | None:
         """The step's outputs; None when it is batched and another request's message carries the batch."""
         async def run(tensors: list[Tensor]) -> list[Tensor]:
-            response = await self.call(step.name, InferenceRequest(inputs=tensors, id=self.request_id))
+            response = await self.call(step.name, InferenceRequest(inputs=tensors, id=self.request_id, deadline=self.deadline))
             return response.outputs
 
         batch = self.pipeline.batches.get(step.name)
@@ -594,7 +595,8 @@ class PipelineRun:
         message = f"{step} : {error.message}"
         self.pipeline.step_errors[step] = self.pipeline.step_errors.get(step, 0) + 1
         if step in self.pipeline.needed and not self.response.done():
-            self.response.set_exception(InferenceError(message))
+            # The request's own deadline is not the step's fault: it keeps its 504.
+            self.response.set_exception((DeadlineExceeded if isinstance(error, DeadlineExceeded) else InferenceError)(message))
             return
         log.warning("pipeline %s (request %s): %s", self.pipeline.name, self.request_id, message)
 

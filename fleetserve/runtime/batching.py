@@ -8,7 +8,8 @@ dimension, and every output is split back by the same row counts.
 
 A batch that fails is retried one request at a time, so one bad request fails alone. A model
 whose outputs do not split by rows (one aggregate for the whole input) is answered request by
-request from then on.
+request from then on. A batch waits for a predict slot no later than the last of its members'
+deadlines (none if a member has none); a queue policy's refusal or expiry answers every member.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from typing import Awaitable, Callable
 import numpy as np
 import orjson
 
-from fleetserve.errors import InferenceError
+from fleetserve.errors import DeadlineExceeded, InferenceError, Overloaded
 from fleetserve.runtime import metrics
 from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
 
-# The data plane's predict: the answer, and when the model began computing it.
 log = logging.getLogger(__name__)
 
-Predict = Callable[[InferenceRequest], Awaitable[tuple[InferenceResponse, int]]]
+# The data plane's predict of a request or a batch (its deadline, how many requests it holds):
+# the answer, and when the model began computing it.
+Predict = Callable[[InferenceRequest, float | None, int], Awaitable[tuple[InferenceResponse, int]]]
 
 
 @dataclass(eq=False)
@@ -37,6 +39,7 @@ class _Waiting:
     request: InferenceRequest
     answer: asyncio.Future
     rows: int
+    deadline: float | None
     queued: int = field(default_factory=time.perf_counter_ns)
 
 
@@ -54,12 +57,12 @@ class AdaptiveBatcher:
         self.batch_size = metrics.BATCH_SIZE.labels(*labels)
         self.queue_time = metrics.BATCH_QUEUE_TIME.labels(*labels)
 
-    async def submit(self, request: InferenceRequest) -> tuple[InferenceResponse, int]:
+    async def submit(self, request: InferenceRequest, deadline: float | None = None) -> tuple[InferenceResponse, int]:
         key = _merge_key(request) if self.splittable else None
-        if key is None:  # scalars have no batch dimension: alone, at once
-            return await self.predict(request)
+        if key is None:  # scalars have no batch dimension: alone, at once (the caller's deadline cancels it)
+            return await self.predict(request, None, 1)
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(request, loop.create_future(), request.inputs[0].data.shape[0])
+        waiting = _Waiting(request, loop.create_future(), request.inputs[0].data.shape[0], deadline)
         group = self.pending.setdefault(key, [])
         group.append(waiting)
         if len(group) >= self.max_size:
@@ -91,7 +94,9 @@ class AdaptiveBatcher:
         self.batch_size.observe(len(batch))
         try:
             if len(batch) > 1:
-                merged, began = await self.predict(_merge([waiting.request for waiting in batch]))
+                deadlines = [waiting.deadline for waiting in batch]
+                deadline = None if None in deadlines else max(deadlines)
+                merged, began = await self.predict(_merge([waiting.request for waiting in batch]), deadline, len(batch))
                 try:
                     parts = _split(merged, batch[0].request, [waiting.rows for waiting in batch])
                 except InferenceError as error:
@@ -101,7 +106,7 @@ class AdaptiveBatcher:
                 for waiting, part in zip(batch, parts):
                     _answer(waiting, result=(part, began))
                 return
-        except asyncio.CancelledError as error:  # the server is shutting down
+        except (asyncio.CancelledError, Overloaded, DeadlineExceeded) as error:  # shutting down, or the queue's word
             for waiting in batch:
                 _answer(waiting, error=error)
             return
@@ -111,7 +116,7 @@ class AdaptiveBatcher:
 
     async def _run_alone(self, waiting: _Waiting) -> None:
         try:
-            _answer(waiting, result=await self.predict(waiting.request))
+            _answer(waiting, result=await self.predict(waiting.request, waiting.deadline, 1))
         except BaseException as error:  # the data plane reports it as the caller's own failure
             _answer(waiting, error=error)
 

@@ -2,6 +2,14 @@
 
 REST, gRPC and (later) pipeline steps, experiments and explainers all call `infer()`, so
 validation, pinning, statistics, metrics and error mapping happen here and only here.
+
+Time limits (Triton's queue policy) are kept here too. A request's deadline (its own, or its
+model's `default_timeout_microseconds` from its arrival, the sooner) bounds the caller's wait: at
+the deadline it is answered 504. Work not yet begun by then (waiting for a predict slot, or in a
+batch whose every member's deadline passed) is dropped and never runs; a predict already running
+cannot be stopped, so it runs to its end holding its slot, and its answer is dropped. A model's
+`max_queue_size` bounds the requests waiting for its predict slots: one more is refused at once
+(503). A model without either setting and a request without a deadline pay an attribute test.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from fleetserve.errors import FleetError, InferenceError, InvalidInput, NotFound, describe
+from fleetserve.errors import DeadlineExceeded, FleetError, InferenceError, InvalidInput, NotFound, Overloaded, describe
 from fleetserve.runtime import metrics
 from fleetserve.runtime.batching import AdaptiveBatcher
 from fleetserve.runtime.registry import ModelVersion, Registry
@@ -38,14 +46,10 @@ class DataPlane:
         model.in_flight += 1  # pinned: never evicted or unloaded while this request needs it
         try:
             _check_inputs(model, request)
-            if model.runtime is None:
-                await self.registry.ensure_resident(model)
-            self.registry.memory.touch(model)
-            batcher = model.batcher if model.batcher is not None else self._batcher_for(model)
-            if batcher:
-                response, computed = await batcher.submit(request)
+            if request.deadline is None and not model.settings.default_timeout_microseconds:
+                response, computed = await self._answer(model, request, None)
             else:
-                response, computed = await self._compute(model, request)
+                response, computed = await self._answer_by_deadline(model, request)
             response = _select_outputs(model, request, response)
         except asyncio.CancelledError:  # the client went away or hit its deadline
             self._record_failure(model, started, "Cancelled")
@@ -71,6 +75,33 @@ class DataPlane:
         response.model_version = model.version
         response.id = request.id
         return response
+
+    async def _answer(self, model: ModelVersion, request: InferenceRequest,
+                      deadline: float | None) -> tuple[InferenceResponse, int]:
+        """The model's answer, reloaded if it was evicted, batched if it batches."""
+        if model.runtime is None:
+            await self.registry.ensure_resident(model)
+        self.registry.memory.touch(model)
+        batcher = model.batcher if model.batcher is not None else self._batcher_for(model)
+        if batcher:
+            return await batcher.submit(request, deadline)
+        return await self._compute(model, request)  # this caller's own deadline cancels its wait
+
+    async def _answer_by_deadline(self, model: ModelVersion, request: InferenceRequest) -> tuple[InferenceResponse, int]:
+        now = time.monotonic()
+        deadline = request.deadline
+        if model.settings.default_timeout_microseconds:
+            by_default = now + model.settings.default_timeout_microseconds / 1e6
+            deadline = by_default if deadline is None else min(deadline, by_default)
+        if deadline <= now:
+            raise _too_late(model)
+        try:
+            async with asyncio.timeout(deadline - now) as limit:
+                return await self._answer(model, request, deadline)
+        except TimeoutError:
+            if limit.expired():
+                raise _too_late(model) from None
+            raise
 
     async def call(self, name: str, version: str | None, method: str, *args):
         """A runtime's own entry point beside predict (an MLflow model's scoring protocol):
@@ -102,11 +133,13 @@ class DataPlane:
         finally:
             model.in_flight -= 1
 
-    async def _compute(self, model: ModelVersion, request: InferenceRequest) -> tuple[InferenceResponse, int]:
+    async def _compute(self, model: ModelVersion, request: InferenceRequest, deadline: float | None = None,
+                       requests: int = 1) -> tuple[InferenceResponse, int]:
         """The runtime's answer, and when its predict began (the rest was queueing).
 
         Pins the model for as long as the predict runs, even past a cancelled caller: a worker
-        thread cannot be stopped, and an async runtime's predict is shielded like one.
+        thread cannot be stopped, and an async runtime's predict is shielded like one. `request`
+        may be a batch of `requests`; a batch waits for a slot no later than `deadline`.
         """
         if model.predict_is_async:
             model.in_flight += 1
@@ -120,7 +153,10 @@ class DataPlane:
             return self._inline(model, request)
         model.in_flight += 1
         try:
-            await model.slots.acquire()
+            if deadline is None and not model.settings.max_queue_size:
+                await model.slots.acquire()
+            else:
+                await _queue_for_slot(model, deadline, requests)
         except BaseException:
             model.in_flight -= 1
             raise
@@ -176,7 +212,8 @@ class DataPlane:
             model.batcher = False
         else:
             model.batcher = AdaptiveBatcher(
-                model, lambda request: self._compute(model, request), settings.max_batch_size, settings.max_batch_time
+                model, lambda request, deadline, requests: self._compute(model, request, deadline, requests),
+                settings.max_batch_size, settings.max_batch_time,
             )
         return model.batcher
 
@@ -234,6 +271,39 @@ class Pace:
         self.fast_runs, self.largest_fast_input, self.inline_ns = 0, -1, 0.0
         self.needed = min(2 * self.needed, self.MAX_STREAK)
         return True
+
+
+async def _queue_for_slot(model: ModelVersion, deadline: float | None, requests: int) -> None:
+    """Wait for one of the model's predict slots, as its queue policy allows: refused at once
+    when `max_queue_size` requests already wait, dropped when `deadline` passes first."""
+    limit = model.settings.max_queue_size
+    if limit and model.queued >= limit:
+        raise Overloaded(
+            f"model '{model.name}' exceeds its maximum queue size: {model.queued} requests wait for it "
+            f"(max_queue_size {limit}); retry shortly"
+        )
+    model.queued += requests
+    try:
+        if deadline is None:
+            await model.slots.acquire()
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _too_late(model)
+        try:
+            async with asyncio.timeout(left) as waiting:
+                await model.slots.acquire()
+        except TimeoutError:
+            if waiting.expired():
+                raise _too_late(model) from None
+            raise
+    finally:
+        model.queued -= requests
+
+
+def _too_late(model: ModelVersion) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"Deadline Exceeded: model '{model.name}' did not answer within the request's deadline (request timeout expired)")
 
 
 def _unpin(done: asyncio.Future, model: ModelVersion) -> None:

@@ -34,6 +34,14 @@ READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVA
 
 RuntimeResolver = Callable[[ModelSettings], type[Runtime]]
 
+# Threads that read artifacts and load models (Triton's --model-load-thread-count).
+LOAD_THREADS = 4
+# Models the start-up loads at a time, so that a stop waits only for those. Not fewer: loads
+# that begin together queue their runtime imports (frameworks) on the load threads ahead of any
+# unpickling; with 4 at a time a framework imported on one thread while another thread unpickled
+# a model of it failed in Python's import locks (_DeadlockError, half-imported sklearn modules).
+LOAD_TURNS = 4 * LOAD_THREADS
+
 
 @dataclass
 class Statistics:
@@ -63,6 +71,7 @@ class ModelVersion:
     runtime: Runtime | None = None  # None while loading, after unload, and while evicted
     predict_is_async: bool = False
     in_flight: int = 0
+    queued: int = 0  # requests waiting for a slot under the model's queue policy (the data plane's)
     measured: int = 0  # bytes the first measured load took
     unmeasured: bool = False  # loaded while another load was measured: measure at the next reload
     reloading: asyncio.Future | None = None
@@ -153,7 +162,7 @@ class Registry:
         self.max_concurrency = max_concurrency
         self.eviction_wait = eviction_wait
         # Loads read files and import frameworks: their own threads, never the inference ones.
-        self.executor = ThreadPoolExecutor(4, thread_name_prefix="fleetserve-load")
+        self.executor = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="fleetserve-load")
         self.models: dict[str, Model] = {}
         self.manifests: dict[str, Found] = {}  # models applied as manifests, not found in the repository
         # One model at a time claims a device's memory, so two never claim the same bytes.
@@ -220,9 +229,17 @@ class Registry:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     async def load_all(self) -> None:
-        """Load every model in the repository concurrently; failures are recorded, not raised."""
+        """Load every model in the repository, LOAD_TURNS at a time; failures are recorded, not
+        raised. Cancelled (the server stops), the loads under way complete and those not begun
+        never begin."""
         found = await self._in_thread(self.repository.scan)
-        results = await asyncio.gather(*(self.load(name, entry) for name, entry in found.items()), return_exceptions=True)
+        turns = asyncio.Semaphore(LOAD_TURNS)
+
+        async def load_in_turn(name: str, entry: Found) -> None:
+            async with turns:
+                await self.load(name, entry)
+
+        results = await asyncio.gather(*(load_in_turn(name, entry) for name, entry in found.items()), return_exceptions=True)
         for name, result in zip(found, results):
             if isinstance(result, BaseException):
                 log.error("model %s is unavailable: %s", name, getattr(result, "message", result))

@@ -2,7 +2,8 @@
 
 Ports open first (liveness answers at once); readiness turns true once every model in the
 repository has been tried. SIGTERM or SIGINT stop new work, let in-flight requests finish, unload
-the models, then exit.
+the models, then exit: within the shutdown grace, whatever still runs (a predict, a model's
+load) is left behind. Loads not yet begun when the signal comes are never begun.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from fleetserve.runtime.repository import ModelRepository
 from fleetserve.runtime.workers import remove_stale_blocks
 from fleetserve.runtimes import alibi_explain, resolve_runtime, triton
 from fleetserve.server.grpc_service import build_grpc_server, set_serving
+from fleetserve.server.limits import Admission, LimitsCollector, StalledRequestGuard
 from fleetserve.server.rest import build_metrics_app, build_rest_app
 from fleetserve.server.security import TLS, Tokens, log_front_doors, protect_rest
 from fleetserve.settings import ServerSettings
@@ -96,9 +99,12 @@ class FleetServer:
         self.router = Router(self.registry, self.dataplane)
         alibi_explain.configure(self.router)
         REGISTRY.register(GraphCollector(self.router))
+        self.admission = Admission(settings.max_concurrent_requests)
+        self.stall_guard = StalledRequestGuard(settings.request_head_timeout, settings.request_body_timeout)
+        REGISTRY.register(LimitsCollector(self.admission, self.stall_guard))
         self.ready = False
         self.stopping = False
-        self.predicts_still_running = 0
+        self.still_running = ""  # what outlived the shutdown grace: the process exits without waiting for it
         self.load_failed = False
         self.stop_requested = asyncio.Event()
 
@@ -114,6 +120,7 @@ class FleetServer:
             # Keep-alive connections from load balancers and clients outlive uvicorn's 5 s default.
             timeout_keep_alive=75,
             **(self.tls.uvicorn_options() if self.tls else {}),
+            http=self.stall_guard.protocol,
         )
         return _UvicornServer(config)
 
@@ -136,6 +143,7 @@ class FleetServer:
         await set_serving(health, False)
         await grpc_server.start()
         front_doors = [asyncio.create_task(_serve_until_exit(http)), asyncio.create_task(_serve_until_exit(metrics))]
+        sweeping = asyncio.create_task(self.stall_guard.run()) if self.stall_guard.enabled else None
         log.info(
             "fleetserve listening: %s %s:%d, grpc %s:%d, metrics %s:%d", "https" if self.tls else "http",
             self.settings.host, self.settings.http_port, self.settings.host, self.settings.grpc_port,
@@ -151,14 +159,25 @@ class FleetServer:
             log.error("a listener failed to start; shutting down")
 
         log.info("shutting down: draining in-flight requests")
+        grace = self.settings.shutdown_grace
+        stop_by = time.monotonic() + grace
         self.ready, self.stopping = False, True
         loading.cancel()
         await set_serving(health, False)
         http.should_exit = metrics.should_exit = True
-        await asyncio.gather(grpc_server.stop(self.settings.shutdown_grace), *front_doors, return_exceptions=True)
-        await self.registry.unload_all(self.settings.shutdown_grace)
+        await asyncio.gather(grpc_server.stop(grace), *front_doors, return_exceptions=True)
+        if sweeping is not None:
+            sweeping.cancel()
+        left = max(0.0, stop_by - time.monotonic())
+        try:
+            # Unloads wait for loads under way; a load that outlives the grace is left to the exit.
+            await asyncio.wait_for(self.registry.unload_all(left), left + 1.0)
+        except TimeoutError:
+            self.still_running = "model loads or unloads still running"
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.predicts_still_running = sum(version.in_flight for version in self.registry.all_versions())
+        predicts = sum(version.in_flight for version in self.registry.all_versions())
+        if predicts:
+            self.still_running = f"{predicts} predict(s) still running"
         log.info("fleetserve stopped")
         return 1 if failed else 0
 
@@ -207,9 +226,9 @@ def run(settings: ServerSettings) -> int:
         code = asyncio.run(main())
     else:
         code = uvloop.run(main())
-    if server is not None and server.predicts_still_running:
-        # Python would wait at exit for predicts that outlived the grace period: leave now.
-        logging.getLogger("fleetserve").warning("%d predict(s) still running; exiting anyway", server.predicts_still_running)
+    if server is not None and server.still_running:
+        # Python would wait at exit for the threads that outlived the grace period: leave now.
+        logging.getLogger("fleetserve").warning("%s; exiting anyway", server.still_running)
         logging.shutdown()
         os._exit(code)
     return code

@@ -24,6 +24,7 @@ from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to
 from fleetserve.errors import FleetError, InvalidInput, describe
 from fleetserve.server import documents
 from fleetserve.server.security import grpc_interceptors, unclassified_rpcs
+from fleetserve.server.limits import apply_deadline
 from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor, check_datatype
 
 if TYPE_CHECKING:
@@ -168,11 +169,33 @@ def _aborts_on_error(method: Callable[..., Awaitable[Any]]):
     return wrapper
 
 
+def _counted(method: Callable[..., Awaitable[Any]]):
+    """Count the call against --max-concurrent-requests (with REST's requests), refused past it.
+    Inside _aborts_on_error, which turns the refusal into RESOURCE_EXHAUSTED."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        admission = self.admission
+        if admission.in_flight >= admission.limit:
+            raise admission.refusal()
+        admission.in_flight += 1
+        try:
+            return await method(self, request, context)
+        finally:
+            admission.in_flight -= 1
+
+    return wrapper
+
+
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Inference and repository calls count against --max-concurrent-requests (a stream, each of
+    its requests); health, readiness, metadata and statistics never do."""
+
     def __init__(self, server: "FleetServer"):
         self.server = server
         self.registry = server.registry
         self.router = server.router
+        self.admission = server.admission
 
     @_aborts_on_error
     async def ServerLive(self, request, context):
@@ -203,7 +226,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_aborts_on_error
     async def ModelInfer(self, request, context):
-        response, route = await self._infer(request, context)
+        admission = self.admission  # _counted's work, inline: a wrapper's coroutine costs 0.5 µs here
+        if admission.in_flight >= admission.limit:
+            raise admission.refusal()
+        admission.in_flight += 1
+        try:
+            response, route = await self._infer(request, context)
+        finally:
+            admission.in_flight -= 1
         if route is not None:  # a header, as Seldon sends it
             await context.send_initial_metadata((("x-seldon-route", route),))
         return response
@@ -211,6 +241,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, message: service_pb2.ModelInferRequest, context) -> tuple[service_pb2.ModelInferResponse, str | None]:
         """The answer, and the experiment's route when one chose (a stream cannot send it per message)."""
         request = decode_infer_request(message)
+        remaining = context.time_remaining()
+        if remaining is not None or "timeout" in request.parameters:
+            apply_deadline(request, remaining)
         seldon_model = route = None
         for key, value in context.invocation_metadata() or ():
             if key == "seldon-model":
@@ -242,8 +275,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             stop.cancel()
 
     async def _stream_response(self, message: service_pb2.ModelInferRequest, context) -> service_pb2.ModelStreamInferResponse:
+        admission = self.admission
         try:
-            return service_pb2.ModelStreamInferResponse(infer_response=(await self._infer(message, context))[0])
+            if admission.in_flight >= admission.limit:
+                raise admission.refusal()
+            admission.in_flight += 1
+            try:
+                return service_pb2.ModelStreamInferResponse(infer_response=(await self._infer(message, context))[0])
+            finally:
+                admission.in_flight -= 1
         except Exception as error:
             if isinstance(error, FleetError):
                 text = error.message
@@ -266,18 +306,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict(document, service_pb2.ModelStatisticsResponse())
 
     @_aborts_on_error
+    @_counted
     async def RepositoryIndex(self, request, context):
         entries = await self.registry.index(ready_only=request.ready)
         # Memory figures are REST-only: Triton's ModelIndex has no fields for them.
         return json_format.ParseDict({"models": entries}, service_pb2.RepositoryIndexResponse(), ignore_unknown_fields=True)
 
     @_aborts_on_error
+    @_counted
     async def RepositoryModelLoad(self, request, context):
         documents.refuse_load_overrides(_parameters(request.parameters))
         await self.registry.load(request.model_name)
         return service_pb2.RepositoryModelLoadResponse()
 
     @_aborts_on_error
+    @_counted
     async def RepositoryModelUnload(self, request, context):
         await self.registry.unload(request.model_name, self.server.settings.shutdown_grace)
         return service_pb2.RepositoryModelUnloadResponse()

@@ -305,6 +305,9 @@ _SCHEMAS = {
         "content_type": {"type": "string", "enum": list(REQUEST_CONTENT_TYPES),
                          "description": "How the runtime sees the inputs: arrays, text, or one DataFrame"},
         "binary_data_output": {"type": "boolean", "description": "Every output as binary data"},
+        "timeout": {"type": "integer", "minimum": 0,
+                    "description": "Microseconds the request may take (Triton's); past it, 504 and work not yet "
+                                   "begun is dropped"},
     }},
     "InputParameters": {**_PARAMETERS_OBJECT, "properties": {
         "content_type": {"type": "string", "enum": list(TENSOR_CONTENT_TYPES)},
@@ -473,7 +476,7 @@ def _build() -> dict:
     paths = {**_other_routes(), **_model_routes(), **_repository_routes(),
              **_graph_routes("pipeline", "PipelineStatus"), **_pipeline_extras(),
              **_graph_routes("experiment", "ExperimentStatus")}
-    _mark_guarded(paths)
+    _add_front_door_answers(paths)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -502,11 +505,14 @@ def _build() -> dict:
     }
 
 
-def _mark_guarded(paths: dict[str, dict]) -> None:
+def _add_front_door_answers(paths: dict[str, dict]) -> None:
     """Routes that a token may close (security.ROUTES: every documented route is classified there)
-    take a bearer token, when the server has one, and answer 401 and 403."""
+    take a bearer token, when the server has one, and answer 401 and 403. Every request but a read
+    counts against --max-concurrent-requests: past it, 503."""
     for path, item in paths.items():
         for method, operation in item.items():
+            if method != "get":
+                operation["responses"]["503"] = _ref("responses", "503")
             if ROUTES[(method.upper(), path)] is not OPEN:
                 operation["security"] = [{"bearer": []}, {}]  # {}: no token, where the server has none
                 operation["responses"] |= {str(status): _ref("responses", str(status)) for status in (401, 403)}

@@ -25,7 +25,8 @@ from starlette.routing import Match
 from swagger_ui_bundle import swagger_ui_path
 
 from fleetserve.errors import (
-    FleetError, InvalidInput, ModelUnavailable, NotFound, NotReady, PayloadTooLarge, ServerUnavailable, describe,
+    FleetError, InvalidInput, ModelUnavailable, NotFound, NotReady, Overloaded, PayloadTooLarge, ServerUnavailable,
+    describe,
 )
 from fleetserve.graph.experiment import experiment_from_manifest
 from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
@@ -33,6 +34,7 @@ from fleetserve.graph.pipeline import pipeline_from_manifest
 from fleetserve.server import documents, openapi
 from fleetserve.server.routes import infer_target
 from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object, refuse_deep_json
+from fleetserve.server.limits import RETRY_AFTER, apply_deadline
 
 if TYPE_CHECKING:
     from fleetserve.server.app import FleetServer
@@ -146,7 +148,10 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
 
     @app.exception_handler(FleetError)
     async def on_fleet_error(request: Request, error: FleetError) -> Response:
-        return error_response(error.message, error.http_status, request)
+        response = error_response(error.message, error.http_status, request)
+        if isinstance(error, Overloaded):
+            response.headers["retry-after"] = RETRY_AFTER[1].decode()
+        return response
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, error: HTTPException) -> Response:
@@ -383,6 +388,10 @@ def _json_size(body: bytes, header_length: str | None) -> int:
     return len(body)
 
 
+# Requests that only read (health, readiness, metadata, statistics, /metrics): never counted
+# against --max-concurrent-requests, so never refused.
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 # The headers an inference reads (ASGI gives names in lower case); the rest are not decoded.
 _INFER_HEADERS = frozenset({b"content-length", b"content-encoding", b"x-request-id", HEADER_LENGTH.encode(),
                             b"seldon-model", b"x-seldon-route"})
@@ -393,6 +402,8 @@ class InferenceFastPath:
 
     Inference is the hot path: FastAPI's middleware stack, routing and dependency resolution
     cost about 40% of the CPU of a small request, and none of them does anything for it.
+
+    Both kinds of request, reads apart, are counted here against --max-concurrent-requests.
     """
 
     def __init__(self, app: FastAPI, server: "FleetServer"):
@@ -400,11 +411,14 @@ class InferenceFastPath:
         self.server = server
         self.router = server.router
         self.limit = server.settings.max_message_size
+        self.admission = server.admission
 
     async def __call__(self, scope, receive, send):
         target = infer_target(scope["path"]) if scope["type"] == "http" else None
         if target is None:
-            return await self.app(scope, receive, send)
+            if scope["type"] != "http" or scope["method"] in _READS:
+                return await self.app(scope, receive, send)
+            return await self._counted_control(scope, receive, send)
         headers = {}
         for key, value in scope["headers"]:
             if key in _INFER_HEADERS:
@@ -413,17 +427,43 @@ class InferenceFastPath:
         if scope["method"] != "POST":
             reply += [(b"content-type", b"application/json"), (b"allow", b"POST")]
             return await self._send(send, 405, orjson.dumps({"error": "Method Not Allowed"}), reply)
+        if self.admission.in_flight >= self.admission.limit:  # refused before its body is read
+            return await self._refuse(send, self.admission.refusal(), reply)
         await self.infer(scope, receive, send, headers, reply, *target)
+
+    async def _counted_control(self, scope, receive, send) -> None:
+        admission = self.admission
+        if admission.in_flight >= admission.limit:
+            return await self._refuse(send, admission.refusal(), [])
+        admission.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.in_flight -= 1
+
+    async def _refuse(self, send, error: Overloaded, reply: list) -> None:
+        reply += [(b"content-type", b"application/json"), RETRY_AFTER]
+        await self._send(send, error.http_status, orjson.dumps({"error": error.message}), reply)
 
     async def infer(self, scope, receive, send, headers: dict[str, str], reply: list,
                     kind: str, name: str, version: str | None) -> None:
+        # Counted once its body is in: a client trickling a body holds its connection (until
+        # --request-body-timeout), never a place among the requests in flight.
+        admission = self.admission
+        counted = False
         try:
             body = await read_body(receive, headers, self.limit)
+            if admission.in_flight >= admission.limit:
+                raise admission.refusal()
+            admission.in_flight += 1
+            counted = True
             header_length = headers.get(HEADER_LENGTH)
             if _json_size(body, header_length) < OFFLOAD_BYTES:
                 request = decode_request(body, header_length)
             else:
                 request = await self._off_loop(decode_request, body, header_length)
+            if "timeout" in request.parameters:
+                apply_deadline(request)
             if kind == "models":
                 response, route = await self.router.infer(
                     name, version, request, headers.get("seldon-model"), headers.get("x-seldon-route"))
@@ -444,10 +484,15 @@ class InferenceFastPath:
         except FleetError as error:
             status, content = error.http_status, orjson.dumps({"error": error.message})
             reply.append((b"content-type", b"application/json"))
+            if isinstance(error, Overloaded):
+                reply.append(RETRY_AFTER)
         except Exception as error:
             log.exception("unexpected error on POST %s", scope["path"])
             status, content = 500, orjson.dumps({"error": f"internal error: {describe(error)}"})
             reply.append((b"content-type", b"application/json"))
+        finally:
+            if counted:
+                admission.in_flight -= 1
         await self._send(send, status, content, reply)
 
     @staticmethod
