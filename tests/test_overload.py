@@ -53,7 +53,8 @@ SLOTS = 4
 
 
 def add_counting_model(repository, name: str, **settings) -> None:
-    write_settings(repository / name, {"implementation": "counting_model.Counting", **settings})
+    """On the server's threads (SLOTS predict slots) unless `parallel_workers` says otherwise."""
+    write_settings(repository / name, {"implementation": "counting_model.Counting", "parallel_workers": 0, **settings})
     (repository / name / "counting_model.py").write_text(COUNTING_MODEL)
 
 
@@ -106,6 +107,7 @@ def limited(tmp_path_factory):
     add_counting_model(repository, "batched", max_batch_size=4, max_batch_time=0.05)
     add_counting_model(repository, "bad-queue", max_queue_size="many")
     add_counting_model(repository, "bad-timeout", default_timeout_microseconds=-5)
+    add_counting_model(repository, "pooled", parallel_workers=1, max_queue_size=1)  # one slot: its worker
     env = {"FLEETSERVE_MAX_CONCURRENT_REQUESTS": str(LIMIT), "FLEETSERVE_REQUEST_HEAD_TIMEOUT": "1",
            "FLEETSERVE_REQUEST_BODY_TIMEOUT": "1", "FLEETSERVE_SHUTDOWN_GRACE": "5"}
     with running_server(repository, tmp_path_factory.mktemp("overload_logs") / "server.log", env) as server:
@@ -242,6 +244,28 @@ def test_deadlines_shorter_than_the_queue_wait_drop_the_work(limited, http, grpc
     for bad in (-1, "soon", 1.5, True):
         refused = http.post("/v2/models/counter/infer", json=body(0, timeout=bad))
         assert refused.status_code == 400 and "parameters.timeout" in refused.json()["error"], bad
+
+
+def test_a_worker_process_model_queues_by_the_same_policy(limited, http):
+    """A model in a worker process has one slot per worker: requests wait for it in the data plane,
+    where max_queue_size refuses and deadlines drop them before the worker sees them."""
+    with ThreadPoolExecutor(2) as pool:
+        holding = pool.submit(http.post, "/v2/models/pooled/infer", json=body(1.5, "hold"))
+        wait_until(lambda: [c[0] for c in calls(limited, "pooled")] == ["hold"], what="the worker busy")
+        waiting = pool.submit(http.post, "/v2/models/pooled/infer", json=body(0, "waiting"))
+        wait_until(lambda: metric(limited, "fleetserve_requests_in_flight") == 2, what="one request queued")
+        full = http.post("/v2/models/pooled/infer", json=body(0, "refused"))
+        assert full.status_code == 503 and "exceeds its maximum queue size" in full.json()["error"]
+        assert [holding.result().status_code, waiting.result().status_code] == [200, 200]
+    with ThreadPoolExecutor(1) as pool:
+        holding = pool.submit(http.post, "/v2/models/pooled/infer", json=body(1.0, "hold-again"))
+        wait_until(lambda: "hold-again" in [c[0] for c in calls(limited, "pooled")], what="the worker busy")
+        late = http.post("/v2/models/pooled/infer", json=body(0, "late", timeout=200_000))
+        assert late.status_code == 504, late.text
+        assert holding.result().status_code == 200
+    time.sleep(0.2)
+    assert "late" not in [c[0] for c in calls(limited, "pooled")], "a request dropped at its deadline reached the worker"
+    assert http.post("/v2/models/pooled/infer", json=body(0)).status_code == 200  # the slot is free
 
 
 def test_a_pipeline_passes_the_deadline_to_its_steps(limited, http):

@@ -142,24 +142,19 @@ class DataPlane:
         may be a batch of `requests`; a batch waits for a slot no later than `deadline`.
         """
         if model.predict_is_async:
-            model.in_flight += 1
+            if model.pooled:
+                await _take_slot(model, deadline, requests)
+            else:
+                model.in_flight += 1
             began = time.perf_counter_ns()
             task = asyncio.ensure_future(model.runtime.predict(request))
-            task.add_done_callback(lambda done: _unpin(done, model))
+            task.add_done_callback(lambda done: _unpin(done, model, release_slot=model.pooled))
             return await asyncio.shield(task), began
         pace = model.pace or self._pace_for(model)
         input_bytes = sum(tensor.data.nbytes for tensor in request.inputs)
         if pace.inline(input_bytes):
             return self._inline(model, request)
-        model.in_flight += 1
-        try:
-            if deadline is None and not model.settings.max_queue_size:
-                await model.slots.acquire()
-            else:
-                await _queue_for_slot(model, deadline, requests)
-        except BaseException:
-            model.in_flight -= 1
-            raise
+        await _take_slot(model, deadline, requests)
         if pace.inline(input_bytes):  # proven fast while this request queued for a thread
             model.slots.release()
             model.in_flight -= 1
@@ -273,6 +268,19 @@ class Pace:
         return True
 
 
+async def _take_slot(model: ModelVersion, deadline: float | None, requests: int) -> None:
+    """One of the model's predict slots, pinning the model until the caller gives both back."""
+    model.in_flight += 1
+    try:
+        if deadline is None and not model.settings.max_queue_size:
+            await model.slots.acquire()
+        else:
+            await _queue_for_slot(model, deadline, requests)
+    except BaseException:
+        model.in_flight -= 1
+        raise
+
+
 async def _queue_for_slot(model: ModelVersion, deadline: float | None, requests: int) -> None:
     """Wait for one of the model's predict slots, as its queue policy allows: refused at once
     when `max_queue_size` requests already wait, dropped when `deadline` passes first."""
@@ -306,8 +314,10 @@ def _too_late(model: ModelVersion) -> DeadlineExceeded:
         f"Deadline Exceeded: model '{model.name}' did not answer within the request's deadline (request timeout expired)")
 
 
-def _unpin(done: asyncio.Future, model: ModelVersion) -> None:
+def _unpin(done: asyncio.Future, model: ModelVersion, release_slot: bool = False) -> None:
     """When an async predict is done, whether or not its caller still waits."""
+    if release_slot:
+        model.slots.release()
     model.in_flight -= 1
     if not done.cancelled():
         done.exception()  # retrieved, so asyncio does not warn about a cancelled caller's failure

@@ -70,6 +70,7 @@ class ModelVersion:
     reason: str = ""
     runtime: Runtime | None = None  # None while loading, after unload, and while evicted
     predict_is_async: bool = False
+    pooled: bool = False  # its predicts run in worker processes: one slot per worker
     in_flight: int = 0
     queued: int = 0  # requests waiting for a slot under the model's queue policy (the data plane's)
     measured: int = 0  # bytes the first measured load took
@@ -503,6 +504,9 @@ class Registry:
                     f"processes; {runtime_class.__name__} has async ones, which run on the server's event loop instead"
                 )
             pool = WorkerPool(settings, workers)
+            # A slot per worker, so requests queue (and keep their deadlines) in the data plane,
+            # not in the pool. Nothing holds or awaits the slots of a version that is not resident.
+            version.slots, version.pooled = asyncio.Semaphore(workers), True
             await self._in_thread(pool.load)
             version.measured, version.unmeasured = pool.memory_bytes(), False
             return pool
