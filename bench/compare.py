@@ -240,7 +240,10 @@ def write_fleetserve_repo(repo: Path, iris: Path, copies: int, model: dict) -> l
         (repo / name / "model-settings.json").write_text(json.dumps({"name": name, **settings}))
     (repo / "sum").mkdir()
     (repo / "sum" / "model.py").write_text(FLEETSERVE_SUM)
-    (repo / "sum" / "model-settings.json").write_text(json.dumps({"name": "sum", "implementation": "model.Sum", **model}))
+    # On the server's threads, as the bare handler computes inline: this compares the request paths;
+    # bench/execution.py measures what a custom model's default worker process costs.
+    (repo / "sum" / "model-settings.json").write_text(json.dumps(
+        {"name": "sum", "implementation": "model.Sum", "parallel_workers": 0, **model}))
     return [*names, "sum"]
 
 
