@@ -247,13 +247,17 @@ def spawn_server(repository: Path, log_path: Path, ports: list[int], extra_env: 
 def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None,
                  ports_in_env: bool = False, args: tuple[str, ...] = ()) -> Server:
     """A server that answers ready, on fresh ports."""
-    server = spawn_server(repository, log_path, [free_port() for _ in range(3)], extra_env, ports_in_env, args)
+    return wait_ready(spawn_server(repository, log_path, [free_port() for _ in range(3)], extra_env, ports_in_env, args))
+
+
+def wait_ready(server: Server, url: str | None = None, **httpx_options) -> Server:
+    """The server once `url` (its readiness, by default) answers 200; killed if it never does."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/v2/health/ready", timeout=1).status_code == 200:
+            if httpx.get(url or f"{server.url}/v2/health/ready", timeout=1, **httpx_options).status_code == 200:
                 return server
         except httpx.TransportError:
             pass

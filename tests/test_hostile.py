@@ -11,7 +11,6 @@ import json
 import struct
 import zlib
 from http.client import HTTPConnection
-from typing import Any
 
 import grpc
 import httpx
@@ -21,6 +20,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from conftest import IRIS_ROWS, MAX_MESSAGE_SIZE, MIB, iris_json
+from test_bad_input import tensor
 from fleetserve.server.grpc_service import InferenceService
 
 IRIS_CLASSES = [0, 2]
@@ -40,15 +40,6 @@ def assert_error(response: httpx.Response, status: int, fragment: str) -> None:
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert list(body) == ["error"] and fragment in body["error"], body
-
-
-def tensor(name: str, datatype: str, shape: list, data: Any = None, **parameters) -> dict:
-    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
-    if data is not None:
-        entry["data"] = data
-    if parameters:
-        entry["parameters"] = parameters
-    return entry
 
 
 def nested(depth: int, inner: str = "") -> str:

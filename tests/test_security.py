@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import IRIS_ROWS, ROOT, Server, free_port, iris_json, spawn_server, start_server
+from conftest import IRIS_ROWS, ROOT, Server, free_port, iris_json, spawn_server, start_server, wait_ready
 
 ADMIN = "adm-7f3c9e1b5d2a48f6"
 DATA = "dat-2b8e4c6a1f9d73e0"
@@ -244,19 +244,7 @@ def start_tls_server(repository: Path, log_path: Path, certificates: Certificate
     """A TLS server, ready (asked over TLS with the test CA and the client certificate)."""
     env = {"FLEETSERVE_TLS_CERT": str(certificates.server_cert), "FLEETSERVE_TLS_KEY": str(certificates.server_key), **env}
     server = spawn_server(repository, log_path, [free_port() for _ in range(3)], env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"https://127.0.0.1:{server.http_port}/v2/health/ready", verify=certificates.context(client=True),
-                         timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.process.kill()
-    raise RuntimeError(f"server did not become ready:\n{server.log()}")
+    return wait_ready(server, f"https://127.0.0.1:{server.http_port}/v2/health/ready", verify=certificates.context(client=True))
 
 
 @pytest.fixture(scope="module")
