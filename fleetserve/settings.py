@@ -95,20 +95,14 @@ class ServerSettings:
     @property
     def memory_limit_bytes(self) -> int:
         if self.memory_limit:
-            try:
-                return parse_quantity(self.memory_limit)
-            except ValueError as error:
-                raise SystemExit(f"--memory-limit: {error}") from None
+            return _flag_quantity(self.memory_limit, "--memory-limit")
         return int(0.7 * _available_memory())
 
     @property
     def gpu_memory_limit_bytes(self) -> int | None:
         if not self.gpu_memory_limit:
             return None
-        try:
-            return parse_quantity(self.gpu_memory_limit)
-        except ValueError as error:
-            raise SystemExit(f"--gpu-memory-limit: {error}") from None
+        return _flag_quantity(self.gpu_memory_limit, "--gpu-memory-limit")
 
     @property
     def admin_secret(self) -> str:
@@ -120,10 +114,7 @@ class ServerSettings:
 
     @property
     def max_download_bytes(self) -> int:
-        try:
-            return parse_quantity(self.max_download_size)
-        except ValueError as error:
-            raise SystemExit(f"--max-download-size: {error}") from None
+        return _flag_quantity(self.max_download_size, "--max-download-size")
 
     @property
     def allowed_storage_prefixes(self) -> list[str]:
@@ -196,6 +187,14 @@ def read_secret(value: str, path: str, flag: str) -> str:
     if value and not all("!" <= character <= "~" for character in value):
         raise SystemExit(f"{from_file if path else direct}: a token must be printable ASCII without spaces")
     return value
+
+
+def _flag_quantity(value: str, flag: str) -> int:
+    """A server flag's quantity in bytes; one that is none stops the start, naming the flag."""
+    try:
+        return parse_quantity(value)
+    except ValueError as error:
+        raise SystemExit(f"{flag}: {error}") from None
 
 
 def _available_memory() -> int:

@@ -26,7 +26,6 @@ from fleetserve.errors import DeadlineExceeded, FleetError, InferenceError, Inva
 from fleetserve.runtime import metrics
 from fleetserve.runtime.batching import AdaptiveBatcher
 from fleetserve.runtime.registry import ModelVersion, Registry
-from fleetserve.runtime.workers import WorkerPool
 from fleetserve.settings import TensorMetadata
 from fleetserve.types import NUMPY_DTYPES, WIRE_DTYPES, InferenceRequest, InferenceResponse, Tensor
 
@@ -114,7 +113,7 @@ class DataPlane:
             self.registry.memory.touch(model)
             function = getattr(model.runtime, method, None)
             if function is None:
-                why = " (its runtime runs in worker processes: parallel_workers)" if isinstance(model.runtime, WorkerPool) else ""
+                why = " (its runtime runs in worker processes: parallel_workers)" if model.pooled else ""
                 raise NotFound(f"model '{name}' ({type(model.runtime).__name__}) does not answer {method}{why}")
             await model.slots.acquire()
             try:

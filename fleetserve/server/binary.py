@@ -88,7 +88,6 @@ def _json_with_non_finite_numbers(body: bytes | memoryview, error: orjson.JSONDe
         raise InvalidInput(_TOO_DEEP) from None
 
 
-
 def _check_request_nesting(document: dict) -> None:
     """check_nesting for a V2 request, less its tensors' data: array_from_json bounds that at
     MAX_DIMS levels, without walking every number."""
