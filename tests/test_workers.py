@@ -133,6 +133,16 @@ def test_tensors_round_trip_exactly_over_both_doors(server):
     doubled = grpc.infer("spin", [tensor], outputs=[grpcclient.InferRequestedOutput("double")]).as_numpy("double")
     np.testing.assert_array_equal(doubled, big * 2)
 
+    # BYTES travel pickled over the worker's socket: messages far past its buffer, both ways, twice.
+    texts = np.array([f"text {i}".encode() for i in range(200_000)], dtype=object)
+    zero = grpcclient.InferInput("x", [1, 1], "FP64")
+    zero.set_data_from_numpy(np.zeros((1, 1)))
+    text = grpcclient.InferInput("text", [len(texts)], "BYTES")
+    text.set_data_from_numpy(texts)
+    for _ in range(2):
+        upper = grpc.infer("spin", [zero, text], outputs=[grpcclient.InferRequestedOutput("upper")]).as_numpy("upper")
+        assert upper.tolist() == [t.upper() for t in texts]
+
 
 def test_a_sklearn_model_in_a_worker_answers_like_the_model(server):
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))

@@ -272,6 +272,9 @@ class WorkerPool(Runtime):
     def _on_answer(self, worker: _Worker) -> None:
         answer, worker.answer = worker.answer, None
         asyncio.get_running_loop().remove_reader(worker.connection.fileno())
+        # uvloop's add_reader left the socket non-blocking: a pickled answer (BYTES tensors) larger
+        # than its buffer would fail half read, and the next large request half sent.
+        os.set_blocking(worker.connection.fileno(), True)
         try:
             status, detail = worker.connection.recv()
         except (EOFError, OSError):
