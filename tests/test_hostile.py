@@ -194,40 +194,55 @@ def test_integer_values_out_of_range_are_refused_and_the_limits_kept(http, datat
     assert response.json()["outputs"][0]["data"] == data
 
 
-LONG = 200  # past the array module's threshold
+# Long data takes the array module past 64 values, and simdjson's parse from 4 KB of JSON
+# (codecs/numpy.py, server/binary.py): every check must hold on each path.
+LONG = [200, 4000]
 
 
+@pytest.mark.parametrize("length", LONG)
 @pytest.mark.parametrize("datatype, data, fragment", [
-    ("FP32", [1.5] * (LONG - 1) + ["a"], "FP32 data must be numbers"),
-    ("FP32", [True] * LONG, "FP32 data must be numbers, got True"),
-    ("FP64", [1.5] * (LONG - 1) + [None], "FP64 data must be numbers"),
-    ("FP32", [1e300] * LONG, "out of range for FP32"),
-    ("FP16", [1.0] * (LONG - 1) + [1e6], "out of range for FP16"),
-    ("INT32", [1] * (LONG - 1) + [1.5], "INT32 data must be integers"),
-    ("INT64", [True] * LONG, "INT64 data must be integers, got True"),
-    ("UINT64", [1] * (LONG - 1) + [-1], "out of range for UINT64"),
-    ("INT32", [[1] * 100, [1] * 99 + [[1]]], "ragged"),
-    ("INT32", [[1] * 100, [1] * 99], "ragged"),
-    ("BYTES", [["a"] * 100, ["b"] * 99], "ragged"),
+    ("FP32", lambda n: [1.5] * (n - 1) + ["a"], "FP32 data must be numbers"),
+    ("FP32", lambda n: [True] * n, "FP32 data must be numbers, got True"),
+    ("FP64", lambda n: [1.5] * (n - 1) + [None], "FP64 data must be numbers"),
+    ("FP32", lambda n: [1e300] * n, "out of range for FP32"),
+    ("FP16", lambda n: [1.0] * (n - 1) + [1e6], "out of range for FP16"),
+    ("INT32", lambda n: [1] * (n - 1) + [1.5], "INT32 data must be integers"),
+    ("INT8", lambda n: [1] * (n - 1) + [128], "out of range for INT8"),
+    ("INT64", lambda n: [True] * n, "INT64 data must be integers, got True"),
+    ("INT64", lambda n: [1] * (n - 1) + [2**63], "out of range for INT64"),
+    ("UINT64", lambda n: [1] * (n - 1) + [-1], "out of range for UINT64"),
+    ("FP32", lambda n: [1.5] * (n - 1) + [[1.5]], "ragged"),
+    ("FP32", lambda n: [[1.5] * (n // 2), [1.5] * (n // 2 - 1) + [[1.5]]], "ragged"),
+    ("INT32", lambda n: [[1] * (n // 2), [1] * (n // 2 - 1) + [[1]]], "ragged"),
+    ("INT32", lambda n: [[1] * (n // 2), [1] * (n // 2 - 1)], "ragged"),
+    ("INT32", lambda n: [[1] * (n // 4 + 1), [1] * (n // 4 - 1), [1] * (n // 4), [1] * (n // 4)], "ragged"),
+    ("FP32", lambda n: [[[1.5] * (n // 2)], [1.5] * (n // 2)], "ragged"),
+    ("FP32", lambda n: [[1.5] * (n // 2), [[]] + [1.5] * (n // 2 - 1) + [[1.5, 1.5]]], "ragged"),
+    ("BYTES", lambda n: [["a"] * (n // 2), ["b"] * (n // 2 - 1)], "ragged"),
 ])
-def test_long_data_is_checked_as_strictly_as_short(http, datatype, data, fragment):
-    response = http.post(ECHO, json={"inputs": [tensor("a", datatype, [LONG], data)]})
+def test_long_data_is_checked_as_strictly_as_short(http, length, datatype, data, fragment):
+    response = http.post(ECHO, json={"inputs": [tensor("a", datatype, [length], data(length))]})
     assert_error(response, 400, fragment)
 
 
+SHAPES = {"n": lambda n: [n], "1xn": lambda n: [1, n], "4xn/4": lambda n: [4, n // 4], "2x2xn/4": lambda n: [2, 2, n // 4]}
+
+
+@pytest.mark.parametrize("length", LONG)
 @pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64", "INT8", "UINT16", "INT64", "UINT64", "BOOL", "BYTES"])
-@pytest.mark.parametrize("shape", [[LONG], [1, LONG], [4, LONG // 4], [2, 2, LONG // 4]], ids=str)
-def test_long_data_flat_or_nested_comes_back_exact(http, datatype, shape):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_long_data_flat_or_nested_comes_back_exact(http, length, datatype, shape):
+    shape = SHAPES[shape](length)
     rng = np.random.default_rng(7)
     if datatype == "BYTES":
-        values = np.array([f"s{i}" for i in range(LONG)], dtype=object)
+        values = np.array([f"s{i}" for i in range(length)], dtype=object)
     elif datatype == "BOOL":
-        values = rng.random(LONG) > 0.5
+        values = rng.random(length) > 0.5
     elif datatype.startswith("FP"):
-        values = rng.standard_normal(LONG).astype(datatype.lower().replace("fp", "float"))
+        values = rng.standard_normal(length).astype(datatype.lower().replace("fp", "float"))
     else:
         info = np.iinfo(datatype.lower())
-        values = rng.integers(info.min, info.max, LONG, dtype=datatype.lower(), endpoint=True)
+        values = rng.integers(info.min, info.max, length, dtype=datatype.lower(), endpoint=True)
     values = values.reshape(shape)
     response = http.post(ECHO, json={"inputs": [tensor("a", datatype, shape, values.tolist())]})
     assert response.status_code == 200, response.text
@@ -235,6 +250,70 @@ def test_long_data_flat_or_nested_comes_back_exact(http, datatype, shape):
     assert output["shape"] == shape and output["datatype"] == datatype
     # orjson writes a float32 as its shortest text, which reads back as that float32 only.
     assert np.array_equal(np.array(output["data"], dtype=values.dtype), values.ravel())
+
+
+BIG = 2000  # values: bodies well past the 4 KB from which simdjson reads them
+
+
+def big_values(count: int = BIG) -> str:
+    return ",".join(f"{i}.5" for i in range(count))
+
+
+@pytest.mark.parametrize("body, expected", [
+    # simdjson's lookup takes a repeated key's first value, orjson its last: the last wins.
+    ('{"inputs":[{"name":"a","datatype":"INT64","shape":[%d],"datatype":"FP64","data":[%s]}]}' % (BIG, big_values()),
+     [i + 0.5 for i in range(BIG)]),
+    ('{"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":[%s]}],'
+     '"inputs":[{"name":"a","datatype":"FP64","shape":[1],"data":[7]}]}' % (BIG, big_values()), [7.0]),
+    # A '[' inside a string is no array, though a count of the body's brackets sees one.
+    ('{"parameters":{"note":"[x"},"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":[%s]}]}' % (BIG, big_values()),
+     [i + 0.5 for i in range(BIG)]),
+    # NaN and Infinity are no JSON, but tritonclient sends them.
+    ('{"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":[%s,NaN]}]}' % (BIG + 1, big_values()),
+     [i + 0.5 for i in range(BIG)] + [np.nan]),
+    # Python's json reads a number past FP64 as infinity: so do both paths.
+    ('{"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":[%s,1e400]}]}' % (BIG + 1, big_values()),
+     [i + 0.5 for i in range(BIG)] + [np.inf]),
+    # More rows than are walked one by one.
+    ('{"inputs":[{"name":"a","datatype":"FP64","shape":[%d,1],"data":[%s]}]}'
+     % (5000, ",".join(f"[{i}.5]" for i in range(5000))), [i + 0.5 for i in range(5000)]),
+    ('{"inputs":[{"name":"a","datatype":"INT64","shape":[%d],"data":[%s]}],"padding":"%s"}' % (2, "1,2", "x" * 5000), [1, 2]),
+    ('{"inputs":[{"name":"a","datatype":"INT64","shape":[1],"data":5}],"padding":"%s"}' % ("x" * 5000), [5]),
+], ids=["repeated-datatype-key", "repeated-inputs-key", "bracket-in-a-string", "nan", "past-fp64", "many-rows", "small-data",
+        "scalar-data"])
+def test_big_json_reads_as_small_json_does(http, body, expected):
+    response = http.post(ECHO, content=body.encode())
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(response.json()["outputs"][0]["data"], expected)
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    # An array hidden among the numbers: the brackets are counted, and an escaped one counts for none.
+    ('{"parameters":{"note":"\\u005b"},"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":[%s,[1]]}]}'
+     % (BIG + 1, big_values()), 400, "ragged"),
+    ('{"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":%s}],"padding":"%s"}'
+     % (1, nested(33, "1"), "x" * 5000), 400, "nested deeper than 32"),
+    ('{"parameters":{"deep":%s},"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":[%s]}]}'
+     % (nested(150), BIG, big_values()), 400, DEPTH_ERROR),
+    ('{"inputs":{"name":"a","datatype":"FP64","shape":[%d],"data":[%s]}}' % (BIG, big_values()), 400, "needs 'inputs', a list"),
+    ('{"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":{"x":[%s]}}]}' % (BIG, big_values()), 400,
+     f"needs {BIG} elements, data has 1"),
+    ('{"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":[%s]}]}' % (BIG + 1, big_values()), 400, f"needs {BIG + 1} elements, data has {BIG}"),
+    ('{"inputs":[{"name":"a","datatype":"FP32","shape":[%d],"data":[%s]}]} trailing' % (BIG, big_values()), 400, "malformed JSON"),
+], ids=["escaped-bracket-hides-nothing", "data-33-deep", "parameters-150-deep", "inputs-not-a-list", "data-an-object",
+        "count-differs", "trailing-text"])
+def test_big_json_is_refused_as_small_json_is(http, body, status, fragment):
+    assert_error(http.post(ECHO, content=body.encode()), status, fragment)
+    assert_iris_serves(http)
+
+
+def test_big_json_beside_binary_inputs(http):
+    blob = np.arange(3, dtype=np.int32).tobytes()
+    body, headers = binary([{"name": "a", "datatype": "INT32", "shape": [3], "parameters": {"binary_data_size": len(blob)}},
+                            {"name": "b", "datatype": "FP64", "shape": [BIG], "data": [i + 0.5 for i in range(BIG)]}], blob)
+    response = http.post(ECHO, content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert [output["data"] for output in response.json()["outputs"]] == [[0, 1, 2], [i + 0.5 for i in range(BIG)]]
 
 
 def test_a_tensor_of_32_dimensions_is_accepted(http):
@@ -347,7 +426,7 @@ GRPC_CASES = {
     "int16-40000": (echo_request(infer_input("a", "INT16", [1], int_contents=[40000])), "out of range for INT16"),
     "uint8-256-in-uint-contents": (echo_request(infer_input("a", "UINT8", [1], uint_contents=[256])), "out of range for UINT8"),
     "uint16-70000": (echo_request(infer_input("a", "UINT16", [1], uint_contents=[70000])), "out of range for UINT16"),
-    "int8-out-of-range-long": (echo_request(infer_input("a", "INT8", [LONG], int_contents=[1] * (LONG - 1) + [128])),
+    "int8-out-of-range-long": (echo_request(infer_input("a", "INT8", [200], int_contents=[1] * 199 + [128])),
                                "out of range for INT8"),
     "shape-element-count-overflows": (echo_request(infer_input("a", "INT32", [2**4, 2**60 + 2]), raw=ONE_INT32), "too large"),
     "shape-negative": (echo_request(infer_input("a", "INT32", [-1]), raw=ONE_INT32), "non-negative integers"),

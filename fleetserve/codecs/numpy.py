@@ -13,12 +13,15 @@ import reprlib
 import struct
 import warnings
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fleetserve.errors import InvalidInput
 from fleetserve.types import MAX_DIMS, check_datatype, check_shape
+
+if TYPE_CHECKING:
+    import simdjson
 
 # Out-of-range floats are refused below; numpy's own warning about the cast would only be noise.
 # (np.errstate would silence it too, at a cost on every request.)
@@ -63,6 +66,27 @@ def array_from_json(data: Any, datatype: str, shape: Any, name: str) -> np.ndarr
             if dtype.kind in _INTEGER_KINDS and parsed.dtype.kind == "f" and _whole_past_64_bits(parsed):
                 raise InvalidInput(f"tensor '{name}': a value is out of range for {datatype}")
             raise InvalidInput(f"tensor '{name}': {datatype} data must be {words}, got {_sample(_flat(data, name))}")
+    return _in_range(parsed, dtype, datatype, shape, name)
+
+
+def array_from_simdjson(data: simdjson.Array, datatype: str, shape: Any, name: str) -> np.ndarray:
+    """Numeric `data` still inside simdjson's parse, nested rectangularly (the caller checked):
+    flattened to a 64-bit array in C, with no Python number per element. Data that is not all
+    numbers of the datatype's kind takes array_from_json, which words what is wrong."""
+    dtype = check_datatype(datatype, name)
+    shape = check_shape(shape, name)
+    code = _ARRAY_CODES[datatype]
+    try:
+        parsed = np.frombuffer(data.as_buffer(of_type=_SIMDJSON_TYPES[code]), _CODE_DTYPES[code])
+    except (TypeError, ValueError):  # a value of another kind, or past 64 bits
+        return array_from_json(data.as_list(), datatype, shape, name)
+    if parsed.size != element_count(shape):
+        raise _count_error(name, shape, parsed.size)
+    return _in_range(parsed, dtype, datatype, shape, name)
+
+
+def _in_range(parsed: np.ndarray, dtype: np.dtype, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Parsed numbers cast to the datatype, refused where a value does not fit it."""
     if dtype.kind in _INTEGER_KINDS and parsed.size:
         info = np.iinfo(dtype)
         if parsed.min() < info.min or parsed.max() > info.max:
@@ -109,6 +133,8 @@ _FAST_FROM = 64
 _ARRAY_CODES = {"FP16": "d", "FP32": "d", "FP64": "d", "UINT64": "Q",
                 **{datatype: "q" for datatype in ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32")}}
 _CODE_DTYPES = {"d": np.dtype("<f8"), "q": np.dtype("<i8"), "Q": np.dtype("<u8")}
+_SIMDJSON_TYPES = {"d": "d", "q": "i", "Q": "u"}  # Array.as_buffer's names for the same three
+SIMDJSON_DATATYPES = frozenset(_ARRAY_CODES)
 
 
 def _numbers(data: list, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray | None:

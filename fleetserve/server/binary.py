@@ -13,11 +13,17 @@ from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 from fleetserve.codecs import as_plain
-from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer, bytes_to_text, little_endian
+from fleetserve.codecs.numpy import (
+    SIMDJSON_DATATYPES, array_from_buffer, array_from_json, array_from_simdjson, array_to_buffer, bytes_to_text,
+    little_endian,
+)
 from fleetserve.errors import InvalidInput
-from fleetserve.types import MAX_NESTING, InferenceRequest, InferenceResponse, RequestedOutput, Tensor, check_nesting
+from fleetserve.types import (
+    MAX_DIMS, MAX_NESTING, InferenceRequest, InferenceResponse, RequestedOutput, Tensor, check_nesting,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 _TOO_DEEP = f"JSON nesting depth exceeds the limit of {MAX_NESTING}"
@@ -104,6 +110,109 @@ def _check_request_nesting(document: dict) -> None:
             check_nesting(value, depth=2)
 
 
+# From this size on, a JSON body is parsed by simdjson, and its numeric tensors go to numpy in C
+# (Array.as_buffer), never a Python number per element: past a few KB that is 2-4x faster than
+# orjson and the array module (262,144 FP32 values, 1.8 MB: 13 ms -> 3.3 ms).
+SIMDJSON_FROM = 4096
+_WALK_LIMIT = 4096  # nested data holding more arrays than this is left to the exact path
+_OPEN_BRACKET = ord("[")
+
+
+def _simdjson_request(header: bytes | memoryview) -> dict | None:
+    """The request as _json_object reads it, except that each numeric tensor's `data` stays a
+    simdjson.Array, known to be rectangular, for array_from_simdjson.
+
+    None where the exact path must read the body instead: JSON simdjson refuses (NaN and
+    Infinity among it), a repeated key, data of another datatype, data that is ragged, nested too
+    deeply or in too many rows. As as_buffer flattens whatever nesting it meets, the arrays are
+    counted: the body's '[' must be exactly the arrays the request is known to hold, or an array
+    could hide among a tensor's numbers. (A '[' inside a string makes the count too high, never
+    right: such a body takes the exact path.)
+    """
+    try:
+        root = simdjson.Parser().parse(header)
+    except Exception:  # ValueError, RuntimeError (too deep), ...: the exact path words it
+        return None
+    if type(root) is not simdjson.Object or (document := _fields(root, "inputs")) is None:
+        return None
+    raw_inputs = document.get("inputs")
+    if type(raw_inputs) is not simdjson.Array:
+        return None
+    arrays = 1 + _arrays_in({key: value for key, value in document.items() if key != "inputs"})
+    inputs = []
+    for raw in raw_inputs:
+        tensor = _fields(raw, "data") if type(raw) is simdjson.Object else None
+        if tensor is None:
+            return None
+        data = tensor.get("data")
+        if type(data) is simdjson.Array:
+            held = _rectangular(data) if tensor.get("datatype") in SIMDJSON_DATATYPES else None
+        else:
+            held = 0 if type(data) is not simdjson.Object else None
+        if held is None:
+            return None
+        arrays += held + _arrays_in({key: value for key, value in tensor.items() if key != "data"})
+        inputs.append(tensor)
+    if np.count_nonzero(np.frombuffer(header, np.uint8) == _OPEN_BRACKET) != arrays:
+        return None
+    document["inputs"] = inputs
+    return document
+
+
+def _fields(lazy: simdjson.Object, kept: str) -> dict | None:
+    """An object's fields as Python values, but for `kept`, left as simdjson gives it; None when a
+    key repeats (orjson keeps a repeated key's last value, simdjson's lookup its first)."""
+    keys = list(lazy.keys())
+    if len(set(keys)) != len(keys):
+        return None
+    return {key: lazy[key] if key == kept else _plain(lazy[key]) for key in keys}
+
+
+def _plain(value: Any) -> Any:
+    if type(value) is simdjson.Object:
+        return value.as_dict()
+    if type(value) is simdjson.Array:
+        return value.as_list()
+    return value
+
+
+def _arrays_in(value: Any) -> int:
+    """How many arrays a JSON value holds."""
+    count, stack = 0, [value]
+    while stack:
+        value = stack.pop()
+        if type(value) is list:
+            count += 1
+            stack.extend(value)
+        elif type(value) is dict:
+            stack.extend(value.values())
+    return count
+
+
+def _rectangular(data: simdjson.Array) -> int | None:
+    """How many arrays rectangular nested data holds (1 when flat), read off every array but no
+    number; None when it is ragged, nested past MAX_DIMS, or holds more than _WALK_LIMIT arrays.
+    Arrays among the innermost numbers are not seen here: the caller's count of '[' finds them."""
+    level, count, depth = [data], 1, 1
+    while True:
+        width = len(level[0])
+        if width == 0 or type(level[0][0]) is not simdjson.Array:
+            return count if all(len(array) == width for array in level) else None
+        depth += 1
+        count += len(level) * width
+        if depth > MAX_DIMS or count > _WALK_LIMIT:
+            return None
+        below = []
+        for array in level:
+            if len(array) != width:
+                return None
+            for child in array:
+                if type(child) is not simdjson.Array:
+                    return None
+                below.append(child)
+        level = below
+
+
 def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
     binary: memoryview | None = None
     header: bytes | memoryview = body
@@ -116,9 +225,13 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
             raise InvalidInput(f"Inference-Header-Content-Length {length} is outside the body of {len(body)} bytes")
         view = memoryview(body)
         header, binary = view[:length], view[length:]
-    document = _json_object(header)
-    if len(header) > _SHALLOW and _may_nest_too_deeply(body, len(header)):
+    document = _simdjson_request(header) if len(header) >= SIMDJSON_FROM else None
+    if document is not None:
         _check_request_nesting(document)
+    else:
+        document = _json_object(header)
+        if len(header) > _SHALLOW and _may_nest_too_deeply(body, len(header)):
+            _check_request_nesting(document)
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list):
         raise InvalidInput("the request needs 'inputs', a list of tensors")
@@ -144,6 +257,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
             data = array_from_buffer(binary[offset : offset + size], datatype, shape, name)
             offset += size
             parameters = {key: value for key, value in parameters.items() if key != "binary_data_size"}
+        elif type(raw.get("data")) is simdjson.Array:
+            data = array_from_simdjson(raw["data"], datatype, shape, name)
         elif "data" in raw:
             data = array_from_json(raw["data"], datatype, shape, name)
         else:
