@@ -48,7 +48,7 @@ def build_repository(root: Path, count: int) -> None:
     (root / "model.joblib").unlink()
 
 
-def start_server(repo: Path, args, log: Path) -> tuple[subprocess.Popen, str, float]:
+def start_server(repo: Path, args, log: Path, budget: float = 180) -> tuple[subprocess.Popen, str, float]:
     """Start fleetserve on loopback; return it, its URL and the seconds until /v2/health/ready."""
     port = free_port()
     command = [str(ROOT / ".venv" / "bin" / "fleetserve"), "start", str(repo), "--host", "127.0.0.1",
@@ -56,13 +56,13 @@ def start_server(repo: Path, args, log: Path) -> tuple[subprocess.Popen, str, fl
                "--memory-limit", args.limit, "--overcommit-percent", str(args.overcommit), "--log-level", "warning"]
     started = time.perf_counter()
     servers.append(server := subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT))
-    while time.perf_counter() - started < 180 and server.poll() is None:
+    while time.perf_counter() - started < budget and server.poll() is None:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
                 return server, f"http://127.0.0.1:{port}", time.perf_counter() - started
         except httpx.HTTPError:
             time.sleep(0.05)
-    sys.exit(f"server exited ({server.poll()}) or was not ready in 180 s; log:\n{log.read_text()[-3000:]}")
+    sys.exit(f"server exited ({server.poll()}) or was not ready in {budget:g} s; log:\n{log.read_text()[-3000:]}")
 
 
 def stop(server: subprocess.Popen) -> None:

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--inline-predict-us", type=float,
                        help="run predicts faster than this many microseconds on the event loop (default 200; 0: never)")
     start.add_argument("--cache-dir", help="where remote artifacts are downloaded (FLEETSERVE_CACHE_DIR)")
+    start.add_argument("--state-dir", help="where applied manifests are kept, to be applied again at start (FLEETSERVE_STATE_DIR)")
     start.add_argument("--capabilities", help="comma-separated; replaces the default capabilities")
     start.add_argument("--extra-capabilities", help="comma-separated; added to the capabilities")
     start.add_argument("--triton-url", help="gRPC address of a Triton server (explicit model control) for GPU models")

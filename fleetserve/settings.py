@@ -47,6 +47,8 @@ class ServerSettings:
     overcommit_percent: float = 10.0
     # Where remote artifacts are downloaded; kept across restarts.
     cache_dir: str = os.path.join(tempfile.gettempdir(), "fleetserve-cache")
+    # Where applied manifests are kept, so a restarted server applies them again; empty: nowhere.
+    state_dir: str = ""
     # Comma-separated: `capabilities` replaces the default list, `extra_capabilities` adds to it.
     capabilities: str = ""
     extra_capabilities: str = ""

@@ -4,6 +4,7 @@ capabilities, and reloading a model while it serves."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 
@@ -40,7 +41,7 @@ def test_multi_document_apply_and_delete(server, http, artifacts):
     assert [http.post(f"/v2/models/a{n}/infer", json=ROW).json()["outputs"][0]["data"] for n in (1, 2)] == [[1], [2]]
     deleted = delete(server, text)
     assert deleted.returncode == 0 and json.loads(deleted.stdout)["deleted"][1] == {"kind": "Model", "name": "a2"}
-    assert http.post("/v2/models/a1/infer", json=ROW).status_code == 503  # deleted: unavailable
+    assert http.post("/v2/models/a1/infer", json=ROW).status_code == 404  # deleted: gone
 
 
 @pytest.mark.parametrize(
@@ -106,3 +107,46 @@ def test_reapplying_swaps_the_model_without_failing_requests(server, http, artif
             caller.join()
     assert set(answers) == {1, 2}, [answer for answer in answers if answer not in (1, 2)][:3]
     assert answers.index(2) > 0 and answers[-1] == 2
+
+
+def test_applied_manifests_come_back_after_a_restart(tmp_path, artifacts):
+    """--state-dir: models, a pipeline and an experiment applied before a restart serve after it;
+    what was deleted stays gone, and leaves no entry behind; one that cannot load at start is kept."""
+    state, repository = tmp_path / "state", tmp_path / "repo"
+    repository.mkdir()
+    answer_3 = tmp_path / "answer-3"
+    constant_model(answer_3, 3)
+    graphs = """kind: Pipeline
+metadata: {name: p}
+spec:
+  steps: [{name: a1}]
+  output: {steps: [a1]}
+---
+kind: Experiment
+metadata: {name: split}
+spec:
+  candidates: [{name: a1, weight: 50}, {name: a3, weight: 50}]
+"""
+    models = "---\n".join([model_manifest("a1", artifacts / "answer-1"), model_manifest("a2", artifacts / "answer-2"),
+                           model_manifest("a3", answer_3)])
+    start = lambda name: running_server(repository, tmp_path / f"{name}.log", args=("--state-dir", str(state)))
+    with start("first") as server, http_client(server) as http:
+        assert http.post("/v2/manifests", content=models + "---\n" + graphs).status_code == 200
+        assert http.request("DELETE", "/v2/manifests", content=model_manifest("a2", artifacts / "answer-2")).status_code == 200
+        assert "a2" not in {entry["name"] for entry in http.post("/v2/repository/index").json()}
+    shutil.rmtree(answer_3)  # a3 cannot load at the next start
+
+    with start("second") as server, http_client(server) as http:
+        assert http.post("/v2/models/a1/infer", json=ROW).json()["outputs"][0]["data"] == [1]
+        assert http.post("/v2/pipelines/p/infer", json=ROW).json()["outputs"][0]["data"] == [1]
+        assert http.get("/v2/experiments/split").status_code == 200
+        index = {entry["name"]: entry for entry in http.post("/v2/repository/index").json()}
+        assert index["a1"]["state"] == "READY" and "a2" not in index
+        assert index["a3"]["state"] == "UNAVAILABLE" and "answer-3" in index["a3"]["reason"], index["a3"]
+    constant_model(answer_3, 3)  # the kept manifest applies again once its artifacts are back
+
+    with start("third") as server, http_client(server) as http:
+        assert http.post("/v2/models/a3/infer", json=ROW).json()["outputs"][0]["data"] == [3]
+        assert http.get("/v2/experiments/split/ready").status_code == 200
+        http.request("DELETE", "/v2/pipelines/p")
+    assert sorted(path.name for path in (state / "manifests").rglob("*.json")) == ["a1.json", "a3.json", "split.json"]

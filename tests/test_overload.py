@@ -484,7 +484,8 @@ def test_sigterm_answers_every_request_in_flight_within_the_grace(tmp_path):
             rest = [pool.submit(httpx.post, f"{server.url}/v2/models/counter/infer", json=body(1.5, f"r{i}"), timeout=30)
                     for i in range(6)]
             grpc_calls = [pool.submit(grpc_client.infer, "counter", grpc_seconds(1.5)) for _ in range(2)]
-            wait_until(lambda: len(calls(server, "counter")) >= 4, what="the requests reaching the model")
+            # All eight in the server (a request not yet connected at SIGTERM would be refused, as it must).
+            wait_until(lambda: metric(server, "fleetserve_requests_in_flight") == 8, what="the eight requests in flight")
             started = time.monotonic()
             server.process.terminate()
             assert [answer.result(timeout=30).status_code for answer in rest] == [200] * 6

@@ -80,7 +80,7 @@ def test_s3_model_lifecycle(s3, iris_folder, tmp_path):
         # Deleting the model deletes its files.
         assert delete(server, manifest).returncode == 0
         assert cached_entries(cache) == []
-        assert http.post("/v2/models/iris-s3/infer", json=iris_json()).status_code == 503  # unloaded: unavailable
+        assert http.post("/v2/models/iris-s3/infer", json=iris_json()).status_code == 404  # deleted: gone
 
 
 def test_missing_s3_artifacts_fail_the_load_clearly(s3, tmp_path):

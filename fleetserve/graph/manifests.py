@@ -9,11 +9,13 @@ from typing import Any
 import yaml
 
 from fleetserve.errors import InvalidInput
+from fleetserve.graph.experiment import experiment_from_manifest
+from fleetserve.graph.pipeline import pipeline_from_manifest
 from fleetserve.runtime.repository import Found
 from fleetserve.settings import ModelSettings, check_model_name, parse_quantity
 from fleetserve.types import MAX_NESTING, check_nesting
 
-SUPPORTED_KINDS = ("Model", "Pipeline", "Experiment")
+SUPPORTED_KINDS = ("Model", "Pipeline", "Experiment")  # in the order they depend on each other
 _MODEL_SPEC = {"storageUri", "requirements", "memory", "parameters", "explainer"}
 
 
@@ -83,7 +85,13 @@ def model_from_manifest(document: dict[str, Any]) -> Found:
         unknown={key: value for key, value in spec.items() if key not in _MODEL_SPEC},
         from_manifest=True,
     )
-    return Found(name, [settings])
+    return Found(name, [settings], manifest=document)
+
+
+def parse_manifest(document: dict[str, Any]) -> Any:
+    """A checked manifest (parse_manifests) as what applying it takes: a Found, Pipeline or Experiment."""
+    parsers = {"Model": model_from_manifest, "Pipeline": pipeline_from_manifest, "Experiment": experiment_from_manifest}
+    return parsers[document["kind"]](document)
 
 
 def _explainer(where: str, explainer: Any) -> dict[str, Any]:

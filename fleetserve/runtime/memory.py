@@ -50,7 +50,12 @@ def format_bytes(size: float) -> str:
 
 class DeviceMemory:
     """One device's books. Without a limit (a GPU with no --gpu-memory-limit) models are counted
-    but never refused or evicted."""
+    but never refused or evicted.
+
+    Totals are kept as models come and go, so no operation costs more with more models
+    registered: each version's cost is counted once, when it registers, and again (recount)
+    when a load measures it.
+    """
 
     def __init__(self, device: str, limit: int | None, overcommit_percent: float):
         self.device = device
@@ -58,18 +63,12 @@ class DeviceMemory:
         self.limited = limit is not None
         self.overcommit_percent = overcommit_percent
         self.registered_limit = int(self.limit * (1 + overcommit_percent / 100)) if self.limited else sys.maxsize
-        self.registered: set[Accountable] = set()
+        self.registered: dict[Accountable, int] = {}  # version -> the cost counted for it
         self.resident: OrderedDict[Accountable, None] = OrderedDict()  # least recently used first
+        self.registered_bytes = 0
+        self.resident_bytes = 0
         self.evictions = 0
         self.misses = 0
-
-    @property
-    def registered_bytes(self) -> int:
-        return sum(version.cost for version in self.registered)
-
-    @property
-    def resident_bytes(self) -> int:
-        return sum(version.cost for version in self.resident)
 
     @property
     def _models(self) -> str:
@@ -79,7 +78,7 @@ class DeviceMemory:
         """Refuse, with the figures, versions that would take the registered total past the
         overcommitted budget."""
         adding = sum(version.cost for version in versions)
-        already = sum(version.cost for version in self.registered if version not in replacing)
+        already = self.registered_bytes - sum(self.registered.get(version, 0) for version in replacing)
         for version in versions:
             self.check_fits(version)
         if already + adding > self.registered_limit:
@@ -98,9 +97,26 @@ class DeviceMemory:
                 f"{format_bytes(self.limit)}"
             )
 
+    def register(self, versions: list[Accountable]) -> None:
+        for version in versions:
+            self.unregister(version)
+            self.registered[version] = version.cost
+            self.registered_bytes += version.cost
+
+    def recount(self, version: Accountable) -> None:
+        """A load measured the version: its cost in the totals becomes what it costs now."""
+        counted = self.registered.get(version)
+        if counted is None:
+            return
+        change = version.cost - counted
+        self.registered[version] = version.cost
+        self.registered_bytes += change
+        if version in self.resident:
+            self.resident_bytes += change
+
     def unregister(self, version: Accountable) -> None:
-        self.registered.discard(version)
-        self.resident.pop(version, None)
+        self.mark_evicted(version)
+        self.registered_bytes -= self.registered.pop(version, 0)
 
     def touch(self, version: Accountable) -> None:
         """A request used this version: it becomes the most recently used."""
@@ -108,11 +124,15 @@ class DeviceMemory:
             self.resident.move_to_end(version)
 
     def mark_resident(self, version: Accountable) -> None:
+        if version not in self.resident:
+            self.resident_bytes += self.registered[version]
         self.resident[version] = None
         self.resident.move_to_end(version)
 
     def mark_evicted(self, version: Accountable) -> None:
-        self.resident.pop(version, None)
+        if version in self.resident:
+            del self.resident[version]
+            self.resident_bytes -= self.registered[version]
 
     def victims(self, needed: int, keep: Accountable | None = None) -> list[Accountable] | None:
         """The least recently used idle versions whose eviction frees `needed` bytes ([] if they
@@ -125,7 +145,7 @@ class DeviceMemory:
             if version is keep or version.in_flight or version.state != "READY":
                 continue
             chosen.append(version)
-            free += version.cost
+            free += self.registered[version]
         return chosen if free >= needed else None
 
 
@@ -161,7 +181,10 @@ class MemoryManager:
         for device, share in by_device.items():
             self.devices[device].check_register(share, replacing)
         for device, share in by_device.items():
-            self.devices[device].registered.update(share)
+            self.devices[device].register(share)
+
+    def recount(self, version: Accountable) -> None:
+        self.devices[version.device].recount(version)
 
 
 _measuring = threading.Lock()  # tracemalloc and RSS are process-wide: one load measured at a time

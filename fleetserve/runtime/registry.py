@@ -17,7 +17,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Awaitable, Callable
 
 from fleetserve.errors import Busy, FleetError, ModelLoadError, ModelUnavailable, NotFound, describe
 from fleetserve.runtime import metrics
@@ -234,14 +235,21 @@ class Registry:
         raised. Cancelled (the server stops), the loads under way complete and those not begun
         never begin."""
         found = await self._in_thread(self.repository.scan)
+        await self._in_turns({name: partial(self.load, name, entry) for name, entry in found.items()})
+
+    async def apply_all(self, manifests: list[Found]) -> None:
+        """apply() each, LOAD_TURNS at a time; failures are logged, not raised."""
+        await self._in_turns({found.name: partial(self.apply, found) for found in manifests})
+
+    async def _in_turns(self, loads: dict[str, Callable[[], Awaitable[None]]]) -> None:
         turns = asyncio.Semaphore(LOAD_TURNS)
 
-        async def load_in_turn(name: str, entry: Found) -> None:
+        async def in_turn(load) -> None:
             async with turns:
-                await self.load(name, entry)
+                await load()
 
-        results = await asyncio.gather(*(load_in_turn(name, entry) for name, entry in found.items()), return_exceptions=True)
-        for name, result in zip(found, results):
+        results = await asyncio.gather(*(in_turn(load) for load in loads.values()), return_exceptions=True)
+        for name, result in zip(loads, results):
             if isinstance(result, BaseException):
                 log.error("model %s is unavailable: %s", name, getattr(result, "message", result))
 
@@ -347,6 +355,9 @@ class Registry:
             pass
         if self.manifests.get(name) is found:  # not re-applied meanwhile
             del self.manifests[name]
+            model = self.models.get(name)
+            if model is not None and not any(self.memory.is_registered(version) for version in model.versions.values()):
+                del self.models[name]  # gone, not listed as unloaded; a repository folder of that name shows again
 
     async def unload_all(self, grace: float) -> None:
         # Downloaded artifacts stay for the next start to reuse.
@@ -508,12 +519,12 @@ class Registry:
             # not in the pool. Nothing holds or awaits the slots of a version that is not resident.
             version.slots, version.pooled = asyncio.Semaphore(workers), True
             await self._in_thread(pool.load)
-            version.measured, version.unmeasured = pool.memory_bytes(), False
+            self._measured(version, pool.memory_bytes())
             return pool
         if inspect.iscoroutinefunction(runtime_class.load):  # its memory is elsewhere (Triton) or its own to tell
             runtime = runtime_class(settings)
             await runtime.load()
-            version.measured, version.unmeasured = runtime.footprint(), False
+            self._measured(version, runtime.footprint())
             return runtime
 
         def start() -> Runtime:
@@ -528,8 +539,12 @@ class Registry:
         measured = max(measured, runtime.footprint())
         if not exact:  # an estimate, perhaps swollen by other loads: only when nothing is declared, and capped
             measured = 0 if version.declared else min(measured, self.memory.of(version).limit)
-        version.measured, version.unmeasured = measured, not exact
+        self._measured(version, measured, exact)
         return runtime
+
+    def _measured(self, version: ModelVersion, measured: int, exact: bool = True) -> None:
+        version.measured, version.unmeasured = measured, not exact
+        self.memory.recount(version)
 
     async def _stop_runtime(self, version: ModelVersion, runtime: Runtime) -> None:
         try:
@@ -563,9 +578,12 @@ class Registry:
 
     async def _forget_downloads(self, versions: list[ModelVersion]) -> None:
         """Delete the downloaded artifacts of versions no registered version still uses."""
+        remote = {version.settings.uri for version in versions if is_remote(version.settings.uri or "")}
+        if not remote:
+            return
         used = {cache_key(other.settings.uri or "") for other in self.memory.registered}
-        for uri in {version.settings.uri or "" for version in versions}:
-            if is_remote(uri) and cache_key(uri) not in used:
+        for uri in remote:
+            if cache_key(uri) not in used:
                 await self._in_thread(self.artifacts.delete, uri)
 
     def _schedule_refreeze(self, within: float = 1.0) -> None:

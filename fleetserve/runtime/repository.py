@@ -35,6 +35,7 @@ class Found:
     name: str
     versions: list[ModelSettings]
     error: str | None = None
+    manifest: dict | None = None  # the Model manifest it was applied as, if it was
 
 
 class ModelRepository:

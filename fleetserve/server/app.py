@@ -21,6 +21,8 @@ import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
 from fleetserve.errors import describe
+from fleetserve.graph.applied import AppliedManifests
+from fleetserve.graph.manifests import parse_manifest
 from fleetserve.graph.router import GraphCollector, Router
 from fleetserve.runtime.artifacts import ArtifactCache, redact_text
 from fleetserve.runtime.dataplane import DataPlane
@@ -97,6 +99,7 @@ class FleetServer:
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.router = Router(self.registry, self.dataplane)
+        self.applied = AppliedManifests(settings.state_dir)
         alibi_explain.configure(self.router)
         REGISTRY.register(GraphCollector(self.router))
         self.admission = Admission(settings.max_concurrent_requests)
@@ -189,9 +192,61 @@ class FleetServer:
             self.load_failed = True
             self.request_stop()
             return
+        await self._apply_again()
         self.ready = True
         await set_serving(health, True)
         log.info("ready: %d model version(s) loaded", len(self.registry.ready_versions()))
+
+    # Manifests: applied through REST, kept in --state-dir, applied again at start.
+
+    async def apply(self, kind: str, parsed) -> None:
+        """Apply a manifest (parse_manifest's form) and keep it as applied."""
+        if kind != "Model":
+            self._apply_graph(kind, parsed)
+            self.applied.record(kind, parsed.name, parsed.manifest)
+            return
+        try:
+            await self.registry.apply(parsed)
+        finally:  # a failed load puts back the manifest before it; a failed reload keeps the new one
+            current = self.registry.manifests.get(parsed.name)
+            if current is None:
+                self.applied.forget(kind, parsed.name)
+            else:
+                self.applied.record(kind, parsed.name, current.manifest)
+
+    def _apply_graph(self, kind: str, parsed) -> None:
+        if kind == "Pipeline":
+            self.router.add_pipeline(parsed)
+        else:
+            self.router.add_experiment(parsed)
+
+    async def delete(self, kind: str, name: str) -> None:
+        try:
+            if kind == "Model":
+                await self.registry.delete(name, self.settings.shutdown_grace)
+            elif kind == "Pipeline":
+                self.router.delete_pipeline(name)
+            else:
+                self.router.delete_experiment(name)
+        finally:  # also a manifest kept but not applied again at start (it failed then)
+            self.applied.forget(kind, name)
+
+    async def _apply_again(self) -> None:
+        """What was applied before a restart, applied again: models (LOAD_TURNS at a time), then
+        pipelines and experiments. A manifest that fails now is logged and kept for the next start."""
+        parsed = []
+        for manifest in self.applied.saved():
+            try:
+                parsed.append((manifest["kind"], parse_manifest(manifest)))
+            except Exception as error:  # an edited file: the others still apply
+                log.error("cannot apply the kept manifest %s again: %s", manifest.get("metadata"), describe(error))
+        await self.registry.apply_all([item for kind, item in parsed if kind == "Model"])
+        for kind, item in parsed:
+            if kind != "Model":
+                try:
+                    self._apply_graph(kind, item)
+                except Exception as error:
+                    log.error("cannot apply the kept %s %s again: %s", kind.lower(), item.name, describe(error))
 
 
 class _RedactCredentials(logging.Filter):

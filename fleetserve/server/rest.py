@@ -28,9 +28,7 @@ from fleetserve.errors import (
     FleetError, InvalidInput, ModelUnavailable, NotFound, NotReady, Overloaded, PayloadTooLarge, ServerUnavailable,
     describe,
 )
-from fleetserve.graph.experiment import experiment_from_manifest
-from fleetserve.graph.manifests import manifest_name, model_from_manifest, parse_manifests
-from fleetserve.graph.pipeline import pipeline_from_manifest
+from fleetserve.graph.manifests import manifest_name, parse_manifest, parse_manifests
 from fleetserve.server import documents, openapi
 from fleetserve.server.routes import infer_target
 from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object, refuse_deep_json
@@ -255,34 +253,18 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     # Seldon Core 2 manifests (YAML or JSON, several documents allowed). Every document is
     # checked before the first is applied (a model's load can still fail after others applied).
 
-    async def apply_one(kind: str, parsed) -> None:
-        if kind == "Model":
-            await registry.apply(parsed)
-        elif kind == "Pipeline":
-            router.add_pipeline(parsed)
-        else:
-            router.add_experiment(parsed)
-
-    async def delete_one(kind: str, name: str) -> None:
-        if kind == "Model":
-            await registry.delete(name, server.settings.shutdown_grace)
-        elif kind == "Pipeline":
-            router.delete_pipeline(name)
-        else:
-            router.delete_experiment(name)
-
     @app.post("/v2/manifests")
     async def apply_manifests(request: Request) -> Response:
         documents_ = parse_manifests(await read_body(request.receive, request.headers, limit))
-        items = [(document["kind"], _PARSERS[document["kind"]](document)) for document in documents_]
+        items = [(document["kind"], parse_manifest(document)) for document in documents_]
         router.check_experiments([parsed for kind, parsed in items if kind == "Experiment"])
-        return json_response({"applied": await _each(items, apply_one, "applied")})
+        return json_response({"applied": await _each(items, server.apply, "applied")})
 
     @app.delete("/v2/manifests")
     async def delete_manifests(request: Request) -> Response:
         documents_ = parse_manifests(await read_body(request.receive, request.headers, limit))
         items = [(document["kind"], manifest_name(document)) for document in documents_]
-        return json_response({"deleted": await _each(items, delete_one, "deleted")})
+        return json_response({"deleted": await _each(items, server.delete, "deleted")})
 
     # Pipelines and experiments (inference on a pipeline takes the fast path below).
 
@@ -291,16 +273,16 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         wrong = [document["kind"] for document in documents_ if document["kind"] != kind]
         if wrong:
             raise InvalidInput(f"this endpoint takes kind: {kind} manifests, got {wrong}")
-        return [_PARSERS[kind](document) for document in documents_]
+        return [parse_manifest(document) for document in documents_]
 
-    def graph_routes(kind: str, names, get, status, problem, delete) -> None:
+    def graph_routes(kind: str, names, get, status, problem) -> None:
         """The same API for pipelines and experiments: create (manifests), list, status, ready, delete."""
         path = f"/v2/{kind.lower()}s"
 
         async def create(request: Request) -> Response:
             items = [(kind, parsed) for parsed in await manifests_of(request, kind)]
             router.check_experiments([parsed for kind_, parsed in items if kind_ == "Experiment"])
-            return json_response({"applied": await _each(items, apply_one, "applied")})
+            return json_response({"applied": await _each(items, server.apply, "applied")})
 
         async def listing() -> Response:
             return json_response([status(router, name) for name in names()])
@@ -316,7 +298,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
             return json_response({"name": name, "ready": True})
 
         async def remove(name: str) -> Response:
-            delete(name)
+            await server.delete(kind, name)
             return json_response({})
 
         app.post(path)(create)
@@ -326,9 +308,9 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         app.delete(path + "/{name}")(remove)
 
     graph_routes("Pipeline", lambda: list(router.pipelines), router.get_pipeline, documents.pipeline_status,
-                 router.pipeline_problem, router.delete_pipeline)
+                 router.pipeline_problem)
     graph_routes("Experiment", lambda: list(router.experiments), router.get_experiment, documents.experiment_status,
-                 router.experiment_problem, router.delete_experiment)
+                 router.experiment_problem)
 
     @app.get("/v2/pipelines/{name}/inspect")
     @app.get("/v2/pipelines/{name}/inspect/{target}")
@@ -349,9 +331,6 @@ def _allowed_methods(app: FastAPI, scope) -> str:
     """Every method some route answers at this path: one path's methods may be several routes."""
     return ", ".join(sorted({method for route in app.router.routes if route.matches(scope)[0] is not Match.NONE
                              for method in route.methods}))
-
-
-_PARSERS = {"Model": model_from_manifest, "Pipeline": pipeline_from_manifest, "Experiment": experiment_from_manifest}
 
 
 DOCS = "/v2/docs"
