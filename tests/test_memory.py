@@ -211,3 +211,35 @@ def test_memory_limit_flags_are_validated(tmp_path, flag):
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert result.returncode != 0 and re.search(f"{flag}: 'lots' is not a memory quantity", result.stderr)
+
+
+COUNTED_LOAD_MODEL = '''
+from pathlib import Path
+
+import numpy as np
+
+from fleetserve.runtime.base import Runtime
+
+
+class CountedLoad(Runtime):
+    """Counts its loads in a file; imports a module that keeps 24 MiB, and keeps 8 MiB itself."""
+
+    def load(self):
+        with open(Path(self.settings.folder) / "loads", "a") as loads:
+            loads.write("load\\n")
+        from . import framework  # noqa: F401
+        self.weights = np.ones(1024 * 1024)
+'''
+
+
+def test_a_model_loads_once_and_its_imports_are_not_its_memory(tmp_path):
+    """A custom runtime's first load used to run twice (to tell the import from the model): its
+    side effects happened twice. Now one load, with what its imports took measured apart."""
+    repository = tmp_path / "repo"
+    write_settings(repository / "counted", {"implementation": "counted_model.CountedLoad", "parallel_workers": 0})
+    (repository / "counted" / "counted_model.py").write_text(COUNTED_LOAD_MODEL)
+    (repository / "counted" / "framework.py").write_text("PAYLOAD = bytearray(24 * 1024 * 1024)\n")
+    with running_server(repository, tmp_path / "server.log") as server:
+        measured = repository_index(httpx.Client(base_url=server.url))["counted"]["measured_memory_bytes"]
+    assert (repository / "counted" / "loads").read_text() == "load\n"
+    assert 8 * 2**20 <= measured < 16 * 2**20, measured / 2**20

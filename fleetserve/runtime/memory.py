@@ -11,13 +11,14 @@ evictions; this module only keeps the books.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
-import gc
 import os
 import sys
 import threading
 import tracemalloc
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -188,7 +189,6 @@ class MemoryManager:
 
 
 _measuring = threading.Lock()  # tracemalloc and RSS are process-wide: one load measured at a time
-_warmed: set[object] = set()  # kinds of runtime that have loaded once, so their frameworks are imported
 # Loads running unmeasured, and how many have started: a measurement they overlap is only an estimate.
 _unmeasured = {"running": 0, "started": 0}
 _unmeasured_guard = threading.Lock()
@@ -257,25 +257,76 @@ def return_freed_memory() -> None:
         _libc.malloc_trim(0)
 
 
-def _traced(start: Callable[[], T]) -> tuple[T, int, int, bool]:
-    """Run `start`; return its result, the Python heap it kept (numpy arrays included), its
-    native growth (the larger of RSS's and malloc's in-use bytes'), and whether it imported modules."""
-    modules_before = len(sys.modules)
+@dataclass
+class _Growth:
+    heap: int = 0  # traced Python heap, numpy arrays included
+    rss: int = 0
+    malloc: int = 0  # malloc's in-use bytes: unlike RSS, they grow when freed blocks are reused
+    modules: int = 0
+
+    @staticmethod
+    def now() -> "_Growth":
+        return _Growth(tracemalloc.get_traced_memory()[0], rss(), malloc_in_use(), len(sys.modules))
+
+    def since(self, before: "_Growth") -> "_Growth":
+        return _Growth(self.heap - before.heap, self.rss - before.rss, self.malloc - before.malloc,
+                       self.modules - before.modules)
+
+    def add(self, other: "_Growth") -> None:
+        self.heap, self.rss = self.heap + other.heap, self.rss + other.rss
+        self.malloc, self.modules = self.malloc + other.malloc, self.modules + other.modules
+
+
+class _ImportMeter:
+    """What the imports of one thread take while its load is measured: a framework's modules are
+    not the model's memory. Each outermost `import` (statements and unpickling both call
+    builtins.__import__) that adds modules is measured before and after; an import that bypasses
+    it (importlib.import_module) is not, and shows in the module count."""
+
+    def __init__(self):
+        self.took = _Growth()
+        self.thread = threading.get_ident()
+        self.importing = False
+
+    def __enter__(self) -> "_ImportMeter":
+        self.original = builtins.__import__
+        builtins.__import__ = self.metered
+        return self
+
+    def __exit__(self, *exc) -> None:
+        builtins.__import__ = self.original
+
+    def metered(self, name, globals=None, locals=None, fromlist=(), level=0):
+        if self.importing or threading.get_ident() != self.thread:
+            return self.original(name, globals, locals, fromlist, level)
+        self.importing = True
+        before = _Growth.now()
+        try:
+            return self.original(name, globals, locals, fromlist, level)
+        finally:
+            self.importing = False
+            if len(sys.modules) != before.modules:
+                self.took.add(_Growth.now().since(before))
+
+
+def _traced(start: Callable[[], T]) -> tuple[T, _Growth, _Growth]:
+    """Run `start`; return its result, what it grew the process by, and what its imports took of that."""
     return_freed_memory()
-    rss_before, malloc_before = rss(), malloc_in_use()
     started_tracing = not tracemalloc.is_tracing()
     if started_tracing:
         tracemalloc.start()
-    heap_before = tracemalloc.get_traced_memory()[0]
+    before = _Growth.now()
     try:
-        result = start()
-        heap = tracemalloc.get_traced_memory()[0] - heap_before
+        with _ImportMeter() as imports:
+            result = start()
+        heap = tracemalloc.get_traced_memory()[0] - before.heap
     finally:
         if started_tracing:
             tracemalloc.stop()
     return_freed_memory()  # what the load freed again is not the model's
-    native = max(rss() - rss_before, malloc_in_use() - malloc_before)
-    return result, heap, native, len(sys.modules) != modules_before
+    grew = _Growth.now().since(before)
+    grew.heap = heap
+    return result, grew, imports.took
 
 
 def _run_unmeasured(start: Callable[[], T]) -> tuple[T, int, bool]:
@@ -291,41 +342,28 @@ def _run_unmeasured(start: Callable[[], T]) -> tuple[T, int, bool]:
             _unmeasured["running"] -= 1
 
 
-def start_measured(kind: object, start: Callable[[], T]) -> tuple[T, int, bool]:
-    """Run `start` (build and load a model) and return it with the bytes it keeps, and whether
-    that figure is exact: the larger of its Python heap growth (numpy arrays included) and its
-    RSS growth (native memory).
+def start_measured(start: Callable[[], T]) -> tuple[T, int, bool]:
+    """Run `start` (build and load a model) once and return it with the bytes it keeps, and
+    whether that figure is exact: the larger of its Python heap growth (numpy arrays included)
+    and its native growth (RSS, or malloc's in-use bytes), less what the modules it imported
+    took, which are the framework's.
 
-    Importing a framework must not be charged to the first model that needs it, and imports are
-    costly to trace, so a model whose load imports modules is loaded once untraced, dropped, and
-    loaded again measured. That costs load time, never memory: one copy exists at a time.
     Measuring is process-wide: a load that cannot be measured within MEASURE_WAIT runs
-    unmeasured with an RSS estimate, and a measurement that other loads overlapped is only an
-    estimate too; the registry measures such a model again at its next reload.
+    unmeasured with an RSS estimate, and a measurement that other loads overlapped, or that
+    modules imported past the meter swelled, is only an estimate too; the registry measures such
+    a model again at its next reload.
     """
     if not _measuring.acquire(timeout=MEASURE_WAIT):
         return _run_unmeasured(start)
     try:
-        if kind not in _warmed:
-            start()
-            gc.collect()
-            return_freed_memory()
-            _warmed.add(kind)
         with _unmeasured_guard:
             started_before = _unmeasured["started"]
             overlapped = _unmeasured["running"] > 0
-        result, heap, native_growth, imported = _traced(start)
-        if imported:  # a model that needed modules its kind had not imported yet
-            del result
-            gc.collect()
-            return_freed_memory()
-            result, heap, native_growth, imported = _traced(start)
+        result, grew, imports = _traced(start)
         with _unmeasured_guard:
             overlapped = overlapped or _unmeasured["running"] > 0 or _unmeasured["started"] != started_before
-        # Modules imported meanwhile (by this load, or by another framework's load on another
-        # thread) swell the native growth: still the better figure, since frameworks keep their
-        # weights outside the Python heap, but only an estimate.
-        return result, max(0, heap, native_growth), not (overlapped or imported)
+        kept = max(0, grew.heap - imports.heap, grew.rss - imports.rss, grew.malloc - imports.malloc)
+        return result, kept, not (overlapped or grew.modules > imports.modules)
     finally:
         _measuring.release()
 

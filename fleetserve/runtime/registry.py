@@ -534,8 +534,7 @@ class Registry:
 
         if not measure:
             return await self._in_thread(start)
-        kind = (inspect.getfile(runtime_class), runtime_class.__qualname__)  # custom classes are fresh per load
-        runtime, measured, exact = await self._in_thread(start_measured, kind, start)
+        runtime, measured, exact = await self._in_thread(start_measured, start)
         measured = max(measured, runtime.footprint())
         if not exact:  # an estimate, perhaps swollen by other loads: only when nothing is declared, and capped
             measured = 0 if version.declared else min(measured, self.memory.of(version).limit)
