@@ -196,5 +196,5 @@ spec:
     assert answered.status == 200 and answered.json()["outputs"][0]["data"] == IRIS_CLASSES
     deleted = curl(server, "/v2/manifests", "-X", "DELETE", "--data-binary", f"@{manifest}")
     assert deleted.status == 200 and deleted.json() == {"deleted": [{"kind": "Model", "name": "iris-from-manifest"}]}
-    assert curl(server, "/v2/models/iris-from-manifest/infer", "-d", body).status == 503  # deleted: unavailable
+    assert curl(server, "/v2/models/iris-from-manifest/infer", "-d", body).status == 404  # deleted: gone
     assert (server.repository / "iris" / "model.joblib").exists()  # local artifacts are never deleted
