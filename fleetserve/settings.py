@@ -452,6 +452,11 @@ class ModelSettings:
         return "triton" if any(item in TRITON_CAPABILITIES for item in self.requirements) else None
 
     @property
+    def runtime_key(self) -> str:
+        """Which runtime serves the model, as far as its settings tell before it loads."""
+        return self.chosen_implementation or ",".join(self.requirements)
+
+    @property
     def device(self) -> str:
         """Whose memory the model takes: "gpu" for models served by Triton, else "cpu" (this process)."""
         return "gpu" if self.chosen_implementation in ("triton", TRITON_RUNTIME) else "cpu"

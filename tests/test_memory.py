@@ -147,15 +147,27 @@ def test_first_model_of_a_framework_is_not_charged_for_its_import(http):
     assert 0 < first < 2**20 and 0 < second < 2**20, (first, second)
 
 
-def test_measured_cost_wins_over_a_low_declaration(server, http, models):
-    for name in ("m11", "m12"):  # room in the registered budget
+def test_a_measured_cost_that_breaks_the_books_is_refused_and_otherwise_wins(server, http, models):
+    """`big` declares 1 MiB and keeps 32 MiB once loaded: with 80 MiB registered, 32 more break the
+    96 MiB budget, and the load is undone, with the figures; with room, its measured cost counts."""
+    big = model_manifest("big", models / "big", memory="1Mi", requirements=())
+    for name in ("m11", "m12"):  # 80 MiB registered
         assert delete(server, model_manifest(name, models / name)).returncode == 0
-    assert apply(server, model_manifest("big", models / "big", memory="1Mi", requirements=())).returncode == 0
+    refused = apply(server, big)
+    assert refused.returncode == 1
+    assert re.search(r"model 'big' took 32\.\d MiB once loaded: registered models take 11\d\.\d MiB of 96\.0 MiB "
+                     r"\(80\.0 MiB limit \+ 20% overcommit\); it was unloaded", refused.stdout), refused.stdout
+    assert repository_index(http)["big"]["state"] == "UNAVAILABLE"
+    room = ("m08", "m09", "m10")
+    for name in room:  # 56 MiB registered
+        assert delete(server, model_manifest(name, models / name)).returncode == 0
+    assert apply(server, big).returncode == 0
     entry = repository_index(http)["big"]
     assert entry["declared_memory_bytes"] == 2**20
     assert entry["measured_memory_bytes"] >= 32 * 2**20
     assert "declares 1.0 MiB of memory but loading it took" in server.log()
-    assert delete(server, model_manifest("big", models / "big")).returncode == 0
+    assert delete(server, big).returncode == 0
+    assert apply(server, "---\n".join(model_manifest(name, models / name) for name in room)).returncode == 0
 
 
 def delete(server, text: str) -> subprocess.CompletedProcess:
@@ -243,3 +255,25 @@ def test_a_model_loads_once_and_its_imports_are_not_its_memory(tmp_path):
         measured = repository_index(httpx.Client(base_url=server.url))["counted"]["measured_memory_bytes"]
     assert (repository / "counted" / "loads").read_text() == "load\n"
     assert 8 * 2**20 <= measured < 16 * 2**20, measured / 2**20
+
+
+def test_an_undeclared_model_is_estimated_from_its_artifacts_before_it_loads(tmp_path):
+    """No `memory` declared: its artifacts' size (times what its runtime kept per artifact byte
+    before) is its cost until it is measured, so one that cannot fit is refused before it loads."""
+    repository = tmp_path / "repo"
+    constant_model(repository / "small", 1)
+    write_settings(repository / "small", {"implementation": "sklearn"})
+    padded = tmp_path / "padded"
+    constant_model(padded, 2)
+    with open(padded / "weights.bin", "wb") as weights:  # sparse: 200 MiB of size, no disk
+        weights.truncate(200 * 2**20)
+    env = {"FLEETSERVE_MEMORY_LIMIT": "64Mi", "FLEETSERVE_OVERCOMMIT_PERCENT": "0"}
+    with running_server(repository, tmp_path / "server.log", env) as server, httpx.Client(base_url=server.url) as http:
+        refused = apply(server, model_manifest("padded", padded, memory="0"))
+        assert refused.returncode == 1
+        assert re.search(r"model 'padded' needs \d+\.\d (MiB|GiB), estimated from its artifacts, more than the memory "
+                         r"limit of 64\.0 MiB", refused.stdout), refused.stdout
+        assert "model padded loaded" not in server.log()
+        # Declared memory is taken at its word until the load measures it.
+        assert apply(server, model_manifest("padded", padded, memory="8Mi")).returncode == 0
+        assert answer_of(http, "padded") == 2

@@ -81,6 +81,16 @@ def redact_text(text: str, uri: str = "") -> str:
     return _QUERY_IN_TEXT.sub(r"\1?***", text)
 
 
+def size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of the files under a folder (links not followed); 0 for anything else."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(os.lstat(os.path.join(folder, name)).st_size for folder, _, files in os.walk(path) for name in files)
+    except OSError:
+        return 0
+
+
 def is_remote(uri: str) -> bool:
     """True for URIs fetched into the cache (any fsspec protocol other than local paths / file://)."""
     return get_protocol(uri) not in ("file", "local")

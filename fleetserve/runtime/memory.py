@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import importlib.util
 import os
 import sys
 import threading
@@ -37,6 +38,7 @@ class Accountable(Protocol):
     state: str
     declared: int
     measured: int
+    estimated: int
 
     @property
     def cost(self) -> int: ...
@@ -83,18 +85,25 @@ class DeviceMemory:
         for version in versions:
             self.check_fits(version)
         if already + adding > self.registered_limit:
+            estimated = any(version.estimated > max(version.declared, version.measured) for version in versions)
             raise CapacityExceeded(
-                f"cannot register model '{versions[0].name}' ({format_bytes(adding)}): {self._models} take "
-                f"{format_bytes(already)} of {format_bytes(self.registered_limit)} "
-                f"({format_bytes(self.limit)} limit + {self.overcommit_percent:g}% overcommit)"
+                f"cannot register model '{versions[0].name}' ({format_bytes(adding)}"
+                f"{', estimated from its artifacts' if estimated else ''}): "
+                f"{self.describe_registered(already)}"
             )
+
+    def describe_registered(self, registered: int | None = None) -> str:
+        registered = self.registered_bytes if registered is None else registered
+        return (f"{self._models} take {format_bytes(registered)} of {format_bytes(self.registered_limit)} "
+                f"({format_bytes(self.limit)} limit + {self.overcommit_percent:g}% overcommit)")
 
     def check_fits(self, version: Accountable) -> None:
         """A version bigger than the whole limit can never be resident."""
         if version.cost > self.limit:
             kind = "memory" if self.device == "cpu" else f"{self.device.upper()} memory"
+            how = ", estimated from its artifacts," if version.estimated > max(version.declared, version.measured) else ""
             raise CapacityExceeded(
-                f"model '{version.name}' needs {format_bytes(version.cost)}, more than the {kind} limit of "
+                f"model '{version.name}' needs {format_bytes(version.cost)}{how} more than the {kind} limit of "
                 f"{format_bytes(self.limit)}"
             )
 
@@ -277,13 +286,37 @@ class _Growth:
         self.malloc, self.modules = self.malloc + other.malloc, self.modules + other.modules
 
 
+class _HeapTrace:
+    """The Python heap a load keeps (numpy arrays included), traced by tracemalloc, which can be
+    paused: imports are not traced (slow, and their memory is the framework's; a traced framework
+    import also left malloc's books so fragmented that reading them took 16 ms ever after). A
+    block allocated before a pause and freed after it still counts: a slight overcount."""
+
+    def __init__(self):
+        self.owned = not tracemalloc.is_tracing()  # else someone else traces: never stop theirs
+        self.kept = 0
+        self.resume()
+
+    def resume(self) -> None:
+        if self.owned:
+            tracemalloc.start()
+        self.since = tracemalloc.get_traced_memory()[0]
+
+    def pause(self) -> None:
+        self.kept += tracemalloc.get_traced_memory()[0] - self.since
+        if self.owned:
+            tracemalloc.stop()
+
+
 class _ImportMeter:
     """What the imports of one thread take while its load is measured: a framework's modules are
     not the model's memory. Each outermost `import` (statements and unpickling both call
-    builtins.__import__) that adds modules is measured before and after; an import that bypasses
-    it (importlib.import_module) is not, and shows in the module count."""
+    builtins.__import__) that may add modules runs with the heap trace paused and is measured
+    before and after; an import that bypasses it (importlib.import_module) is not, and shows in
+    the module count."""
 
-    def __init__(self):
+    def __init__(self, heap: _HeapTrace):
+        self.heap = heap
         self.took = _Growth()
         self.thread = threading.get_ident()
         self.importing = False
@@ -297,35 +330,46 @@ class _ImportMeter:
         builtins.__import__ = self.original
 
     def metered(self, name, globals=None, locals=None, fromlist=(), level=0):
-        if self.importing or threading.get_ident() != self.thread:
+        if self.importing or threading.get_ident() != self.thread or _imported_already(name, globals, fromlist, level):
             return self.original(name, globals, locals, fromlist, level)
         self.importing = True
+        self.heap.pause()
         before = _Growth.now()
         try:
             return self.original(name, globals, locals, fromlist, level)
         finally:
-            self.importing = False
             if len(sys.modules) != before.modules:
                 self.took.add(_Growth.now().since(before))
+            self.heap.resume()
+            self.importing = False
+
+
+def _imported_already(name: str, globals, fromlist, level: int) -> bool:
+    """Whether an import only finds what is imported already, as far as a glance tells (unpickling
+    asks for each class's module; functions import inside their bodies): most imports are these.
+    Measuring one reads malloc's books, which costs more the bigger the heap."""
+    if level:
+        try:
+            name = importlib.util.resolve_name("." * level + name, (globals or {}).get("__package__"))
+        except (ImportError, ValueError):
+            return False
+    module = sys.modules.get(name)
+    return module is not None and all(item in module.__dict__ for item in fromlist or () if item != "*")
 
 
 def _traced(start: Callable[[], T]) -> tuple[T, _Growth, _Growth]:
     """Run `start`; return its result, what it grew the process by, and what its imports took of that."""
     return_freed_memory()
-    started_tracing = not tracemalloc.is_tracing()
-    if started_tracing:
-        tracemalloc.start()
     before = _Growth.now()
+    heap = _HeapTrace()
     try:
-        with _ImportMeter() as imports:
+        with _ImportMeter(heap) as imports:
             result = start()
-        heap = tracemalloc.get_traced_memory()[0] - before.heap
     finally:
-        if started_tracing:
-            tracemalloc.stop()
+        heap.pause()
     return_freed_memory()  # what the load freed again is not the model's
     grew = _Growth.now().since(before)
-    grew.heap = heap
+    grew.heap = heap.kept
     return result, grew, imports.took
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Awaitable, Callable
 
-from fleetserve.errors import Busy, FleetError, ModelLoadError, ModelUnavailable, NotFound, describe
+from fleetserve.errors import Busy, CapacityExceeded, FleetError, ModelLoadError, ModelUnavailable, NotFound, describe
 from fleetserve.runtime import metrics
-from fleetserve.runtime.artifacts import ArtifactCache, cache_key, is_remote
+from fleetserve.runtime.artifacts import ArtifactCache, cache_key, is_remote, size_on_disk
 from fleetserve.runtime.base import Runtime, is_custom_runtime
 from fleetserve.runtime.memory import MemoryManager, format_bytes, return_freed_memory, start_measured
 from fleetserve.runtime.repository import Found, ModelRepository, is_version_number
@@ -76,6 +76,10 @@ class ModelVersion:
     queued: int = 0  # requests waiting for a slot under the model's queue policy (the data plane's)
     measured: int = 0  # bytes the first measured load took
     unmeasured: bool = False  # loaded while another load was measured: measure at the next reload
+    # Before its first measured load, a model that declares no memory costs an estimate: its
+    # artifacts' bytes times what its runtime kept per artifact byte when it last measured one.
+    estimated: int = 0
+    artifact_bytes: int = 0
     reloading: asyncio.Future | None = None
     stats: Statistics = field(default_factory=Statistics)
     inputs: list[TensorMetadata] = field(default_factory=list)  # as the runtime describes them once loaded
@@ -94,7 +98,7 @@ class ModelVersion:
 
     @property
     def cost(self) -> int:
-        return max(self.declared, self.measured)
+        return max(self.declared, self.measured, self.estimated)
 
     @property
     def version(self) -> str | None:
@@ -169,6 +173,7 @@ class Registry:
         self.manifests: dict[str, Found] = {}  # models applied as manifests, not found in the repository
         # One model at a time claims a device's memory, so two never claim the same bytes.
         self._admission = {device: asyncio.Lock() for device in memory.devices}
+        self._kept_per_artifact_byte: dict[str, float] = {}  # by runtime (ModelSettings.runtime_key)
         self._refreeze: asyncio.TimerHandle | None = None
 
     # Lookups on the request path: plain dict reads, no awaits.
@@ -305,6 +310,7 @@ class Registry:
                     raise ModelLoadError(f"model '{name}' failed to load: {describe(error)}") from error
                 for version in loading:
                     version.device = version.settings.device
+                await self._in_thread(self._estimate, loading)
                 self.memory.register(loading, replacing=replaced)
             except BaseException as error:
                 if not serving:
@@ -461,6 +467,13 @@ class Registry:
             await self._admit(version)
             await self._prepare_artifacts(version)  # a cache hit for a manifest, unless something removed it since
             runtime = await self._start_runtime(version, measure=True)
+            books = self.memory.of(version)
+            if books.registered_bytes > books.registered_limit:
+                await self._stop_runtime(version, runtime)
+                raise CapacityExceeded(
+                    f"model '{version.name}' took {format_bytes(version.cost)} once loaded: {books.describe_registered()}; "
+                    f"it was unloaded"
+                )
             # Kept for metadata requests while the version is evicted.
             version.inputs, version.outputs = runtime.metadata_inputs(), runtime.metadata_outputs()
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
@@ -542,8 +555,23 @@ class Registry:
         return runtime
 
     def _measured(self, version: ModelVersion, measured: int, exact: bool = True) -> None:
-        version.measured, version.unmeasured = measured, not exact
+        version.measured, version.unmeasured, version.estimated = measured, not exact, 0
+        if exact and version.artifact_bytes:
+            self._kept_per_artifact_byte[version.settings.runtime_key] = measured / version.artifact_bytes
         self.memory.recount(version)
+
+    def _estimate(self, versions: list[ModelVersion]) -> None:
+        for version in versions:
+            settings = version.settings
+            if settings.uri and settings.fetched is None:
+                try:
+                    self.artifacts.check(settings.uri, settings.folder)
+                except FleetError:
+                    continue  # the load refuses it, in its own words
+            version.artifact_bytes = size_on_disk(settings.artifact_path)
+            if not version.declared:
+                ratio = self._kept_per_artifact_byte.get(version.settings.runtime_key, 1.0)
+                version.estimated = int(version.artifact_bytes * ratio)
 
     async def _stop_runtime(self, version: ModelVersion, runtime: Runtime) -> None:
         try:
