@@ -110,6 +110,11 @@ def _experiment(args: argparse.Namespace) -> int:
         return _print_or_fail(client.get("/v2/experiments" + (f"/{args.name}" if args.name else "")))
 
 
+def _fleet(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _print_or_fail(client.get("/v2/fleet"))
+
+
 def _repository(action: str):
     def command(args: argparse.Namespace) -> int:
         with _client(args) as client:
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="run predicts faster than this many microseconds on the event loop (default 200; 0: never)")
     start.add_argument("--cache-dir", help="where remote artifacts are downloaded (FLEETSERVE_CACHE_DIR)")
     start.add_argument("--state-dir", help="where applied manifests are kept, to be applied again at start (FLEETSERVE_STATE_DIR)")
+    start.add_argument("--etcd", help="etcd client URLs, comma-separated: this server joins a fleet (FLEETSERVE_ETCD)")
+    start.add_argument("--fleet", help="the fleet's name, prefixing its etcd keys (default 'default'; FLEETSERVE_FLEET)")
+    start.add_argument("--advertise-host", help="the address peers reach this replica at (FLEETSERVE_ADVERTISE_HOST)")
+    start.add_argument("--replica-id", help="this replica's id in the fleet (default the host name; FLEETSERVE_REPLICA_ID)")
     start.add_argument("--capabilities", help="comma-separated; replaces the default capabilities")
     start.add_argument("--extra-capabilities", help="comma-separated; added to the capabilities")
     start.add_argument("--triton-url", help="gRPC address of a Triton server (explicit model control) for GPU models")
@@ -199,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.add_argument("--limit", type=int, help="inspect: the last N messages per step (default all kept, 10)")
     client_command("experiment", "list experiments, or show one with its traffic so far", _experiment).add_argument(
         "name", nargs="?")
+    client_command("fleet", "show the fleet's replicas: address, capabilities, memory, models, state", _fleet)
     for action in ("load", "unload"):
         client_command(action, f"{action} a model through the repository API", _repository(action)).add_argument("model")
 

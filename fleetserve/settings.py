@@ -49,6 +49,14 @@ class ServerSettings:
     cache_dir: str = os.path.join(tempfile.gettempdir(), "fleetserve-cache")
     # Where applied manifests are kept, so a restarted server applies them again; empty: nowhere.
     state_dir: str = ""
+    # The fleet (fleet/membership.py): etcd's client URLs (http://HOST:2379, comma-separated; empty:
+    # one process, no fleet), the fleet's name (it prefixes the etcd keys), the address peers use
+    # (default --host, or this host's address when binding all addresses) and this replica's id
+    # (default the host name: stable for a StatefulSet pod).
+    etcd: str = ""
+    fleet: str = "default"
+    advertise_host: str = ""
+    replica_id: str = ""
     # Comma-separated: `capabilities` replaces the default list, `extra_capabilities` adds to it.
     capabilities: str = ""
     extra_capabilities: str = ""

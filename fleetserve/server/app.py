@@ -21,6 +21,7 @@ import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
 from fleetserve.errors import describe
+from fleetserve.fleet.membership import Membership, advertised_host
 from fleetserve.graph.applied import AppliedManifests
 from fleetserve.graph.manifests import parse_manifest
 from fleetserve.graph.router import GraphCollector, Router
@@ -100,6 +101,7 @@ class FleetServer:
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.router = Router(self.registry, self.dataplane)
         self.applied = AppliedManifests(settings.state_dir)
+        self.membership = Membership(settings, self._fleet_record) if settings.etcd else None
         alibi_explain.configure(self.router)
         REGISTRY.register(GraphCollector(self.router))
         self.admission = Admission(settings.max_concurrent_requests)
@@ -154,6 +156,8 @@ class FleetServer:
         )
 
         log_front_doors(self.settings, self.tokens, self.tls)
+        if self.membership is not None:
+            self.membership.start()
         loading = asyncio.create_task(self._load_models(health))
         stop = asyncio.create_task(self.stop_requested.wait())
         done, _ = await asyncio.wait([stop, *front_doors], return_when=asyncio.FIRST_COMPLETED)
@@ -165,6 +169,8 @@ class FleetServer:
         grace = self.settings.shutdown_grace
         stop_by = time.monotonic() + grace
         self.ready, self.stopping = False, True
+        if self.membership is not None:
+            await self.membership.stop()  # peers stop choosing this replica at once
         loading.cancel()
         await set_serving(health, False)
         http.should_exit = metrics.should_exit = True
@@ -196,6 +202,19 @@ class FleetServer:
         self.ready = True
         await set_serving(health, True)
         log.info("ready: %d model version(s) loaded", len(self.registry.ready_versions()))
+
+    def _fleet_record(self) -> dict:
+        """This replica as its fleet peers see it (fleet/membership.py)."""
+        host, books = advertised_host(self.settings), self.memory.devices["cpu"]
+        return {
+            "address": f"{host}:{self.settings.http_port}",
+            "grpc": f"{host}:{self.settings.grpc_port}",
+            "capabilities": self.settings.capability_list,
+            "memory": {"limit": books.limit, "registered": books.registered_bytes, "resident": books.resident_bytes},
+            "models": sorted({version.name for version in self.registry.ready_versions()}),
+            "in_flight": self.admission.in_flight,
+            "ready": self.ready,
+        }
 
     # Manifests: applied through REST, kept in --state-dir, applied again at start.
 

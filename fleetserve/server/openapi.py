@@ -254,6 +254,13 @@ def _other_routes() -> dict[str, dict]:
                                  (400, 404, 413), parameters=[_ENCODING],
                                  body=_manifest_body("The manifests to delete (only kind and metadata.name are read)")),
         },
+        "/v2/fleet": {"get": _operation(
+            "The fleet's replicas", "fleet", _json({"type": "object", "properties": {
+                "fleet": {"type": "string"}, "replica": {"type": "string", "description": "This replica's id"},
+                "etcd": {"type": "string", "enum": ["connected", "unreachable"]},
+                "replicas": {"type": "array", "items": {"type": "object"}}}}), (404,),
+            description="Every replica as this one last saw it in etcd (address, capabilities, memory, models, "
+                        "requests in flight, state); 404 for a server started without --etcd.")},
         "/metrics": {"get": _operation(
             "Prometheus metrics", "metrics", {"text/plain": {"schema": {"type": "string"}}},
             description="Also served alone on the metrics port.")},

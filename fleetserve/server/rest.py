@@ -317,6 +317,12 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     async def inspect_pipeline(name: str, target: str | None = None, limit: int | None = None) -> Response:
         return json_response(documents.pipeline_messages(router.get_pipeline(name), target, limit))
 
+    @app.get("/v2/fleet")
+    async def fleet() -> Response:
+        if server.membership is None:
+            raise NotFound("this server is not part of a fleet: start it with --etcd")
+        return json_response(server.membership.document())
+
     app.get("/metrics")(metrics)
 
     # The API's documentation, with Swagger UI's files served from here: the page works offline.

@@ -101,6 +101,7 @@ ROUTES: dict[tuple[str, str], Access] = {
     # The repository: the index lists every model with its state and failure reasons; loads,
     # manifests, pipelines and experiments change what is served (a load may import code).
     ("POST", "/v2/repository/index"): CONTROL,
+    ("GET", "/v2/fleet"): CONTROL,  # every replica's address and models
     ("POST", "/v2/repository/models/{name}/load"): CONTROL,
     ("POST", "/v2/repository/models/{name}/unload"): CONTROL,
     ("POST", "/v2/manifests"): CONTROL,
