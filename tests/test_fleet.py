@@ -13,32 +13,36 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, free_port, start_server
+from conftest import ROOT, free_port, iris_json, start_server
 from fleetserve.fleet.membership import LEASE_SECONDS
 
 ETCD = Path(sys.executable).parent / "etcd"
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("etcd")
-    client, peer = free_port(), free_port()
+def start_etcd(folder: Path, client: int, peer: int) -> subprocess.Popen:
+    """An etcd on loopback, serving once this returns; its data in `folder` (a restart keeps it)."""
     url = f"http://127.0.0.1:{client}"
     process = subprocess.Popen(
         [str(ETCD), "--data-dir", str(folder / "data"), "--listen-client-urls", url, "--advertise-client-urls", url,
          "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
          "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
-        stdout=(folder / "etcd.log").open("w"), stderr=subprocess.STDOUT)
+        stdout=(folder / "etcd.log").open("a"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return process
         except httpx.TransportError:
             pass
         assert time.monotonic() < deadline and process.poll() is None, (folder / "etcd.log").read_text()
         time.sleep(0.1)
-    yield url
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    client = free_port()
+    process = start_etcd(tmp_path_factory.mktemp("etcd"), client, free_port())
+    yield f"http://127.0.0.1:{client}"
     process.kill()
     process.wait()
 
@@ -54,10 +58,14 @@ def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] 
                         args=("--etcd", etcd, "--fleet", "test", "--replica-id", replica_id))
 
 
-def fleet_of(server) -> dict[str, dict]:
+def fleet_of(server, etcd: str = "connected") -> dict[str, dict]:
     document = httpx.get(f"{server.url}/v2/fleet", timeout=5).json()
-    assert document["fleet"] == "test" and document["etcd"] == "connected", document
+    assert document["fleet"] == "test" and document["etcd"] == etcd, document
     return {record["id"]: record for record in document["replicas"]}
+
+
+def etcd_state(server) -> str:
+    return httpx.get(f"{server.url}/v2/fleet", timeout=5).json()["etcd"]
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -98,6 +106,26 @@ def test_replicas_see_each_other_and_leave(etcd, tmp_path):
         for server in (first, second):
             if server.process.poll() is None:
                 server.process.kill()
+
+
+def test_with_etcd_down_a_replica_serves_on_and_rejoins_when_it_returns(tmp_path):
+    folder, client, peer = tmp_path / "etcd", free_port(), free_port()
+    folder.mkdir()
+    etcd = start_etcd(folder, client, peer)
+    server = replica(f"http://127.0.0.1:{client}", tmp_path, "r1", models=("iris",))
+    try:
+        wait_for(lambda: "r1" in fleet_of(server), 10, "r1 joining")
+        etcd.kill()
+        etcd.wait()
+        wait_for(lambda: etcd_state(server) == "unreachable", 15, "r1 noticing etcd is gone")
+        assert "r1" in fleet_of(server, etcd="unreachable")  # the table it last saw stays
+        assert httpx.post(f"{server.url}/v2/models/iris/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
+        etcd = start_etcd(folder, client, peer)
+        wait_for(lambda: etcd_state(server) == "connected" and "r1" in fleet_of(server), 20, "r1 rejoining")
+    finally:
+        etcd.kill()
+        if server.process.poll() is None:
+            server.process.kill()
 
 
 def test_a_server_without_etcd_is_no_fleet(server, http):
