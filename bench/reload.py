@@ -169,6 +169,16 @@ def measure(args, work: Path, report) -> None:
     http.close()
 
 
+def results_header(title: str, script: str) -> list[str]:
+    """A results file's title, then the date, machine, commit and command that made it."""
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    return [f"# {title}\n", f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+            f"- machine: nproc {len(os.sched_getaffinity(0))}, {ram:.1f} GiB RAM, Python {sys.version.split()[0]}",
+            f"- commit: {commit.strip()} (plus uncommitted changes, if any)",
+            f"- command: `{' '.join(['.venv/bin/python', script, *sys.argv[1:]])}`"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=1000)
@@ -187,12 +197,7 @@ def main() -> None:
         for server in servers:
             stop(server)
         shutil.rmtree(work, ignore_errors=True)
-    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    lines = ["# Reload benchmark\n", f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-             f"- machine: nproc {len(os.sched_getaffinity(0))}, {ram:.1f} GiB RAM, Python {sys.version.split()[0]}",
-             f"- commit: {commit.strip()} (plus uncommitted changes, if any)",
-             f"- command: `{' '.join(['.venv/bin/python', 'bench/reload.py', *sys.argv[1:]])}`\n",
+    lines = [*results_header("Reload benchmark", "bench/reload.py"), "",
              "| measure | value |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows)]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

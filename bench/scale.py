@@ -12,12 +12,12 @@ Linear scaling shows as flat per-model figures down the table.
 
 from __future__ import annotations
 
-import argparse, datetime, os, shutil, signal, subprocess, sys, tempfile, time
+import argparse, shutil, signal, sys, tempfile, time
 from pathlib import Path
 
 import httpx
 
-from reload import ROOT, build_repository, rss_mib, servers, start_server, stop
+from reload import ROOT, build_repository, results_header, rss_mib, servers, start_server, stop
 
 
 def timed(call) -> tuple[httpx.Response, float]:
@@ -74,13 +74,7 @@ def main() -> None:
         for server in servers:
             stop(server)
         shutil.rmtree(work, ignore_errors=True)
-    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    lines = ["# Scale benchmark: one server, many registered models\n",
-             f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-             f"- machine: nproc {len(os.sched_getaffinity(0))}, {ram:.1f} GiB RAM, Python {sys.version.split()[0]}",
-             f"- commit: {commit.strip()} (plus uncommitted changes, if any)",
-             f"- command: `{' '.join(['.venv/bin/python', 'bench/scale.py', *sys.argv[1:]])}`",
+    lines = [*results_header("Scale benchmark: one server, many registered models", "bench/scale.py"),
              f"- server: `--memory-limit {args.limit} --overcommit-percent N`; RSS per model is above a one-model "
              f"server's {baseline:.0f} MiB\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in rows)]
