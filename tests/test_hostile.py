@@ -300,8 +300,9 @@ def test_big_json_reads_as_small_json_does(http, body, expected):
      f"needs {BIG} elements, data has 1"),
     ('{"inputs":[{"name":"a","datatype":"FP64","shape":[%d],"data":[%s]}]}' % (BIG + 1, big_values()), 400, f"needs {BIG + 1} elements, data has {BIG}"),
     ('{"inputs":[{"name":"a","datatype":"FP32","shape":[%d],"data":[%s]}]} trailing' % (BIG, big_values()), 400, "malformed JSON"),
+    ('{"inputs":[{"name":"a","datatype":[],"shape":[%d],"data":[%s]}]}' % (BIG, big_values()), 400, "unknown datatype"),
 ], ids=["escaped-bracket-hides-nothing", "data-33-deep", "parameters-150-deep", "inputs-not-a-list", "data-an-object",
-        "count-differs", "trailing-text"])
+        "count-differs", "trailing-text", "datatype-a-list"])
 def test_big_json_is_refused_as_small_json_is(http, body, status, fragment):
     assert_error(http.post(ECHO, content=body.encode()), status, fragment)
     assert_iris_serves(http)

@@ -274,6 +274,9 @@ def test_an_undeclared_model_is_estimated_from_its_artifacts_before_it_loads(tmp
         assert re.search(r"model 'padded' needs \d+\.\d (MiB|GiB), estimated from its artifacts, more than the memory "
                          r"limit of 64\.0 MiB", refused.stdout), refused.stdout
         assert "model padded loaded" not in server.log()
-        # Declared memory is taken at its word until the load measures it.
-        assert apply(server, model_manifest("padded", padded, memory="8Mi")).returncode == 0
-        assert answer_of(http, "padded") == 2
+        # Declared memory is taken at its word until the load measures it; a reload of a model
+        # over half the budget is no overrun, though old and new are both registered meanwhile.
+        for _ in range(2):
+            applied = apply(server, model_manifest("padded", padded, memory="40Mi"))
+            assert applied.returncode == 0, applied.stdout
+            assert answer_of(http, "padded") == 2

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from fleetserve.errors import InvalidInput
+from fleetserve.errors import InvalidInput, describe
 from fleetserve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ def advertised_host(settings: ServerSettings) -> str:
 
 class Membership:
     def __init__(self, settings: ServerSettings, record: Callable[[], dict[str, Any]]):
+        import aetcd  # the fleet extra: missing, the server says so at start
+
+        self._client = aetcd.Client
         self.endpoints = etcd_endpoints(settings.etcd)
         self.fleet = settings.fleet
         self.replica_id = settings.replica_id or socket.gethostname()
@@ -81,20 +84,18 @@ class Membership:
                 "replicas": [self.replicas[name] for name in sorted(self.replicas)]}
 
     async def _run(self) -> None:
-        import aetcd  # the fleet extra
-
         attempt = 0
         while True:
             host, port = self.endpoints[attempt % len(self.endpoints)]
             attempt += 1
             try:
-                async with aetcd.Client(host, port, timeout=LEASE_SECONDS) as client:
+                async with self._client(host, port, timeout=LEASE_SECONDS) as client:
                     await self._serve(client)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                if self.connected:
-                    log.warning("lost etcd at %s:%d: %s; retrying", host, port, error)
+                if self.connected or attempt == 1:
+                    log.warning("no etcd at %s:%d (%s): serving on, retrying", host, port, describe(error))
                 self.connected = False
                 await asyncio.sleep(1.0)
 
@@ -103,7 +104,9 @@ class Membership:
         published = self._encoded()
         await client.put(self.key, published, lease=self._lease)
         listing = await client.get_prefix(self.prefix)
-        self.replicas = {self._name(kv.key): orjson.loads(kv.value) for kv in listing.kvs}
+        self.replicas = {}
+        for kv in listing.kvs:
+            self._put(kv)
         watch = await client.watch_prefix(self.prefix, start_revision=listing.header.revision + 1)
         if not self.connected:
             log.info("replica %s joined fleet %s (%d replicas)", self.replica_id, self.fleet, len(self.replicas))
@@ -112,7 +115,8 @@ class Membership:
         try:
             while not follow.done():
                 await asyncio.wait([follow], timeout=PUBLISH_EVERY)
-                await self._lease.refresh()
+                if (await self._lease.refresh()).TTL <= 0:  # stalled past it: the record is gone
+                    raise ConnectionError("the lease ran out")
                 current = self._encoded()
                 if current != published:
                     await client.put(self.key, current, lease=self._lease)
@@ -123,12 +127,17 @@ class Membership:
 
     async def _follow(self, watch) -> None:
         async for event in watch:
-            name = self._name(event.kv.key)
             if event.kind == "PUT":
-                self.replicas[name] = orjson.loads(event.kv.value)
+                self._put(event.kv)
             else:
-                self.replicas.pop(name, None)
+                self.replicas.pop(self._name(event.kv.key), None)
         raise ConnectionError("the etcd watch ended")
+
+    def _put(self, kv) -> None:
+        try:
+            self.replicas[self._name(kv.key)] = orjson.loads(kv.value)
+        except orjson.JSONDecodeError:
+            log.warning("a fleet record that is not JSON, skipped: %r", kv.key)
 
     def _encoded(self) -> bytes:
         return orjson.dumps({"id": self.replica_id, **self.record(), "state": "draining" if self.draining else "ready"})

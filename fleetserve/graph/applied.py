@@ -26,13 +26,21 @@ class AppliedManifests:
         self.folder = Path(state_dir) / "manifests" if state_dir else None
 
     def record(self, kind: str, name: str, manifest: dict) -> None:
+        """Kept, readable by this user only (a storageUri may hold credentials). A manifest that
+        cannot be kept is logged: it stays applied until the process stops."""
         if self.folder is None:
             return
         path = self._path(kind, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
         written = path.with_suffix(".json.tmp")
-        written.write_bytes(orjson.dumps(manifest))
-        os.replace(written, path)
+        try:
+            # YAML allows keys JSON has not (numbers, dates): kept as their text.
+            content = orjson.dumps(manifest, default=str, option=orjson.OPT_NON_STR_KEYS)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
+                file.write(content)
+            os.replace(written, path)
+        except (OSError, TypeError) as error:
+            log.error("cannot keep the applied %s %s in %s: %s", kind.lower(), name, self.folder, error)
 
     def forget(self, kind: str, name: str) -> None:
         if self.folder is not None:
@@ -46,9 +54,14 @@ class AppliedManifests:
         for kind in SUPPORTED_KINDS:
             for path in sorted((self.folder / kind.lower()).glob("*.json")):
                 try:
-                    manifests.append(orjson.loads(path.read_bytes()))
+                    manifest = orjson.loads(path.read_bytes())
                 except (OSError, orjson.JSONDecodeError) as error:
                     log.error("cannot read the applied manifest %s: %s", path, error)
+                    continue
+                if isinstance(manifest, dict) and manifest.get("kind") == kind:
+                    manifests.append(manifest)
+                else:
+                    log.error("the applied manifest %s is no %s manifest: skipped", path, kind)
         return manifests
 
     def _path(self, kind: str, name: str) -> Path:

@@ -82,12 +82,17 @@ def redact_text(text: str, uri: str = "") -> str:
 
 
 def size_on_disk(path: Path) -> int:
-    """Bytes of a file, or of the files under a folder (links not followed); 0 for anything else."""
+    """Bytes of a file, or of the files under a folder (links to files followed, links to folders
+    not); 0 for anything else."""
+    if path.is_file():
+        return _file_size(str(path))
+    return sum(_file_size(os.path.join(folder, name)) for folder, _, files in os.walk(path) for name in files)
+
+
+def _file_size(path: str) -> int:
     try:
-        if path.is_file():
-            return path.stat().st_size
-        return sum(os.lstat(os.path.join(folder, name)).st_size for folder, _, files in os.walk(path) for name in files)
-    except OSError:
+        return os.stat(path).st_size
+    except OSError:  # a broken link, or gone meanwhile
         return 0
 
 

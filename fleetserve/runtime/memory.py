@@ -268,22 +268,21 @@ def return_freed_memory() -> None:
 
 @dataclass
 class _Growth:
-    heap: int = 0  # traced Python heap, numpy arrays included
+    """The process's native memory and modules; the Python heap is _HeapTrace's."""
+
     rss: int = 0
     malloc: int = 0  # malloc's in-use bytes: unlike RSS, they grow when freed blocks are reused
     modules: int = 0
 
     @staticmethod
     def now() -> "_Growth":
-        return _Growth(tracemalloc.get_traced_memory()[0], rss(), malloc_in_use(), len(sys.modules))
+        return _Growth(rss(), malloc_in_use(), len(sys.modules))
 
     def since(self, before: "_Growth") -> "_Growth":
-        return _Growth(self.heap - before.heap, self.rss - before.rss, self.malloc - before.malloc,
-                       self.modules - before.modules)
+        return _Growth(self.rss - before.rss, self.malloc - before.malloc, self.modules - before.modules)
 
     def add(self, other: "_Growth") -> None:
-        self.heap, self.rss = self.heap + other.heap, self.rss + other.rss
-        self.malloc, self.modules = self.malloc + other.malloc, self.modules + other.modules
+        self.rss, self.malloc, self.modules = self.rss + other.rss, self.malloc + other.malloc, self.modules + other.modules
 
 
 class _HeapTrace:
@@ -357,8 +356,9 @@ def _imported_already(name: str, globals, fromlist, level: int) -> bool:
     return module is not None and all(item in module.__dict__ for item in fromlist or () if item != "*")
 
 
-def _traced(start: Callable[[], T]) -> tuple[T, _Growth, _Growth]:
-    """Run `start`; return its result, what it grew the process by, and what its imports took of that."""
+def _traced(start: Callable[[], T]) -> tuple[T, int, _Growth, _Growth]:
+    """Run `start`; return its result, the Python heap it kept (its imports apart), what it grew
+    the process by natively, and what its imports took of that."""
     return_freed_memory()
     before = _Growth.now()
     heap = _HeapTrace()
@@ -368,9 +368,7 @@ def _traced(start: Callable[[], T]) -> tuple[T, _Growth, _Growth]:
     finally:
         heap.pause()
     return_freed_memory()  # what the load freed again is not the model's
-    grew = _Growth.now().since(before)
-    grew.heap = heap.kept
-    return result, grew, imports.took
+    return result, heap.kept, _Growth.now().since(before), imports.took
 
 
 def _run_unmeasured(start: Callable[[], T]) -> tuple[T, int, bool]:
@@ -403,10 +401,10 @@ def start_measured(start: Callable[[], T]) -> tuple[T, int, bool]:
         with _unmeasured_guard:
             started_before = _unmeasured["started"]
             overlapped = _unmeasured["running"] > 0
-        result, grew, imports = _traced(start)
+        result, heap, grew, imports = _traced(start)
         with _unmeasured_guard:
             overlapped = overlapped or _unmeasured["running"] > 0 or _unmeasured["started"] != started_before
-        kept = max(0, grew.heap - imports.heap, grew.rss - imports.rss, grew.malloc - imports.malloc)
+        kept = max(0, heap, grew.rss - imports.rss, grew.malloc - imports.malloc)
         return result, kept, not (overlapped or grew.modules > imports.modules)
     finally:
         _measuring.release()

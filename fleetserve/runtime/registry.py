@@ -37,6 +37,11 @@ RuntimeResolver = Callable[[ModelSettings], type[Runtime]]
 
 # Threads that read artifacts and load models (Triton's --model-load-thread-count).
 LOAD_THREADS = 4
+# Estimates (Registry._estimate) learn what a runtime keeps per artifact byte only from artifacts
+# this big, and believe at most this ratio: a model's memory is mostly its weights, unpacked.
+_LEARN_FROM_BYTES = 1 << 20
+_MOST_KEPT_PER_ARTIFACT_BYTE = 32.0
+
 # Models the start-up loads at a time, so that a stop waits only for those. Not fewer: loads
 # that begin together queue their runtime imports (frameworks) on the load threads ahead of any
 # unpickling; with 4 at a time a framework imported on one thread while another thread unpickled
@@ -317,7 +322,7 @@ class Registry:
                     model.versions, model.reason = {}, describe(error)
                 await self._forget_downloads(loading)
                 raise
-            errors = await asyncio.gather(*(self._load_version(version) for version in loading))
+            errors = await asyncio.gather(*(self._load_version(version, replaced) for version in loading))
             failed = [version for version in loading if version.state != READY]
             await self._forget_downloads(failed)  # a failed load leaves no files behind
             reasons = "; ".join(f"{_label(version)}: {version.reason}" for version in failed)
@@ -362,7 +367,9 @@ class Registry:
         if self.manifests.get(name) is found:  # not re-applied meanwhile
             del self.manifests[name]
             model = self.models.get(name)
-            if model is not None and not any(self.memory.is_registered(version) for version in model.versions.values()):
+            if model is not None and not model.lock.locked() and not any(
+                self.memory.is_registered(version) for version in model.versions.values()
+            ):
                 del self.models[name]  # gone, not listed as unloaded; a repository folder of that name shows again
 
     async def unload_all(self, grace: float) -> None:
@@ -459,7 +466,7 @@ class Registry:
         if settings.from_manifest:
             await self._in_thread(settings.complete_from_artifacts)
 
-    async def _load_version(self, version: ModelVersion) -> FleetError | None:
+    async def _load_version(self, version: ModelVersion, replaced: list[ModelVersion] = ()) -> FleetError | None:
         """Load one version; a failure is recorded on it (and returned), never raised."""
         started = time.perf_counter()
         version.state = LOADING
@@ -468,11 +475,14 @@ class Registry:
             await self._prepare_artifacts(version)  # a cache hit for a manifest, unless something removed it since
             runtime = await self._start_runtime(version, measure=True)
             books = self.memory.of(version)
-            if books.registered_bytes > books.registered_limit:
+            # The versions this load replaces serve (and stay registered) until it is done.
+            registered = books.registered_bytes - sum(books.registered.get(old, 0) for old in replaced)
+            if registered > books.registered_limit:
+                books.unregister(version)  # before any await: its cost must not refuse a load beside it
                 await self._stop_runtime(version, runtime)
                 raise CapacityExceeded(
-                    f"model '{version.name}' took {format_bytes(version.cost)} once loaded: {books.describe_registered()}; "
-                    f"it was unloaded"
+                    f"model '{version.name}' took {format_bytes(version.cost)} once loaded: "
+                    f"{books.describe_registered(registered)}; it was unloaded"
                 )
             # Kept for metadata requests while the version is evicted.
             version.inputs, version.outputs = runtime.metadata_inputs(), runtime.metadata_outputs()
@@ -556,8 +566,10 @@ class Registry:
 
     def _measured(self, version: ModelVersion, measured: int, exact: bool = True) -> None:
         version.measured, version.unmeasured, version.estimated = measured, not exact, 0
-        if exact and version.artifact_bytes:
-            self._kept_per_artifact_byte[version.settings.runtime_key] = measured / version.artifact_bytes
+        # Learned from weights, not from a few files of code (nor a worker's whole interpreter).
+        if exact and not version.pooled and version.artifact_bytes >= _LEARN_FROM_BYTES:
+            ratio = min(measured / version.artifact_bytes, _MOST_KEPT_PER_ARTIFACT_BYTE)
+            self._kept_per_artifact_byte[version.settings.runtime_key] = ratio
         self.memory.recount(version)
 
     def _estimate(self, versions: list[ModelVersion]) -> None:

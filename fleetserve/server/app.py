@@ -102,6 +102,7 @@ class FleetServer:
         self.router = Router(self.registry, self.dataplane)
         self.applied = AppliedManifests(settings.state_dir)
         self.membership = Membership(settings, self._fleet_record) if settings.etcd else None
+        self.advertised = advertised_host(settings) if settings.etcd else ""
         alibi_explain.configure(self.router)
         REGISTRY.register(GraphCollector(self.router))
         self.admission = Admission(settings.max_concurrent_requests)
@@ -205,7 +206,7 @@ class FleetServer:
 
     def _fleet_record(self) -> dict:
         """This replica as its fleet peers see it (fleet/membership.py)."""
-        host, books = advertised_host(self.settings), self.memory.devices["cpu"]
+        host, books = self.advertised, self.memory.devices["cpu"]
         return {
             "address": f"{host}:{self.settings.http_port}",
             "grpc": f"{host}:{self.settings.grpc_port}",

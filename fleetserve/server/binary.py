@@ -146,7 +146,8 @@ def _simdjson_request(header: bytes | memoryview) -> dict | None:
             return None
         data = tensor.get("data")
         if type(data) is simdjson.Array:
-            held = _rectangular(data) if tensor.get("datatype") in SIMDJSON_DATATYPES else None
+            datatype = tensor.get("datatype")
+            held = _rectangular(data) if type(datatype) is str and datatype in SIMDJSON_DATATYPES else None
         else:
             held = 0 if type(data) is not simdjson.Object else None
         if held is None:
