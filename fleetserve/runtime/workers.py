@@ -273,7 +273,8 @@ class WorkerPool(Runtime):
         answer, worker.answer = worker.answer, None
         asyncio.get_running_loop().remove_reader(worker.connection.fileno())
         # uvloop's add_reader left the socket non-blocking: a pickled answer (BYTES tensors) larger
-        # than its buffer would fail half read, and the next large request half sent.
+        # than its buffer would fail half read, and the next large request half sent. The read
+        # blocks the loop until the answer is whole: a worker stopped mid-send (SIGSTOP) holds it.
         os.set_blocking(worker.connection.fileno(), True)
         try:
             status, detail = worker.connection.recv()
