@@ -55,12 +55,12 @@ class Membership:
         self.endpoints = etcd_endpoints(settings.etcd)
         self.fleet = settings.fleet
         self.replica_id = settings.replica_id or socket.gethostname()
+        self.host = advertised_host(settings)  # resolved once: the record is written every second
         self.prefix = f"fleetserve/{self.fleet}/replicas/".encode()
         self.key = self.prefix + self.replica_id.encode()
         self.record = record  # this replica's record as it is now
         self.replicas: dict[str, dict[str, Any]] = {}
         self.connected = False
-        self.draining = False
         self._task: asyncio.Task | None = None
         self._lease = None
 
@@ -140,7 +140,7 @@ class Membership:
             log.warning("a fleet record that is not JSON, skipped: %r", kv.key)
 
     def _encoded(self) -> bytes:
-        return orjson.dumps({"id": self.replica_id, **self.record(), "state": "draining" if self.draining else "ready"})
+        return orjson.dumps({"id": self.replica_id, **self.record(), "state": "ready"})  # draining: issue 16's next step
 
     def _name(self, key: bytes) -> str:
         return key[len(self.prefix):].decode()

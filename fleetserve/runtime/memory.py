@@ -85,10 +85,9 @@ class DeviceMemory:
         for version in versions:
             self.check_fits(version)
         if already + adding > self.registered_limit:
-            estimated = any(version.estimated > max(version.declared, version.measured) for version in versions)
             raise CapacityExceeded(
                 f"cannot register model '{versions[0].name}' ({format_bytes(adding)}"
-                f"{', estimated from its artifacts' if estimated else ''}): "
+                f"{', estimated from its artifacts' if any(map(_estimated, versions)) else ''}): "
                 f"{self.describe_registered(already)}"
             )
 
@@ -101,7 +100,7 @@ class DeviceMemory:
         """A version bigger than the whole limit can never be resident."""
         if version.cost > self.limit:
             kind = "memory" if self.device == "cpu" else f"{self.device.upper()} memory"
-            how = ", estimated from its artifacts," if version.estimated > max(version.declared, version.measured) else ""
+            how = ", estimated from its artifacts," if _estimated(version) else ""
             raise CapacityExceeded(
                 f"model '{version.name}' needs {format_bytes(version.cost)}{how} more than the {kind} limit of "
                 f"{format_bytes(self.limit)}"
@@ -157,6 +156,11 @@ class DeviceMemory:
             chosen.append(version)
             free += self.registered[version]
         return chosen if free >= needed else None
+
+
+def _estimated(version: Accountable) -> bool:
+    """Whether the version's cost is its estimate: neither declared nor measured yet."""
+    return version.estimated > max(version.declared, version.measured)
 
 
 class MemoryManager:

@@ -582,7 +582,7 @@ class Registry:
                     continue  # the load refuses it, in its own words
             version.artifact_bytes = size_on_disk(settings.artifact_path)
             if not version.declared:
-                ratio = self._kept_per_artifact_byte.get(version.settings.runtime_key, 1.0)
+                ratio = self._kept_per_artifact_byte.get(settings.runtime_key, 1.0)
                 version.estimated = int(version.artifact_bytes * ratio)
 
     async def _stop_runtime(self, version: ModelVersion, runtime: Runtime) -> None:

@@ -21,7 +21,7 @@ import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
 from fleetserve.errors import describe
-from fleetserve.fleet.membership import Membership, advertised_host
+from fleetserve.fleet.membership import Membership
 from fleetserve.graph.applied import AppliedManifests
 from fleetserve.graph.manifests import parse_manifest
 from fleetserve.graph.router import GraphCollector, Router
@@ -102,7 +102,6 @@ class FleetServer:
         self.router = Router(self.registry, self.dataplane)
         self.applied = AppliedManifests(settings.state_dir)
         self.membership = Membership(settings, self._fleet_record) if settings.etcd else None
-        self.advertised = advertised_host(settings) if settings.etcd else ""
         alibi_explain.configure(self.router)
         REGISTRY.register(GraphCollector(self.router))
         self.admission = Admission(settings.max_concurrent_requests)
@@ -206,7 +205,7 @@ class FleetServer:
 
     def _fleet_record(self) -> dict:
         """This replica as its fleet peers see it (fleet/membership.py)."""
-        host, books = self.advertised, self.memory.devices["cpu"]
+        host, books = self.membership.host, self.memory.devices["cpu"]
         return {
             "address": f"{host}:{self.settings.http_port}",
             "grpc": f"{host}:{self.settings.grpc_port}",
