@@ -128,6 +128,14 @@ def test_with_etcd_down_a_replica_serves_on_and_rejoins_when_it_returns(tmp_path
             server.process.kill()
 
 
+@pytest.mark.parametrize("etcd", ["https://127.0.0.1:2379", "http://127.0.0.1:port", "http://"])
+def test_a_malformed_etcd_url_stops_the_start_with_a_plain_message(tmp_path, etcd):
+    result = subprocess.run([sys.executable, "-m", "fleetserve.cli", "start", str(tmp_path), "--etcd", etcd],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode != 0 and f"--etcd: {etcd!r} is not http://HOST:PORT" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_server_without_etcd_is_no_fleet(server, http):
     response = http.get("/v2/fleet")
     assert response.status_code == 404 and "--etcd" in response.json()["error"]

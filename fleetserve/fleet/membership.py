@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from fleetserve.errors import InvalidInput, describe
+from fleetserve.errors import describe
 from fleetserve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -27,13 +27,17 @@ PUBLISH_EVERY = 1.0  # seconds between checks of this replica's record (written 
 
 
 def etcd_endpoints(setting: str) -> list[tuple[str, int]]:
-    """--etcd http://HOST:PORT[,...] as (host, port) pairs."""
+    """--etcd http://HOST:PORT[,...] as (host, port) pairs; one that is none stops the start."""
     endpoints = []
     for url in (item.strip() for item in setting.split(",") if item.strip()):
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise InvalidInput(f"--etcd {url!r}: expected http://HOST:PORT")
-        endpoints.append((parts.hostname, parts.port or 2379))
+        try:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            endpoint = (parts.hostname, parts.port or 2379)
+        except ValueError:  # a port that is no number
+            endpoint = (None, 0)
+        if parts.scheme != "http" or not endpoint[0]:
+            raise SystemExit(f"--etcd: {url!r} is not http://HOST:PORT")
+        endpoints.append(endpoint)
     return endpoints
 
 
