@@ -144,9 +144,13 @@ spec:
         assert index["a1"]["state"] == "READY" and "a2" not in index
         assert index["a3"]["state"] == "UNAVAILABLE" and "answer-3" in index["a3"]["reason"], index["a3"]
     constant_model(answer_3, 3)  # the kept manifest applies again once its artifacts are back
+    (state / "manifests" / "model" / "broken.json").write_text("{not json")  # an edited file: skipped, logged
+    (state / "manifests" / "pipeline" / "wrong.json").write_text('["a list"]')
 
     with start("third") as server, http_client(server) as http:
         assert http.post("/v2/models/a3/infer", json=ROW).json()["outputs"][0]["data"] == [3]
         assert http.get("/v2/experiments/split/ready").status_code == 200
         http.request("DELETE", "/v2/pipelines/p")
-    assert sorted(path.name for path in (state / "manifests").rglob("*.json")) == ["a1.json", "a3.json", "split.json"]
+        assert "cannot read the applied manifest" in server.log() and "is no Pipeline manifest" in server.log()
+    assert sorted(path.name for path in (state / "manifests").rglob("*.json")) == [
+        "a1.json", "a3.json", "broken.json", "split.json", "wrong.json"]
