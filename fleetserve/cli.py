@@ -112,7 +112,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 def _fleet(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        return _print_or_fail(client.get("/v2/fleet"))
+        return _print_or_fail(client.get("/v2/fleet" + (f"/models/{args.model}" if args.model else "")))
 
 
 def _repository(action: str):
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.add_argument("--limit", type=int, help="inspect: the last N messages per step (default all kept, 10)")
     client_command("experiment", "list experiments, or show one with its traffic so far", _experiment).add_argument(
         "name", nargs="?")
-    client_command("fleet", "show the fleet's replicas: address, capabilities, memory, models, state", _fleet)
+    client_command("fleet", "show the fleet's replicas (address, capabilities, memory, models, state), or one "
+                   "model's copies and why each is where it is", _fleet).add_argument("model", nargs="?")
     for action in ("load", "unload"):
         client_command(action, f"{action} a model through the repository API", _repository(action)).add_argument("model")
 

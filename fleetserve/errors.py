@@ -76,6 +76,11 @@ class Unauthenticated(FleetError):
 
 class PermissionDenied(FleetError):
     """The request's token does not open this route."""
+class Misdirected(FleetError):
+    """A fleet peer forwarded a request for a model this replica no longer has: the peer tries
+    another copy (HTTP 421 Misdirected Request)."""
+
+
 class Overloaded(FleetError):
     """The server (--max-concurrent-requests) or a model's queue (max_queue_size) is full: the
     client should retry shortly (REST answers with Retry-After). gRPC's own concurrency limit
@@ -113,4 +118,5 @@ STATUS: dict[type[FleetError], tuple[int, grpc.StatusCode]] = {
     PermissionDenied: (403, grpc.StatusCode.PERMISSION_DENIED),
     Overloaded: (503, grpc.StatusCode.RESOURCE_EXHAUSTED),
     DeadlineExceeded: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
+    Misdirected: (421, grpc.StatusCode.UNAVAILABLE),
 }

@@ -3,15 +3,20 @@ one leaves every table within its lease, a stopped one at once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.http as httpclient
 
 from conftest import ROOT, free_port, iris_json, start_server
 from fleetserve.fleet.membership import LEASE_SECONDS
@@ -47,7 +52,7 @@ def etcd(tmp_path_factory):
     process.wait()
 
 
-def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] = ()):
+def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] = (), args: tuple[str, ...] = ()):
     repository = tmp_path / f"repo-{replica_id}"
     repository.mkdir()
     for name in models:
@@ -55,7 +60,7 @@ def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] 
         settings = repository / name / "model-settings.json"
         settings.write_text(settings.read_text().replace('"name": "iris"', f'"name": "{name}"'))
     return start_server(repository, tmp_path / f"{replica_id}.log",
-                        args=("--etcd", etcd, "--fleet", "test", "--replica-id", replica_id))
+                        args=("--etcd", etcd, "--fleet", "test", "--replica-id", replica_id, *args))
 
 
 def fleet_of(server, etcd: str = "connected") -> dict[str, dict]:
@@ -83,7 +88,7 @@ def test_replicas_see_each_other_and_leave(etcd, tmp_path):
         seen = wait_for(lambda: (found := fleet_of(second)).get("r1", {}).get("models") and found, 10, "r1's models seen")
         assert set(seen) == {"r1", "r2"}
         assert seen["r1"]["address"] == f"127.0.0.1:{first.http_port}" and seen["r1"]["grpc"] == f"127.0.0.1:{first.grpc_port}"
-        assert seen["r1"]["models"] == ["iris"] and seen["r2"]["models"] == []
+        assert list(seen["r1"]["models"]) == ["iris"] and seen["r1"]["models"]["iris"] > 0 and seen["r2"]["models"] == {}
         assert seen["r1"]["state"] == "ready" and "sklearn" in seen["r1"]["capabilities"]
         printed = subprocess.run([sys.executable, "-m", "fleetserve.cli", "fleet", "--url", first.url],
                                  capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -139,3 +144,162 @@ def test_a_malformed_etcd_url_stops_the_start_with_a_plain_message(tmp_path, etc
 def test_a_server_without_etcd_is_no_fleet(server, http):
     response = http.get("/v2/fleet")
     assert response.status_code == 404 and "--etcd" in response.json()["error"]
+
+
+# Models across the fleet: applied once, loaded where placement says, answered from every replica.
+
+def model_manifest(name: str, memory: str = "", uri: Path = ROOT / "model_repo" / "iris" / "model.joblib") -> str:
+    spec = {"storageUri": str(uri), "requirements": ["sklearn"], **({"memory": memory} if memory else {})}
+    return json.dumps({"apiVersion": "mlops.seldon.io/v1alpha1", "kind": "Model", "metadata": {"name": name},
+                       "spec": spec})
+
+
+def apply(server, manifest: str, expected: int = 200) -> dict:
+    response = httpx.post(f"{server.url}/v2/manifests", content=manifest, timeout=150)
+    assert response.status_code == expected, response.text
+    return response.json()
+
+
+def copies_of(server, name: str) -> list[str]:
+    response = httpx.get(f"{server.url}/v2/fleet/models/{name}", timeout=5)
+    return [copy["replica"] for copy in response.json()["copies"]] if response.status_code == 200 else []
+
+
+def loads_on(server) -> int:
+    """Model loads this replica ran (its load histogram's count, every outcome)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return int(sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                   if line.startswith("fleetserve_model_load_duration_seconds_count")))
+
+
+def stop_all(*servers) -> None:
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def test_a_model_applied_through_one_replica_is_loaded_once_and_answers_from_every_replica(etcd, tmp_path):
+    first, second = replica(etcd, tmp_path, "a1"), replica(etcd, tmp_path, "a2")
+    try:
+        wait_for(lambda: set(fleet_of(first)) >= {"a1", "a2"}, 10, "both replicas joining")
+        apply(second, model_manifest("flower"))
+        [holder] = copies_of(first, "flower")
+        assert sum(loads_on(server) for server in (first, second)) == 1
+        for server in (first, second):  # one holds the copy; the other forwards to it
+            answer = httpx.post(f"{server.url}/v2/models/flower/infer", json=iris_json(), timeout=30)
+            assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [0, 2], answer.text
+        for server in (first, second):
+            client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+            tensor = httpclient.InferInput("input-0", [2, 4], "FP32")
+            tensor.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]], dtype=np.float32),
+                                       binary_data=True)
+            result = client.infer("flower", [tensor], outputs=[httpclient.InferRequestedOutput("predict", binary_data=True)])
+            assert result.as_numpy("predict").tolist() == [0, 2]
+        document = httpx.get(f"{first.url}/v2/fleet/models/flower", timeout=5).json()
+        assert document["copies"][0]["placement"]["by"] == "a2"
+        assert {candidate["replica"] for candidate in document["copies"][0]["placement"]["candidates"]} == {"a1", "a2"}
+        assert sum(loads_on(server) for server in (first, second)) == 1
+
+        deleted = httpx.request("DELETE", f"{first.url}/v2/manifests", content=model_manifest("flower"), timeout=30)
+        assert deleted.status_code == 200, deleted.text
+        wait_for(lambda: not copies_of(second, "flower"), 10, "the copy leaving")
+        for server in (first, second):
+            gone = httpx.post(f"{server.url}/v2/models/flower/infer", json=iris_json(), timeout=30)
+            assert gone.status_code == 404, gone.text
+    finally:
+        stop_all(first, second)
+
+
+def fleet_of_three(etcd: str, tmp_path: Path, prefix: str, args: tuple[str, ...] = ()) -> list:
+    servers = []
+    try:
+        for number in range(3):
+            servers.append(replica(etcd, tmp_path, f"{prefix}{number}", args=args))
+        wait_for(lambda: len(fleet_of(servers[0])) == 3 and len(fleet_of(servers[2])) == 3, 10, "three replicas joining")
+    except BaseException:
+        stop_all(*servers)
+        raise
+    return servers
+
+
+def test_a_herd_of_first_requests_on_every_replica_loads_a_cold_model_once(etcd, tmp_path):
+    servers = fleet_of_three(etcd, tmp_path, "h")
+    try:
+        apply(servers[0], model_manifest("herd"))
+        [holder] = copies_of(servers[0], "herd")
+        unloaded = httpx.post(f"{servers[int(holder[1])].url}/v2/repository/models/herd/unload", timeout=30)
+        assert unloaded.status_code == 200, unloaded.text
+        wait_for(lambda: all(not copies_of(server, "herd") for server in servers), 10, "no copy left")
+        before = sum(loads_on(server) for server in servers)
+
+        async def herd() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=150, limits=httpx.Limits(max_connections=300)) as client:
+                return await asyncio.gather(*(
+                    client.post(f"{servers[number % 3].url}/v2/models/herd/infer", json=iris_json())
+                    for number in range(200)))
+
+        answers = asyncio.run(herd())
+        assert [answer.status_code for answer in answers] == [200] * 200, {answer.text for answer in answers}
+        assert all(answer.json()["outputs"][0]["data"] == [0, 2] for answer in answers)
+        assert sum(loads_on(server) for server in servers) - before == 1
+        assert len(copies_of(servers[1], "herd")) == 1
+    finally:
+        stop_all(*servers)
+
+
+def test_thirty_models_spread_over_three_replicas_with_room_for_twelve_each(etcd, tmp_path):
+    # 10Mi each, 20% overcommit: 12 models of 1Mi fit on one replica, 36 in the fleet.
+    servers = fleet_of_three(etcd, tmp_path, "s", args=("--memory-limit", "10Mi"))
+    try:
+        names = [f"spread-{number}" for number in range(30)]
+        applied = apply(servers[1], "\n---\n".join(model_manifest(name, memory="1Mi") for name in names))
+        assert len(applied["applied"]) == 30, applied
+        held = Counter(copy for name in names for copy in copies_of(servers[0], name))
+        assert sum(held.values()) == 30 and max(held.values()) <= 12, held
+        assert min(held.values()) >= 6, held  # spread, not piled on one
+        for name in names:
+            for server in servers:
+                answer = httpx.post(f"{server.url}/v2/models/{name}/infer", json=iris_json(), timeout=30)
+                assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [0, 2], answer.text
+    finally:
+        stop_all(*servers)
+
+
+def test_a_replica_killed_under_load_loses_at_most_its_requests_in_flight(etcd, tmp_path):
+    holder, other = replica(etcd, tmp_path, "k1"), replica(etcd, tmp_path, "k2")
+    try:
+        wait_for(lambda: set(fleet_of(other)) >= {"k1", "k2"}, 10, "both replicas joining")
+        # Placed on k1: k2 is excluded by being told to drop its copy once it has one.
+        apply(holder, model_manifest("crash"))
+        while copies_of(holder, "crash") != ["k1"]:
+            httpx.post(f"{other.url}/v2/repository/models/crash/unload", timeout=30)
+            httpx.post(f"{holder.url}/v2/models/crash/infer", json=iris_json(), timeout=30)
+        outcomes: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=60) as client:
+                while not stop.is_set():
+                    try:
+                        outcomes.append(client.post(f"{other.url}/v2/models/crash/infer", json=iris_json()).status_code)
+                    except httpx.TransportError:
+                        outcomes.append(0)
+
+        clients = [threading.Thread(target=load) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        wait_for(lambda: len(outcomes) >= 50, 30, "requests forwarded to k1")
+        holder.process.kill()
+        killed_at = len(outcomes)
+        wait_for(lambda: len(outcomes) >= killed_at + 100, 60, "requests answered after the kill")
+        stop.set()
+        for thread in clients:
+            thread.join(60)
+        lost = [status for status in outcomes if status != 200]
+        assert len(lost) <= 4, Counter(outcomes)  # only those in flight on k1 at the kill may fail
+        assert outcomes[-50:] == [200] * 50
+        print("after the kill:", Counter(outcomes[killed_at:]))
+        wait_for(lambda: copies_of(other, "crash") == ["k2"], LEASE_SECONDS + 5, "k1 leaving the copies")
+    finally:
+        stop_all(holder, other)

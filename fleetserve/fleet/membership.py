@@ -1,15 +1,20 @@
-"""A replica's place in the fleet: its record in etcd, bound to a lease, and the table of its peers,
-fed by a watch (no request reads etcd).
+"""A replica's place in the fleet: its record in etcd, bound to a lease, and the tables of the
+fleet's keys, fed by one watch (no request reads etcd).
 
-Keys: `fleetserve/<fleet>/replicas/<replica id>` -> the replica's JSON record. This process keeps
-its lease alive; a replica that dies leaves every table when its lease runs out (LEASE_SECONDS),
-one that stops (SIGTERM) at once. With etcd unreachable the replica keeps serving and keeps
-trying; the table it last saw stays.
+Keys, under `fleetserve/<fleet>/`:
+- `replicas/<id>`: each replica's JSON record, bound to its lease. This process keeps its lease
+  alive; a replica that dies leaves every table when its lease runs out (LEASE_SECONDS), one that
+  stops (SIGTERM) at once.
+- `manifests/<Kind>/<name>`, `loads/<model>`, `placements/<model>/<id>`, `costs/<model>`: the fleet's models
+  (fleet/models.py says what they mean).
+
+With etcd unreachable the replica keeps serving and keeps trying; the tables it last saw stay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from typing import Any, Callable
@@ -24,6 +29,10 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 5
 PUBLISH_EVERY = 1.0  # seconds between checks of this replica's record (written only when it changed)
+SECTIONS = ("replicas", "manifests", "loads", "placements", "costs")
+
+# A change to one key: (section, name within it, the new value or None when deleted).
+Listener = Callable[[str, str, "dict[str, Any] | None"], None]
 
 
 def etcd_endpoints(setting: str) -> list[tuple[str, int]]:
@@ -55,18 +64,32 @@ class Membership:
     def __init__(self, settings: ServerSettings, record: Callable[[], dict[str, Any]]):
         import aetcd  # the fleet extra: missing, the server says so at start
 
-        self._client = aetcd.Client
+        self._client_type = aetcd.Client
+        self.transactions = aetcd.transactions
         self.endpoints = etcd_endpoints(settings.etcd)
         self.fleet = settings.fleet
         self.replica_id = settings.replica_id or socket.gethostname()
-        self.host = advertised_host(settings)  # resolved once: the record is written every second
-        self.prefix = f"fleetserve/{self.fleet}/replicas/".encode()
-        self.key = self.prefix + self.replica_id.encode()
+        self.host = advertised_host(settings)  # resolved once: the record is checked every second
+        self.prefix = f"fleetserve/{self.fleet}/".encode()
+        self.key = self.key_of("replicas", self.replica_id)
         self.record = record  # this replica's record as it is now
-        self.replicas: dict[str, dict[str, Any]] = {}
+        self.state = "ready"
+        self.tables: dict[str, dict[str, dict[str, Any]]] = {section: {} for section in SECTIONS}
+        self.listeners: list[Listener] = []
+        self.client = None  # while connected
+        self.lease_id = 0
         self.connected = False
+        self._changed = asyncio.Event()  # replaced after every change: waiters hold the one they saw
+        self._publish_soon = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._lease = None
+
+    @property
+    def replicas(self) -> dict[str, dict[str, Any]]:
+        return self.tables["replicas"]
+
+    def key_of(self, section: str, name: str) -> bytes:
+        return self.prefix + f"{section}/{name}".encode()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -87,13 +110,31 @@ class Membership:
         return {"fleet": self.fleet, "replica": self.replica_id, "etcd": "connected" if self.connected else "unreachable",
                 "replicas": [self.replicas[name] for name in sorted(self.replicas)]}
 
+    async def changed(self, timeout: float) -> None:
+        """Wait for the next change to any table (or the timeout); check what you wait for
+        first, then call this, so a change between the two is not missed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def publish_soon(self) -> None:
+        """This replica's record changed in a way peers should see before the next check."""
+        self._publish_soon.set()
+
+    async def publish(self) -> bool:
+        """Write this replica's record now; False when etcd is not there to take it."""
+        client = self.client
+        if client is None:
+            return False
+        await client.put(self.key, self._encoded(), lease=self._lease)
+        return True
+
     async def _run(self) -> None:
         attempt = 0
         while True:
             host, port = self.endpoints[attempt % len(self.endpoints)]
             attempt += 1
             try:
-                async with self._client(host, port, timeout=LEASE_SECONDS) as client:
+                async with self._client_type(host, port, timeout=LEASE_SECONDS) as client:
                     await self._serve(client)
             except asyncio.CancelledError:
                 raise
@@ -101,26 +142,35 @@ class Membership:
                 if self.connected or attempt == 1:
                     log.warning("no etcd at %s:%d (%s): serving on, retrying", host, port, describe(error))
                 self.connected = False
+                self.client = None
+                self._notify()
                 await asyncio.sleep(1.0)
 
     async def _serve(self, client) -> None:
         self._lease = await client.lease(LEASE_SECONDS)
+        self.lease_id = self._lease.id
         published = self._encoded()
         await client.put(self.key, published, lease=self._lease)
         listing = await client.get_prefix(self.prefix)
-        self.replicas = {}
-        for kv in listing.kvs:
-            self._put(kv)
+        self._replace_tables(listing.kvs)
         watch = await client.watch_prefix(self.prefix, start_revision=listing.header.revision + 1)
         if not self.connected:
             log.info("replica %s joined fleet %s (%d replicas)", self.replica_id, self.fleet, len(self.replicas))
-        self.connected = True
+        self.client, self.connected = client, True
+        self._notify()
         follow = asyncio.create_task(self._follow(watch))
         try:
+            refreshed = asyncio.get_running_loop().time()
             while not follow.done():
-                await asyncio.wait([follow], timeout=PUBLISH_EVERY)
-                if (await self._lease.refresh()).TTL <= 0:  # stalled past it: the record is gone
-                    raise ConnectionError("the lease ran out")
+                asked = asyncio.ensure_future(self._publish_soon.wait())
+                await asyncio.wait([follow, asked], timeout=PUBLISH_EVERY, return_when=asyncio.FIRST_COMPLETED)
+                asked.cancel()
+                self._publish_soon.clear()
+                now = asyncio.get_running_loop().time()
+                if now - refreshed >= PUBLISH_EVERY:
+                    refreshed = now
+                    if (await self._lease.refresh()).TTL <= 0:  # stalled past it: the record is gone
+                        raise ConnectionError("the lease ran out")
                 current = self._encoded()
                 if current != published:
                     await client.put(self.key, current, lease=self._lease)
@@ -128,23 +178,56 @@ class Membership:
             follow.result()
         finally:
             follow.cancel()
+            self.client = None
 
     async def _follow(self, watch) -> None:
         async for event in watch:
-            if event.kind == "PUT":
-                self._put(event.kv)
-            else:
-                self.replicas.pop(self._name(event.kv.key), None)
+            self._apply(event.kv.key, event.kv.value if event.kind == "PUT" else None)
+            self._notify()
         raise ConnectionError("the etcd watch ended")
 
-    def _put(self, kv) -> None:
+    def _replace_tables(self, kvs) -> None:
+        """A fresh listing (at join, and after etcd came back): what went meanwhile is reported gone."""
+        before = {section: dict(table) for section, table in self.tables.items()}
+        for table in self.tables.values():
+            table.clear()
+        for kv in kvs:
+            self._apply(kv.key, kv.value, quiet=True)
+        for section, table in self.tables.items():
+            for name in before[section].keys() - table.keys():
+                self._tell(section, name, None)
+            for name, value in table.items():
+                if before[section].get(name) != value:
+                    self._tell(section, name, value)
+
+    def _apply(self, key: bytes, value: bytes | None, quiet: bool = False) -> None:
+        section, _, name = key[len(self.prefix):].decode().partition("/")
+        table = self.tables.get(section)
+        if table is None or not name:
+            return
+        if value is None:
+            if table.pop(name, None) is not None and not quiet:
+                self._tell(section, name, None)
+            return
         try:
-            self.replicas[self._name(kv.key)] = orjson.loads(kv.value)
+            parsed = orjson.loads(value)
         except orjson.JSONDecodeError:
-            log.warning("a fleet record that is not JSON, skipped: %r", kv.key)
+            log.warning("a fleet record that is not JSON, skipped: %r", key)
+            return
+        table[name] = parsed
+        if not quiet:
+            self._tell(section, name, parsed)
+
+    def _tell(self, section: str, name: str, value: dict[str, Any] | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(section, name, value)
+            except Exception:
+                log.exception("a fleet listener failed on %s/%s", section, name)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _encoded(self) -> bytes:
-        return orjson.dumps({"id": self.replica_id, **self.record(), "state": "ready"})  # draining: issue 16's next step
-
-    def _name(self, key: bytes) -> str:
-        return key[len(self.prefix):].decode()
+        return orjson.dumps({"id": self.replica_id, "lease": self.lease_id, **self.record(), "state": self.state})

@@ -21,7 +21,9 @@ import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
 from fleetserve.errors import describe
+from fleetserve.fleet.forward import Hops
 from fleetserve.fleet.membership import Membership
+from fleetserve.fleet.models import FleetModels
 from fleetserve.graph.applied import AppliedManifests
 from fleetserve.graph.manifests import parse_manifest
 from fleetserve.graph.router import GraphCollector, Router
@@ -101,7 +103,11 @@ class FleetServer:
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.router = Router(self.registry, self.dataplane)
         self.applied = AppliedManifests(settings.state_dir)
-        self.membership = Membership(settings, self._fleet_record) if settings.etcd else None
+        self.membership = self.fleet_models = self.hops = None
+        if settings.etcd:
+            self.membership = Membership(settings, self._fleet_record)
+            self.fleet_models = FleetModels(self.membership, self.registry)
+            self.hops = Hops(self.fleet_models, *(("https", self.tls.peer_context()) if self.tls else ("http", None)))
         alibi_explain.configure(self.router)
         REGISTRY.register(GraphCollector(self.router))
         self.admission = Admission(settings.max_concurrent_requests)
@@ -171,6 +177,8 @@ class FleetServer:
         self.ready, self.stopping = False, True
         if self.membership is not None:
             await self.membership.stop()  # peers stop choosing this replica at once
+            await self.fleet_models.stop()
+            await self.hops.close()
         loading.cancel()
         await set_serving(health, False)
         http.should_exit = metrics.should_exit = True
@@ -206,20 +214,33 @@ class FleetServer:
     def _fleet_record(self) -> dict:
         """This replica as its fleet peers see it (fleet/membership.py)."""
         host, books = self.membership.host, self.memory.devices["cpu"]
+        serving = self.fleet_models.serving_here()
         return {
             "address": f"{host}:{self.settings.http_port}",
             "grpc": f"{host}:{self.settings.grpc_port}",
             "capabilities": self.settings.capability_list,
-            "memory": {"limit": books.limit, "registered": books.registered_bytes, "resident": books.resident_bytes},
-            "models": sorted({version.name for version in self.registry.ready_versions()}),
+            "memory": {"limit": books.limit, "budget": books.registered_limit, "registered": books.registered_bytes,
+                       "resident": books.resident_bytes, "idle": self.fleet_models.idle_bytes()},
+            # Each model served here, with what it costs (the default version's measured or declared bytes).
+            "models": {version.name: version.cost for version in self.registry.ready_versions() if version.name in serving},
             "in_flight": self.admission.in_flight,
             "ready": self.ready,
         }
 
+    async def unload(self, name: str) -> None:
+        """The repository API's unload: a fleet model's copy here leaves this replica (the model
+        stays in the fleet, loaded again on demand); any other model is unloaded."""
+        if self.fleet_models is not None and name in self.fleet_models.here:
+            return await self.fleet_models.drop(name)
+        await self.registry.unload(name, self.settings.shutdown_grace)
+
     # Manifests: applied through REST, kept in --state-dir, applied again at start.
 
     async def apply(self, kind: str, parsed) -> None:
-        """Apply a manifest (parse_manifest's form) and keep it as applied."""
+        """Apply a manifest (parse_manifest's form) and keep it as applied: in etcd for a fleet's
+        models, else in --state-dir."""
+        if kind == "Model" and self.fleet_models is not None:
+            return await self.fleet_models.apply(parsed.manifest)
         if kind != "Model":
             self._apply_graph(kind, parsed)
             self.applied.record(kind, parsed.name, parsed.manifest)
@@ -240,6 +261,8 @@ class FleetServer:
             self.router.add_experiment(parsed)
 
     async def delete(self, kind: str, name: str) -> None:
+        if kind == "Model" and self.fleet_models is not None and self.fleet_models.manifest(name) is not None:
+            return await self.fleet_models.delete(name)
         try:
             if kind == "Model":
                 await self.registry.delete(name, self.settings.shutdown_grace)

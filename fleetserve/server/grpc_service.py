@@ -322,7 +322,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_aborts_on_error
     @_counted
     async def RepositoryModelUnload(self, request, context):
-        await self.registry.unload(request.model_name, self.server.settings.shutdown_grace)
+        await self.server.unload(request.model_name)
         return service_pb2.RepositoryModelUnloadResponse()
 
 

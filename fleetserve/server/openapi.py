@@ -261,6 +261,13 @@ def _other_routes() -> dict[str, dict]:
                 "replicas": {"type": "array", "items": {"type": "object"}}}}), (404,),
             description="Every replica as this one last saw it in etcd (address, capabilities, memory, models, "
                         "requests in flight, state); 404 for a server started without --etcd.")},
+        "/v2/fleet/models/{name}": {"get": _operation(
+            "A model across the fleet", "fleet", _json({"type": "object", "properties": {
+                "name": {"type": "string"}, "manifest": {"type": "boolean"},
+                "cost_bytes": {"type": "integer", "nullable": True}, "loading": {"type": "object", "nullable": True},
+                "copies": {"type": "array", "items": {"type": "object"}}}}), (404,), parameters=[_NAME],
+            description="Its copies (replica, address, state, requests in flight) and why each was placed where "
+                        "it is: the candidates and their figures when it was placed.")},
         "/metrics": {"get": _operation(
             "Prometheus metrics", "metrics", {"text/plain": {"schema": {"type": "string"}}},
             description="Also served alone on the metrics port.")},

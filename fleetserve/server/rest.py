@@ -25,9 +25,10 @@ from starlette.routing import Match
 from swagger_ui_bundle import swagger_ui_path
 
 from fleetserve.errors import (
-    FleetError, InvalidInput, ModelUnavailable, NotFound, NotReady, Overloaded, PayloadTooLarge, ServerUnavailable,
-    describe,
+    FleetError, InvalidInput, Misdirected, ModelUnavailable, NotFound, NotReady, Overloaded, PayloadTooLarge,
+    ServerUnavailable, describe,
 )
+from fleetserve.fleet.forward import FORWARDED
 from fleetserve.graph.manifests import manifest_name, parse_manifest, parse_manifests
 from fleetserve.server import documents, openapi
 from fleetserve.server.routes import infer_target
@@ -247,7 +248,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
 
     @app.post("/v2/repository/models/{name}/unload")
     async def repository_unload(name: str) -> Response:
-        await registry.unload(name, server.settings.shutdown_grace)
+        await server.unload(name)
         return json_response({})
 
     # Seldon Core 2 manifests (YAML or JSON, several documents allowed). Every document is
@@ -323,6 +324,12 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
             raise NotFound("this server is not part of a fleet: start it with --etcd")
         return json_response(server.membership.document())
 
+    @app.get("/v2/fleet/models/{name}")
+    async def fleet_model(name: str) -> Response:
+        if server.fleet_models is None:
+            raise NotFound("this server is not part of a fleet: start it with --etcd")
+        return json_response(server.fleet_models.document(name))
+
     app.get("/metrics")(metrics)
 
     # The API's documentation, with Swagger UI's files served from here: the page works offline.
@@ -372,7 +379,7 @@ _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # The headers an inference reads (ASGI gives names in lower case); the rest are not decoded.
 _INFER_HEADERS = frozenset({b"content-length", b"content-encoding", b"x-request-id", HEADER_LENGTH.encode(),
-                            b"seldon-model", b"x-seldon-route"})
+                            b"seldon-model", b"x-seldon-route", b"content-type", b"authorization", FORWARDED.encode()})
 
 
 class InferenceFastPath:
@@ -390,6 +397,8 @@ class InferenceFastPath:
         self.router = server.router
         self.limit = server.settings.max_message_size
         self.admission = server.admission
+        self.registry = server.registry
+        self.hops = server.hops
 
     async def __call__(self, scope, receive, send):
         target = infer_target(scope["path"]) if scope["type"] == "http" else None
@@ -435,28 +444,33 @@ class InferenceFastPath:
                 raise admission.refusal()
             admission.in_flight += 1
             counted = True
-            # On the loop whatever its size: orjson holds the GIL while it parses, so a worker
-            # thread freed nothing for other requests and cost 10% of big-JSON throughput.
-            request = decode_request(body, headers.get(HEADER_LENGTH))
-            if "timeout" in request.parameters:
-                apply_deadline(request)
-            if kind == "models":
-                response, route = await self.router.infer(
-                    name, version, request, headers.get("seldon-model"), headers.get("x-seldon-route"))
+            if self.hops is not None and kind == "models" and self._elsewhere(name, headers) and (
+                    answer := await self.hops.send(name, scope["path"], body, headers)) is not None:
+                status, content = answer.status, answer.body
+                reply += answer.headers
             else:
-                response, route = await self.router.infer_pipeline(name, request, headers.get("x-seldon-route"))
-            if route is not None:
-                reply.append((b"x-seldon-route", route.encode("latin-1")))
-            if sum(tensor.data.nbytes for tensor in response.outputs) < OFFLOAD_BYTES:
-                content, header_length = encode_response(response, request)
-            else:
-                content, header_length = await self._off_loop(encode_response, response, request)
-            status = 200
-            if header_length is None:
-                reply.append((b"content-type", b"application/json"))
-            else:
-                reply.append((b"content-type", b"application/octet-stream"))
-                reply.append((HEADER_LENGTH.encode(), str(header_length).encode()))
+                # On the loop whatever its size: orjson holds the GIL while it parses, so a worker
+                # thread freed nothing for other requests and cost 10% of big-JSON throughput.
+                request = decode_request(body, headers.get(HEADER_LENGTH))
+                if "timeout" in request.parameters:
+                    apply_deadline(request)
+                if kind == "models":
+                    response, route = await self.router.infer(
+                        name, version, request, headers.get("seldon-model"), headers.get("x-seldon-route"))
+                else:
+                    response, route = await self.router.infer_pipeline(name, request, headers.get("x-seldon-route"))
+                if route is not None:
+                    reply.append((b"x-seldon-route", route.encode("latin-1")))
+                if sum(tensor.data.nbytes for tensor in response.outputs) < OFFLOAD_BYTES:
+                    content, header_length = encode_response(response, request)
+                else:
+                    content, header_length = await self._off_loop(encode_response, response, request)
+                status = 200
+                if header_length is None:
+                    reply.append((b"content-type", b"application/json"))
+                else:
+                    reply.append((b"content-type", b"application/octet-stream"))
+                    reply.append((HEADER_LENGTH.encode(), str(header_length).encode()))
         except FleetError as error:
             status, content = error.http_status, orjson.dumps({"error": error.message})
             reply.append((b"content-type", b"application/json"))
@@ -470,6 +484,17 @@ class InferenceFastPath:
             if counted:
                 admission.in_flight -= 1
         await self._send(send, status, content, reply)
+
+    def _elsewhere(self, name: str, headers: dict[str, str]) -> bool:
+        """Whether a request for model `name` is for a fleet peer: no copy of it here, and neither
+        a `seldon-model` header nor an experiment sends it to something else here."""
+        if name in self.registry.models or ("model", name) in self.router.takeovers:
+            return False
+        if (seldon_model := headers.get("seldon-model")) and seldon_model != name:
+            return False
+        if headers.get(FORWARDED):  # a peer sent it here: it is never forwarded again
+            raise Misdirected(f"model '{name}' is not on replica {self.hops.models.me}")
+        return True
 
     @staticmethod
     async def _send(send, status: int, content: bytes, headers: list[tuple[bytes, bytes]]) -> None:

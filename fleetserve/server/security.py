@@ -102,6 +102,7 @@ ROUTES: dict[tuple[str, str], Access] = {
     # manifests, pipelines and experiments change what is served (a load may import code).
     ("POST", "/v2/repository/index"): CONTROL,
     ("GET", "/v2/fleet"): CONTROL,  # every replica's address and models
+    ("GET", "/v2/fleet/models/{name}"): CONTROL,
     ("POST", "/v2/repository/models/{name}/load"): CONTROL,
     ("POST", "/v2/repository/models/{name}/unload"): CONTROL,
     ("POST", "/v2/manifests"): CONTROL,
@@ -423,6 +424,14 @@ class TLS:
         if self.client_ca:
             options.update(ssl_ca_certs=self.client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         return options
+
+    def peer_context(self) -> ssl.SSLContext:
+        """How this replica calls its fleet peers: it trusts the client CA (an mTLS fleet's own)
+        or its own certificate (one certificate shared by every replica), and shows its certificate."""
+        context = ssl.create_default_context(cafile=self.client_ca or self.cert)
+        context.check_hostname = False  # peers are addressed by IP; the certificate is what is checked
+        context.load_cert_chain(self.cert, self.key)
+        return context
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(

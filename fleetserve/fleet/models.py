@@ -1,0 +1,297 @@
+"""Fleet-wide models: applied once through any replica, kept in etcd, loaded where placement
+says, and answered from every replica.
+
+Keys, under `fleetserve/<fleet>/`:
+- `manifests/Model/<name>`: the applied manifest (a Seldon `Model`, as JSON). It outlives every
+  replica, as --state-dir does for one process.
+- `loads/<name>`: the claim that one replica is loading the model, with the placement's figures.
+  It is created only where absent (a compare-and-swap on the key's version) and bound to the
+  loading replica's lease, so one load runs in the whole fleet however many replicas ask at
+  once, and a loader that dies takes its claim with it. The loader deletes it once its record
+  lists the model, or first writes `failed` into it so every waiter gets the reason.
+- `placements/<name>/<replica>`: why a copy is where it is (the candidates and their figures);
+  removed when the copy goes.
+- `costs/<name>`: what loading the model measured last, the figure placement uses (declared
+  memory before any load).
+
+What routing believes: a replica serves a model when its record lists it. So a replica publishes
+its record before it deletes a claim (peers route to a model that is there), and publishes it
+without a model before it drops that model to make room (peers stop routing there first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from fleetserve.errors import FleetError, ModelUnavailable, NotFound, describe
+from fleetserve.fleet.membership import LEASE_SECONDS, Membership
+from fleetserve.fleet.placement import NoPlace, choose
+from fleetserve.graph.manifests import parse_manifest
+
+if TYPE_CHECKING:
+    from fleetserve.runtime.registry import Registry
+
+log = logging.getLogger(__name__)
+
+COPY_WAIT = 120.0  # seconds a request waits for a copy to be loaded somewhere
+IDLE_SECONDS = 10.0  # a copy unused this long may be dropped to make room for another model
+
+
+class FleetModels:
+    def __init__(self, membership: Membership, registry: "Registry"):
+        self.membership = membership
+        self.registry = registry
+        self.here: dict[str, dict[str, Any]] = {}  # fleet models with a copy here -> the manifest it runs
+        self.leaving: set[str] = set()  # copies being dropped: already out of this replica's record
+        self.loading: set[str] = set()
+        self.claiming: set[str] = set()
+        self.failures: dict[str, tuple[float, str]] = {}  # model -> (when, why) its last fleet load failed
+        self.forwarded_to: Counter[str] = Counter()  # this replica's forwarded requests in flight, per replica
+        self.unreachable: dict[str, float] = {}  # replica -> until when it is skipped (a failed hop)
+        self._tasks: set[asyncio.Task] = set()
+        membership.listeners.append(self._on_change)
+
+    @property
+    def me(self) -> str:
+        return self.membership.replica_id
+
+    def manifest(self, name: str) -> dict[str, Any] | None:
+        return self.membership.tables["manifests"].get(f"Model/{name}")
+
+    def serving_here(self) -> set[str]:
+        """This replica's copies as its record tells peers: the ones on their way out are not."""
+        return {version.name for version in self.registry.ready_versions()} - self.leaving
+
+    def idle_bytes(self) -> int:
+        """What dropping this replica's idle fleet copies would free (placement weighs it)."""
+        return sum(cost for _, cost in self._idle_copies())
+
+    # Where a request goes.
+
+    def copies(self, name: str, exclude: set[str] = frozenset()) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [record for replica, record in self.membership.replicas.items()
+                if name in (record.get("models") or ()) and replica != self.me and replica not in exclude
+                and record.get("state") in ("ready", "draining") and self.unreachable.get(replica, 0) < now]
+
+    async def copy_for(self, name: str, exclude: set[str] = frozenset(), manifest: dict[str, Any] | None = None,
+                       wait: float = COPY_WAIT) -> dict[str, Any]:
+        """The peer to send a request for `name` to: the copy with the fewest requests in flight;
+        none anywhere, one is claimed and loaded (or this waits for the load another claimed)."""
+        started = time.monotonic()
+        deadline = started + wait
+        while True:
+            copies = self.copies(name, exclude)
+            if copies:
+                return min(copies, key=lambda record: (record.get("in_flight", 0) + self.forwarded_to[record["id"]],
+                                                       random.random()))
+            if name in self.here and name not in self.leaving:
+                return self.membership.replicas.get(self.me) or {"id": self.me}
+            failed = self.failures.get(name)
+            if failed is not None and failed[0] >= started:
+                raise ModelUnavailable(failed[1])
+            if name not in self.membership.tables["loads"] and name not in self.claiming:
+                self.claiming.add(name)  # one claim at a time from this replica; the rest wait for it
+                try:
+                    await self._claim(name, manifest or self.manifest(name), exclude)
+                finally:
+                    self.claiming.discard(name)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ModelUnavailable(f"model '{name}' was not loaded anywhere in the fleet within {wait:.0f}s")
+            await self.membership.changed(min(remaining, 1.0))
+
+    async def _claim(self, name: str, manifest: dict[str, Any] | None, exclude: set[str]) -> None:
+        if manifest is None:
+            raise NotFound(f"model '{name}' not found")
+        client = self.membership.client
+        if client is None:
+            raise ModelUnavailable(f"model '{name}' has no copy loaded, and none can be placed while etcd is unreachable")
+        versions = parse_manifest(manifest).versions
+        measured = self.membership.tables["costs"].get(name)
+        cost = int(measured["bytes"]) if measured else max(version.memory for version in versions)
+        requirements = sorted({requirement for version in versions for requirement in version.requirements})
+        now = time.monotonic()
+        skipped = set(exclude) | {replica for replica, until in self.unreachable.items() if until > now}
+        try:
+            target, candidates = choose(self.membership.replicas, requirements, cost, skipped)
+        except NoPlace as error:
+            raise ModelUnavailable(f"model '{name}' cannot be placed: {error}") from None
+        claim = {"replica": target, "by": self.me, "cost": cost, "at": time.time(),
+                 "candidates": [candidate.describe() for candidate in candidates]}
+        key, txn = self.membership.key_of("loads", name), self.membership.transactions
+        created, _ = await client.transaction(
+            compare=[txn.Version(key) == 0],
+            success=[txn.Put(key, orjson.dumps(claim), self.membership.replicas[target]["lease"])], failure=[])
+        if created:
+            log.info("model %s placed on replica %s (%s bytes)", name, target, cost)
+
+    # Changes seen in etcd.
+
+    def _on_change(self, section: str, name: str, value: dict[str, Any] | None) -> None:
+        if section == "loads" and value is not None:
+            if value.get("failed"):
+                self.failures[name] = (time.monotonic(), value["failed"])
+            elif value.get("replica") == self.me and name not in self.loading:
+                self.loading.add(name)
+                self._spawn(self._load_here(name, value))
+        elif section == "manifests":
+            kind, _, model = name.partition("/")
+            if kind == "Model" and model in self.here:
+                if value is None:
+                    self._spawn(self.drop(model))
+                elif value != self.here[model]:
+                    self._spawn(self._reload(model, value))
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load_here(self, name: str, claim: dict[str, Any]) -> None:
+        membership, key = self.membership, self.membership.key_of("loads", name)
+        try:
+            manifest = self.manifest(name)
+            if manifest is None:
+                raise NotFound(f"model '{name}' was deleted")
+            found = parse_manifest(manifest)
+            await self._make_room(int(claim.get("cost") or 0), keep=name)
+            await self.registry.apply(found)
+            self.here[name] = manifest
+            self.leaving.discard(name)
+            await membership.publish()  # peers find the copy before the claim goes
+            cost = self.registry.get(name).cost
+            txn = membership.transactions
+            await membership.client.transaction(compare=[], success=[
+                txn.Delete(key),
+                txn.Put(membership.key_of("placements", f"{name}/{self.me}"), orjson.dumps({**claim, "cost": cost})),
+                txn.Put(membership.key_of("costs", name), orjson.dumps({"bytes": cost})),
+            ], failure=[])
+        except Exception as error:
+            reason = error.message if isinstance(error, FleetError) else describe(error)
+            log.error("model %s failed to load for the fleet: %s", name, reason)
+            client = membership.client
+            if client is not None:
+                try:
+                    await client.put(key, orjson.dumps({**claim, "failed": reason}), lease=membership.lease_id)
+                    await client.delete(key)
+                except Exception as failure:
+                    log.warning("could not report model %s's failed load (%s); its claim ends with this replica's lease",
+                                name, describe(failure))
+        finally:
+            self.loading.discard(name)
+
+    async def _reload(self, name: str, manifest: dict[str, Any]) -> None:
+        try:
+            await self.registry.apply(parse_manifest(manifest))
+            self.here[name] = manifest
+        except Exception as error:
+            log.error("model %s's new manifest failed to load here; the old version serves on: %s", name, describe(error))
+
+    def _idle_copies(self) -> list[tuple[str, int]]:
+        """Fleet copies here that nothing used for IDLE_SECONDS, least recently used first."""
+        quiet_since = (time.time() - IDLE_SECONDS) * 1000
+        idle = []
+        for name in self.here:
+            if name in self.leaving or name in self.loading:
+                continue
+            try:
+                version = self.registry.get(name)
+            except FleetError:
+                continue
+            if version.in_flight == 0 and version.stats.last_inference < quiet_since:
+                idle.append((version.stats.last_inference, name, version.cost))
+        return [(name, cost) for _, name, cost in sorted(idle)]
+
+    async def _make_room(self, cost: int, keep: str) -> None:
+        """Drop idle fleet copies, least recently used first, until `cost` fits this replica's books."""
+        books = self.registry.memory.devices["cpu"]
+        needed = books.registered_bytes + cost - books.registered_limit
+        victims = []
+        for name, freed in self._idle_copies():
+            if needed <= 0:
+                break
+            if name != keep:
+                victims.append(name)
+                needed -= freed
+        if victims:
+            self.leaving.update(victims)
+            await self.membership.publish()  # peers stop routing to them before they go
+            await asyncio.gather(*(self.drop(name) for name in victims))
+
+    async def drop(self, name: str) -> None:
+        """This replica's copy leaves: first out of its record (peers stop routing here), then unloaded."""
+        self.leaving.add(name)
+        try:
+            await self.membership.publish()
+            await self.registry.delete(name)
+        except NotFound:
+            pass
+        finally:
+            self.here.pop(name, None)
+            self.leaving.discard(name)
+        client = self.membership.client
+        if client is not None:
+            await client.delete(self.membership.key_of("placements", f"{name}/{self.me}"))
+        log.info("model %s's copy left replica %s", name, self.me)
+
+    # Manifests applied and deleted through this replica.
+
+    async def apply(self, manifest: dict[str, Any]) -> None:
+        """Keep the manifest in etcd; replicas with a copy load it again, and a model with none
+        is placed and loaded before this returns (a load that fails puts back the manifest before)."""
+        name = manifest["metadata"]["name"]
+        client = self._client()
+        key = self.membership.key_of("manifests", f"Model/{name}")
+        previous = self.manifest(name)
+        await client.put(key, orjson.dumps(manifest))
+        if self.copies(name) or name in self.here:
+            return
+        try:
+            await self.copy_for(name, manifest=manifest)
+        except FleetError:
+            if previous is None:
+                await client.delete(key)
+            else:
+                await client.put(key, orjson.dumps(previous))
+            raise
+
+    async def delete(self, name: str) -> None:
+        """Forget the manifest in etcd; every replica with a copy unloads it."""
+        if self.manifest(name) is None:
+            raise NotFound(f"no model '{name}' was applied to the fleet")
+        await self._client().delete(self.membership.key_of("manifests", f"Model/{name}"))
+
+    def _client(self):
+        client = self.membership.client
+        if client is None:
+            raise ModelUnavailable("etcd is unreachable: the fleet's models cannot change until it returns")
+        return client
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def document(self, name: str) -> dict[str, Any]:
+        """A model across the fleet: its copies and why each is where it is."""
+        manifest = self.manifest(name)
+        copies = [{"replica": replica, "address": record.get("address"), "state": record.get("state"),
+                   "in_flight": record.get("in_flight", 0)}
+                  for replica, record in sorted(self.membership.replicas.items()) if name in (record.get("models") or ())]
+        if manifest is None and not copies:
+            raise NotFound(f"model '{name}' is not in the fleet")
+        placements = {key.partition("/")[2]: value for key, value in self.membership.tables["placements"].items()
+                      if key.partition("/")[0] == name}
+        for copy in copies:
+            copy["placement"] = placements.get(copy["replica"])
+        cost = self.membership.tables["costs"].get(name)
+        return {"name": name, "manifest": manifest is not None, "cost_bytes": cost and cost["bytes"],
+                "loading": self.membership.tables["loads"].get(name), "copies": copies}
