@@ -81,6 +81,22 @@ class Misdirected(FleetError):
     another copy (HTTP 421 Misdirected Request)."""
 
 
+class Relayed(FleetError):
+    """An error a fleet peer answered a forwarded gRPC request with, passed on as it came."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def http_status(self) -> int:
+        return next((status for status, code in STATUS.values() if code == self.code), 500)
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return self.code
+
+
 class Overloaded(FleetError):
     """The server (--max-concurrent-requests) or a model's queue (max_queue_size) is full: the
     client should retry shortly (REST answers with Retry-After). gRPC's own concurrency limit

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from conftest import ROOT, free_port, iris_json, start_server
 from fleetserve.fleet.membership import LEASE_SECONDS
@@ -59,8 +62,10 @@ def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] 
         shutil.copytree(ROOT / "model_repo" / "iris", repository / name, ignore=shutil.ignore_patterns("__pycache__"))
         settings = repository / name / "model-settings.json"
         settings.write_text(settings.read_text().replace('"name": "iris"', f'"name": "{name}"'))
-    return start_server(repository, tmp_path / f"{replica_id}.log",
-                        args=("--etcd", etcd, "--fleet", "test", "--replica-id", replica_id, *args))
+    server = start_server(repository, tmp_path / f"{replica_id}.log",
+                          args=("--etcd", etcd, "--fleet", "test", "--replica-id", replica_id, *args))
+    server.replica_id = replica_id
+    return server
 
 
 def fleet_of(server, etcd: str = "connected") -> dict[str, dict]:
@@ -196,6 +201,24 @@ def test_a_model_applied_through_one_replica_is_loaded_once_and_answers_from_eve
                                        binary_data=True)
             result = client.infer("flower", [tensor], outputs=[httpclient.InferRequestedOutput("predict", binary_data=True)])
             assert result.as_numpy("predict").tolist() == [0, 2]
+        refusals = []
+        for server in (first, second):  # gRPC too: a unary call, a peer's error as it answered, a stream
+            with grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}") as client:
+                tensor = grpcclient.InferInput("input-0", [2, 4], "FP32")
+                tensor.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]], dtype=np.float32))
+                assert client.infer("flower", [tensor]).as_numpy("predict").tolist() == [0, 2]
+                wrong = grpcclient.InferInput("input-0", [2, 3], "FP32")
+                wrong.set_data_from_numpy(np.zeros((2, 3), dtype=np.float32))
+                with pytest.raises(InferenceServerException) as refused:
+                    client.infer("flower", [wrong])
+                refusals.append((refused.value.status(), refused.value.message()))
+                answers = queue.Queue()
+                client.start_stream(callback=lambda result, error: answers.put((result, error)))
+                client.async_stream_infer("flower", [tensor])
+                result, error = answers.get(timeout=30)
+                client.stop_stream()
+                assert error is None and result.as_numpy("predict").tolist() == [0, 2]
+        assert refusals[0] == refusals[1] and "features" in refusals[0][1], refusals  # the holder's own words
         document = httpx.get(f"{first.url}/v2/fleet/models/flower", timeout=5).json()
         assert document["copies"][0]["placement"]["by"] == "a2"
         assert {candidate["replica"] for candidate in document["copies"][0]["placement"]["candidates"]} == {"a1", "a2"}
@@ -266,40 +289,81 @@ def test_thirty_models_spread_over_three_replicas_with_room_for_twelve_each(etcd
         stop_all(*servers)
 
 
+def placed_on(holder, other, name: str) -> None:
+    """`name` applied, with its one copy on `holder`: `other` drops a copy it was given."""
+    apply(holder, model_manifest(name))
+    while copies_of(holder, name) != [holder.replica_id]:
+        httpx.post(f"{other.url}/v2/repository/models/{name}/unload", timeout=30)
+        httpx.post(f"{holder.url}/v2/models/{name}/infer", json=iris_json(), timeout=30)
+
+
+class Load:
+    """Clients sending requests for a model to one replica until stopped; each outcome kept
+    (the status, 0 for no answer at all)."""
+
+    def __init__(self, server, name: str, clients: int = 4):
+        self.url = f"{server.url}/v2/models/{name}/infer"
+        self.outcomes: list[int] = []
+        self.errors: set[str] = set()
+        self.running = True
+        self.threads = [threading.Thread(target=self._send) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _send(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while self.running:
+                try:
+                    response = client.post(self.url, json=iris_json())
+                except httpx.TransportError:
+                    self.outcomes.append(0)
+                    continue
+                self.outcomes.append(response.status_code)
+                if response.status_code != 200:
+                    self.errors.add(response.text)
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        wait_for(lambda: len(self.outcomes) >= count, timeout, f"{count} answers")
+
+    def stop(self) -> Counter:
+        self.running = False
+        for thread in self.threads:
+            thread.join(60)
+        return Counter(self.outcomes)
+
+
 def test_a_replica_killed_under_load_loses_at_most_its_requests_in_flight(etcd, tmp_path):
     holder, other = replica(etcd, tmp_path, "k1"), replica(etcd, tmp_path, "k2")
     try:
         wait_for(lambda: set(fleet_of(other)) >= {"k1", "k2"}, 10, "both replicas joining")
-        # Placed on k1: k2 is excluded by being told to drop its copy once it has one.
-        apply(holder, model_manifest("crash"))
-        while copies_of(holder, "crash") != ["k1"]:
-            httpx.post(f"{other.url}/v2/repository/models/crash/unload", timeout=30)
-            httpx.post(f"{holder.url}/v2/models/crash/infer", json=iris_json(), timeout=30)
-        outcomes: list[int] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            with httpx.Client(timeout=60) as client:
-                while not stop.is_set():
-                    try:
-                        outcomes.append(client.post(f"{other.url}/v2/models/crash/infer", json=iris_json()).status_code)
-                    except httpx.TransportError:
-                        outcomes.append(0)
-
-        clients = [threading.Thread(target=load) for _ in range(4)]
-        for thread in clients:
-            thread.start()
-        wait_for(lambda: len(outcomes) >= 50, 30, "requests forwarded to k1")
+        placed_on(holder, other, "crash")
+        load = Load(other, "crash")  # k2 forwards every request to k1
+        load.wait_for(50, 30)
         holder.process.kill()
-        killed_at = len(outcomes)
-        wait_for(lambda: len(outcomes) >= killed_at + 100, 60, "requests answered after the kill")
-        stop.set()
-        for thread in clients:
-            thread.join(60)
-        lost = [status for status in outcomes if status != 200]
-        assert len(lost) <= 4, Counter(outcomes)  # only those in flight on k1 at the kill may fail
-        assert outcomes[-50:] == [200] * 50
-        print("after the kill:", Counter(outcomes[killed_at:]))
+        killed_at = len(load.outcomes)
+        load.wait_for(killed_at + 100, 60)
+        outcomes = load.stop()
+        assert sum(count for status, count in outcomes.items() if status != 200) <= 4, outcomes  # those in flight on k1
+        assert load.outcomes[-50:] == [200] * 50
         wait_for(lambda: copies_of(other, "crash") == ["k2"], LEASE_SECONDS + 5, "k1 leaving the copies")
+    finally:
+        stop_all(holder, other)
+
+
+def test_a_replica_stopped_under_load_hands_its_models_over_and_loses_nothing(etcd, tmp_path):
+    holder, other = replica(etcd, tmp_path, "d1"), replica(etcd, tmp_path, "d2")
+    try:
+        wait_for(lambda: set(fleet_of(other)) >= {"d1", "d2"}, 10, "both replicas joining")
+        placed_on(holder, other, "drain")
+        load = Load(other, "drain")
+        load.wait_for(50, 30)
+        holder.process.terminate()
+        stopped = time.monotonic()
+        assert holder.process.wait(30) == 0, holder.log()
+        assert time.monotonic() - stopped < 30  # within its grace
+        assert "handing over 1 model(s) with no other copy: drain" in holder.log()
+        load.wait_for(len(load.outcomes) + 100, 60)
+        assert load.stop() == Counter({200: len(load.outcomes)}), load.errors
+        assert copies_of(other, "drain") == ["d2"]
     finally:
         stop_all(holder, other)

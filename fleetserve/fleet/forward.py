@@ -1,8 +1,9 @@
-"""One hop: a request for a model served by a peer goes there as the bytes it came in (JSON or
-binary tensors, never decoded here), and the peer's answer comes back as bytes.
+"""One hop: a request for a model served by a peer goes there as it came in (REST: its bytes,
+JSON or binary tensors, never decoded here; gRPC: its message), and the peer's answer comes back
+as it is.
 
 The peer is told the request was forwarded (FORWARDED), so it never forwards it again: a peer
-that no longer has the model answers 421 Misdirected Request. That, or a peer that cannot be
+that no longer has a serving copy answers Misdirected (HTTP 421). That, or a peer that cannot be
 reached, sends the request once more to another copy (loaded elsewhere if there is none).
 """
 
@@ -12,8 +13,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
-from fleetserve.errors import ModelUnavailable, describe
+import grpc
+
+from fleetserve.errors import Misdirected, ModelUnavailable, describe
 from fleetserve.fleet.membership import LEASE_SECONDS
 from fleetserve.fleet.models import FleetModels
 
@@ -26,6 +30,7 @@ CONNECT_SECONDS = 2.0
 REQUEST_HEADERS = ("content-type", "inference-header-content-length", "x-request-id", "authorization",
                    "seldon-model", "x-seldon-route")
 RESPONSE_HEADERS = ("content-type", "inference-header-content-length", "x-seldon-route", "retry-after")
+GRPC_METADATA = ("authorization", "seldon-model", "x-seldon-route", "x-request-id")
 
 
 @dataclass
@@ -33,34 +38,89 @@ class Answer:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
-    replica: str
+
+
+class _TryAnother(Exception):
+    """The copy asked cannot answer; another may."""
+
+    def __init__(self, why: str, unreachable: bool):
+        super().__init__(why)
+        self.unreachable = unreachable
 
 
 class Hops:
-    def __init__(self, models: FleetModels, scheme: str = "http", ssl=None):
+    def __init__(self, models: FleetModels, settings, tls=None):
         import aiohttp  # the fleet extra
 
         self.aiohttp = aiohttp
         self.models = models
-        self.scheme = scheme
-        self.ssl = ssl
-        self.forwarded = 0
-        self.retried = 0
-        self.seconds = 0.0
+        self.scheme = "https" if tls else "http"
+        self.ssl = tls.peer_context() if tls else None
+        self.grpc_credentials = tls.peer_grpc_credentials() if tls else None
+        self.grpc_options = [("grpc.max_receive_message_length", settings.max_message_size),
+                             ("grpc.max_send_message_length", settings.max_message_size)]
+        self.forwarded = 0  # answered by a peer (metrics)
+        self.retried = 0  # of those, answered by a second copy
+        self.seconds = 0.0  # spent waiting for peers
         self._session = None
+        self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # by a peer's gRPC address
 
-    def _client(self):
-        if self._session is None:
-            aiohttp = self.aiohttp
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ssl=self.ssl),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS), auto_decompress=False)
-        return self._session
+    def elsewhere(self, name: str, takeovers, seldon_model: str | None, forwarded: str | None) -> bool:
+        """Whether a request for model `name` goes to a peer: the fleet has no serving copy of it
+        here (one loading here serves once ready, the fleet's others meanwhile), and neither a
+        `seldon-model` header nor an experiment sends it to something else here."""
+        here = self.models.registry.models.get(name)
+        if here is not None and (here.serving or self.models.manifest(name) is None):
+            return False
+        if ("model", name) in takeovers or (seldon_model and seldon_model != name):
+            return False
+        if forwarded:  # a peer sent it here: it is never forwarded again
+            raise Misdirected(f"model '{name}' is not on replica {self.models.me}")
+        return True
 
-    async def send(self, name: str, path: str, body: bytes, headers: dict[str, str]) -> Answer | None:
-        """The answer of a peer's copy of `name`; None when the copy to use is this replica's own."""
+    async def post(self, name: str, path: str, body: bytes, headers: dict[str, str]) -> Answer | None:
+        """A REST inference answered by a peer's copy of `name`; None when the copy to use is here."""
         passed = {key: value for key in REQUEST_HEADERS if (value := headers.get(key)) is not None}
         passed[FORWARDED] = self.models.me
+
+        async def post(record: dict[str, Any]) -> Answer:
+            async with self._client().post(f"{self.scheme}://{record['address']}{path}", data=body,
+                                           headers=passed) as response:
+                content = await response.read()
+                if response.status == MISDIRECTED:
+                    raise _TryAnother(f"replica {record['id']} no longer has it", unreachable=False)
+                return Answer(response.status, [(key.lower().encode(), value.encode("latin-1"))
+                                                for key, value in response.headers.items()
+                                                if key.lower() in RESPONSE_HEADERS], content)
+
+        return await self._hop(name, post)
+
+    async def infer(self, message, metadata, timeout: float | None):
+        """A gRPC ModelInfer answered by a peer's copy; None when the copy to use is here. A
+        peer's own error comes back as the grpc.aio.AioRpcError it answered."""
+        from tritonclient.grpc import service_pb2_grpc
+
+        passed = [(key, value) for key, value in metadata if key in GRPC_METADATA]
+        passed.append((FORWARDED, self.models.me))
+
+        async def call(record: dict[str, Any]):
+            address = record["grpc"]
+            if address not in self._channels:
+                channel = (grpc.aio.secure_channel(address, self.grpc_credentials, self.grpc_options)
+                           if self.grpc_credentials else grpc.aio.insecure_channel(address, self.grpc_options))
+                self._channels[address] = (channel, service_pb2_grpc.GRPCInferenceServiceStub(channel))
+            stub = self._channels[address][1]
+            try:
+                return await stub.ModelInfer(message, metadata=passed, timeout=timeout)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                misdirected = f"is not on replica {record['id']}" in (error.details() or "")
+                raise _TryAnother(f"replica {record['id']}: {error.details()}", unreachable=not misdirected) from None
+
+        return await self._hop(message.model_name, call)
+
+    async def _hop(self, name: str, call: Callable[[dict[str, Any]], Awaitable[Any]]):
         tried: set[str] = set()
         why = ""
         for attempt in range(2):
@@ -71,16 +131,12 @@ class Hops:
             self.models.forwarded_to[replica] += 1
             started = time.perf_counter()
             try:
-                async with self._client().post(f"{self.scheme}://{record['address']}{path}", data=body,
-                                               headers=passed) as response:
-                    content = await response.read()
-                    answer = Answer(response.status, [(key.lower().encode(), value.encode("latin-1"))
-                                                      for key, value in response.headers.items()
-                                                      if key.lower() in RESPONSE_HEADERS], content, replica)
-            except (self.aiohttp.ClientConnectionError, ConnectionError, asyncio.TimeoutError) as error:
+                answer = await call(record)
+            except (_TryAnother, self.aiohttp.ClientConnectionError, ConnectionError, asyncio.TimeoutError) as error:
                 # Whether or not it ran there, an inference has no effect to undo: sending it again is safe.
-                self.models.unreachable[replica] = time.monotonic() + LEASE_SECONDS
-                why = f"replica {replica} could not be reached ({describe(error)})"
+                if getattr(error, "unreachable", True):
+                    self.models.unreachable[replica] = time.monotonic() + LEASE_SECONDS
+                why = str(error) if isinstance(error, _TryAnother) else f"replica {replica} could not be reached ({describe(error)})"
                 log.warning("forwarding %s: %s; %s", name, why, "trying another copy" if attempt == 0 else "giving up")
                 tried.add(replica)
                 continue
@@ -88,14 +144,20 @@ class Hops:
                 self.models.forwarded_to[replica] -= 1
                 self.seconds += time.perf_counter() - started
             self.forwarded += 1
-            if answer.status != MISDIRECTED:
-                if attempt:
-                    self.retried += 1
-                return answer
-            why = f"replica {replica} no longer has it"
-            tried.add(replica)
+            self.retried += attempt
+            return answer
         raise ModelUnavailable(f"model '{name}' could not be reached in the fleet: {why}")
+
+    def _client(self):
+        if self._session is None:
+            aiohttp = self.aiohttp
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ssl=self.ssl),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS), auto_decompress=False)
+        return self._session
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        for channel, _ in self._channels.values():
+            await channel.close()

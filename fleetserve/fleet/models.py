@@ -89,10 +89,11 @@ class FleetModels:
         deadline = started + wait
         while True:
             copies = self.copies(name, exclude)
-            if copies:
-                return min(copies, key=lambda record: (record.get("in_flight", 0) + self.forwarded_to[record["id"]],
+            if copies:  # a draining replica's copy only while there is no other
+                return min(copies, key=lambda record: (record.get("state") != "ready",
+                                                       record.get("in_flight", 0) + self.forwarded_to[record["id"]],
                                                        random.random()))
-            if name in self.here and name not in self.leaving:
+            if name in self.here and name not in self.leaving and self.me not in exclude:
                 return self.membership.replicas.get(self.me) or {"id": self.me}
             failed = self.failures.get(name)
             if failed is not None and failed[0] >= started:
@@ -241,6 +242,26 @@ class FleetModels:
         if client is not None:
             await client.delete(self.membership.key_of("placements", f"{name}/{self.me}"))
         log.info("model %s's copy left replica %s", name, self.me)
+
+    async def hand_over(self, within: float) -> None:
+        """Draining (SIGTERM): peers stop placing here, and every model whose only copy is here
+        is loaded elsewhere before this returns (or `within` seconds pass); this replica serves
+        them meanwhile."""
+        self.membership.state = "draining"
+        try:
+            await self.membership.publish()
+        except Exception as error:  # etcd gone: nothing can be placed elsewhere anyway
+            log.warning("draining without etcd (%s): this replica's models are not handed over", describe(error))
+            return
+        alone = [name for name in self.here if not any(record.get("state") == "ready" for record in self.copies(name))]
+        if not alone:
+            return
+        log.info("draining: handing over %d model(s) with no other copy: %s", len(alone), ", ".join(sorted(alone)))
+        handed = await asyncio.gather(*(self.copy_for(name, exclude={self.me}, wait=within) for name in alone),
+                                      return_exceptions=True)
+        for name, result in zip(alone, handed):
+            if isinstance(result, BaseException):
+                log.warning("draining: model %s was not handed over: %s", name, describe(result))
 
     # Manifests applied and deleted through this replica.
 

@@ -107,7 +107,7 @@ class FleetServer:
         if settings.etcd:
             self.membership = Membership(settings, self._fleet_record)
             self.fleet_models = FleetModels(self.membership, self.registry)
-            self.hops = Hops(self.fleet_models, *(("https", self.tls.peer_context()) if self.tls else ("http", None)))
+            self.hops = Hops(self.fleet_models, settings, self.tls)
         alibi_explain.configure(self.router)
         REGISTRY.register(GraphCollector(self.router))
         self.admission = Admission(settings.max_concurrent_requests)
@@ -176,7 +176,10 @@ class FleetServer:
         stop_by = time.monotonic() + grace
         self.ready, self.stopping = False, True
         if self.membership is not None:
-            await self.membership.stop()  # peers stop choosing this replica at once
+            # Serving on until every model only this replica has is ready elsewhere, then leaving
+            # at once: the peers' next hop goes to the new copies, and nothing in flight is lost.
+            await self.fleet_models.hand_over(max(0.0, stop_by - time.monotonic()) / 2)
+            await self.membership.stop()
             await self.fleet_models.stop()
             await self.hops.close()
         loading.cancel()

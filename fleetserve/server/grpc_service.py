@@ -21,7 +21,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from fleetserve.codecs import json_text
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
-from fleetserve.errors import FleetError, InvalidInput, describe
+from fleetserve.errors import FleetError, InvalidInput, Relayed, describe
+from fleetserve.fleet.forward import FORWARDED
 from fleetserve.server import documents
 from fleetserve.server.security import grpc_interceptors, unclassified_rpcs
 from fleetserve.server.limits import apply_deadline
@@ -196,6 +197,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.registry = server.registry
         self.router = server.router
         self.admission = server.admission
+        self.hops = server.hops
 
     @_aborts_on_error
     async def ServerLive(self, request, context):
@@ -240,16 +242,27 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, message: service_pb2.ModelInferRequest, context) -> tuple[service_pb2.ModelInferResponse, str | None]:
         """The answer, and the experiment's route when one chose (a stream cannot send it per message)."""
-        request = decode_infer_request(message)
-        remaining = context.time_remaining()
-        if remaining is not None or "timeout" in request.parameters:
-            apply_deadline(request, remaining)
-        seldon_model = route = None
-        for key, value in context.invocation_metadata() or ():
+        seldon_model = route = forwarded = None
+        metadata = context.invocation_metadata() or ()
+        for key, value in metadata:
             if key == "seldon-model":
                 seldon_model = value
             elif key == "x-seldon-route":
                 route = value
+            elif key == FORWARDED:
+                forwarded = value
+        remaining = context.time_remaining()
+        hops = self.hops
+        if hops is not None and hops.elsewhere(message.model_name, self.router.takeovers, seldon_model, forwarded):
+            try:
+                answer = await hops.infer(message, metadata, remaining)
+            except grpc.aio.AioRpcError as error:
+                raise Relayed(error.code(), error.details() or "") from None
+            if answer is not None:
+                return answer, None
+        request = decode_infer_request(message)
+        if remaining is not None or "timeout" in request.parameters:
+            apply_deadline(request, remaining)
         response, route = await self.router.infer(message.model_name, message.model_version or None, request, seldon_model, route)
         return encode_infer_response(response), route
 

@@ -25,7 +25,7 @@ from starlette.routing import Match
 from swagger_ui_bundle import swagger_ui_path
 
 from fleetserve.errors import (
-    FleetError, InvalidInput, Misdirected, ModelUnavailable, NotFound, NotReady, Overloaded, PayloadTooLarge,
+    FleetError, InvalidInput, ModelUnavailable, NotFound, NotReady, Overloaded, PayloadTooLarge,
     ServerUnavailable, describe,
 )
 from fleetserve.fleet.forward import FORWARDED
@@ -397,7 +397,6 @@ class InferenceFastPath:
         self.router = server.router
         self.limit = server.settings.max_message_size
         self.admission = server.admission
-        self.registry = server.registry
         self.hops = server.hops
 
     async def __call__(self, scope, receive, send):
@@ -444,8 +443,9 @@ class InferenceFastPath:
                 raise admission.refusal()
             admission.in_flight += 1
             counted = True
-            if self.hops is not None and kind == "models" and self._elsewhere(name, headers) and (
-                    answer := await self.hops.send(name, scope["path"], body, headers)) is not None:
+            if self.hops is not None and kind == "models" and self.hops.elsewhere(
+                    name, self.router.takeovers, headers.get("seldon-model"), headers.get(FORWARDED)) and (
+                    answer := await self.hops.post(name, scope["path"], body, headers)) is not None:
                 status, content = answer.status, answer.body
                 reply += answer.headers
             else:
@@ -484,17 +484,6 @@ class InferenceFastPath:
             if counted:
                 admission.in_flight -= 1
         await self._send(send, status, content, reply)
-
-    def _elsewhere(self, name: str, headers: dict[str, str]) -> bool:
-        """Whether a request for model `name` is for a fleet peer: no copy of it here, and neither
-        a `seldon-model` header nor an experiment sends it to something else here."""
-        if name in self.registry.models or ("model", name) in self.router.takeovers:
-            return False
-        if (seldon_model := headers.get("seldon-model")) and seldon_model != name:
-            return False
-        if headers.get(FORWARDED):  # a peer sent it here: it is never forwarded again
-            raise Misdirected(f"model '{name}' is not on replica {self.hops.models.me}")
-        return True
 
     @staticmethod
     async def _send(send, status: int, content: bytes, headers: list[tuple[bytes, bytes]]) -> None:

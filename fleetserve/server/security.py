@@ -433,6 +433,11 @@ class TLS:
         context.load_cert_chain(self.cert, self.key)
         return context
 
+    def peer_grpc_credentials(self) -> grpc.ChannelCredentials:
+        """peer_context's trust and certificate, for gRPC hops."""
+        return grpc.ssl_channel_credentials(Path(self.client_ca or self.cert).read_bytes(), Path(self.key).read_bytes(),
+                                            Path(self.cert).read_bytes())
+
     def grpc_credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
             [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
