@@ -4,9 +4,13 @@ one leaves every table within its lease, a stopped one at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import queue
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -367,3 +371,100 @@ def test_a_replica_stopped_under_load_hands_its_models_over_and_loses_nothing(et
         assert copies_of(other, "drain") == ["d2"]
     finally:
         stop_all(holder, other)
+
+
+def test_a_replica_that_hangs_is_routed_around_once_its_lease_ends(etcd, tmp_path):
+    holder, other = replica(etcd, tmp_path, "g1"), replica(etcd, tmp_path, "g2")
+    try:
+        wait_for(lambda: set(fleet_of(other)) >= {"g1", "g2"}, 10, "both replicas joining")
+        placed_on(holder, other, "hang")
+        load = Load(other, "hang")
+        load.wait_for(50, 30)
+        os.kill(holder.process.pid, signal.SIGSTOP)
+        hung_at = len(load.outcomes)
+        load.wait_for(hung_at + 100, LEASE_SECONDS + 60)  # in flight on g1: sent again once g1 left
+        assert load.stop() == Counter({200: len(load.outcomes)}), load.errors
+        assert copies_of(other, "hang") == ["g2"]
+        os.kill(holder.process.pid, signal.SIGCONT)
+        wait_for(lambda: "g1" in fleet_of(other), 20, "g1 rejoining")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder.process.pid, signal.SIGCONT)
+        stop_all(holder, other)
+
+
+class CuttableLink:
+    """A TCP relay to etcd for one replica; cut() drops its connections and refuses new ones,
+    as a network partition between that replica and etcd would."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            connection, _ = self.listener.accept()
+            if not self.up:
+                connection.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [connection, upstream]
+            for source, sink in ((connection, upstream), (upstream, connection)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.up = False
+        for end in self.sockets:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+        self.sockets.clear()
+
+    def mend(self) -> None:
+        self.up = True
+
+
+def test_a_replica_cut_off_from_etcd_serves_what_it_has_places_nothing_and_its_models_move(etcd, tmp_path):
+    link = CuttableLink(int(etcd.rpartition(":")[2]))
+    cut_off = replica(f"http://127.0.0.1:{link.port}", tmp_path, "p1")
+    other = replica(etcd, tmp_path, "p2")
+    try:
+        wait_for(lambda: set(fleet_of(other)) >= {"p1", "p2"}, 10, "both replicas joining")
+        placed_on(cut_off, other, "moving")
+        apply(other, model_manifest("cold"))
+        for server in (cut_off, other):
+            httpx.post(f"{server.url}/v2/repository/models/cold/unload", timeout=30)
+        wait_for(lambda: not copies_of(other, "cold"), 10, "no copy of 'cold'")
+        load = Load(other, "moving")
+        load.wait_for(50, 30)
+        link.cut()
+        cut_at = len(load.outcomes)
+        wait_for(lambda: "p1" not in fleet_of(other), LEASE_SECONDS + 5, "p1 leaving p2's table")
+        load.wait_for(cut_at + 100, 60)
+        assert load.stop() == Counter({200: len(load.outcomes)}), load.errors
+        assert copies_of(other, "moving") == ["p2"]  # loaded again where etcd is
+
+        assert etcd_state(cut_off) == "unreachable"
+        served = httpx.post(f"{cut_off.url}/v2/models/moving/infer", json=iris_json(), timeout=30)
+        assert served.status_code == 200, served.text  # what it has, it serves
+        refused = httpx.post(f"{cut_off.url}/v2/models/cold/infer", json=iris_json(), timeout=30)
+        assert refused.status_code == 503 and "while etcd is unreachable" in refused.json()["error"], refused.text
+
+        link.mend()
+        wait_for(lambda: "p1" in fleet_of(other) and etcd_state(cut_off) == "connected", 20, "p1 rejoining")
+        assert httpx.post(f"{cut_off.url}/v2/models/cold/infer", json=iris_json(), timeout=60).status_code == 200
+    finally:
+        link.cut()
+        stop_all(cut_off, other)

@@ -131,7 +131,7 @@ class Hops:
             self.models.forwarded_to[replica] += 1
             started = time.perf_counter()
             try:
-                answer = await call(record)
+                answer = await self._unless_gone(replica, call(record))
             except (_TryAnother, self.aiohttp.ClientConnectionError, ConnectionError, asyncio.TimeoutError) as error:
                 # Whether or not it ran there, an inference has no effect to undo: sending it again is safe.
                 if getattr(error, "unreachable", True):
@@ -147,6 +147,20 @@ class Hops:
             self.retried += attempt
             return answer
         raise ModelUnavailable(f"model '{name}' could not be reached in the fleet: {why}")
+
+    async def _unless_gone(self, replica: str, call: Awaitable[Any]):
+        """The call's answer, or ConnectionError once the replica leaves the fleet's table: a
+        replica that hangs (SIGSTOP, a partition) is given up on when its lease ends."""
+        answer = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait((answer, self.models.gone(replica)), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the request's own client went away
+            answer.cancel()
+            raise
+        if answer.done():
+            return answer.result()
+        answer.cancel()
+        raise ConnectionError(f"replica {replica} left the fleet while it had the request")
 
     def _client(self):
         if self._session is None:

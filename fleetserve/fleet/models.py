@@ -56,6 +56,7 @@ class FleetModels:
         self.forwarded_to: Counter[str] = Counter()  # this replica's forwarded requests in flight, per replica
         self.unreachable: dict[str, float] = {}  # replica -> until when it is skipped (a failed hop)
         self._tasks: set[asyncio.Task] = set()
+        self._gone: dict[str, asyncio.Future] = {}
         membership.listeners.append(self._on_change)
 
     @property
@@ -136,7 +137,16 @@ class FleetModels:
 
     # Changes seen in etcd.
 
+    def gone(self, replica: str) -> asyncio.Future:
+        """Done when `replica` leaves the fleet's table (its lease ended: it died, hangs or is cut off)."""
+        future = self._gone.get(replica)
+        if future is None or future.done():
+            future = self._gone[replica] = asyncio.get_running_loop().create_future()
+        return future
+
     def _on_change(self, section: str, name: str, value: dict[str, Any] | None) -> None:
+        if section == "replicas" and value is None and (left := self._gone.pop(name, None)) is not None:
+            left.set_result(None)
         if section == "loads" and value is not None:
             if value.get("failed"):
                 self.failures[name] = (time.monotonic(), value["failed"])
