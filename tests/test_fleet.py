@@ -336,13 +336,25 @@ class Load:
         return Counter(self.outcomes)
 
 
-def test_a_replica_killed_under_load_loses_at_most_its_requests_in_flight(etcd, tmp_path):
-    holder, other = replica(etcd, tmp_path, "k1"), replica(etcd, tmp_path, "k2")
+@contextlib.contextmanager
+def forwarding_under_load(etcd: str, tmp_path: Path, prefix: str, name: str):
+    """Two replicas, `name`'s one copy on the first, and clients sending to the second, which
+    forwards every request: (holder, other, load) once 50 answers came back."""
+    holder, other = replica(etcd, tmp_path, f"{prefix}1"), replica(etcd, tmp_path, f"{prefix}2")
     try:
-        wait_for(lambda: set(fleet_of(other)) >= {"k1", "k2"}, 10, "both replicas joining")
-        placed_on(holder, other, "crash")
-        load = Load(other, "crash")  # k2 forwards every request to k1
+        wait_for(lambda: set(fleet_of(other)) >= {holder.replica_id, other.replica_id}, 10, "both replicas joining")
+        placed_on(holder, other, name)
+        load = Load(other, name)
         load.wait_for(50, 30)
+        yield holder, other, load
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder.process.pid, signal.SIGCONT)
+        stop_all(holder, other)
+
+
+def test_a_replica_killed_under_load_loses_at_most_its_requests_in_flight(etcd, tmp_path):
+    with forwarding_under_load(etcd, tmp_path, "k", "crash") as (holder, other, load):
         holder.process.kill()
         killed_at = len(load.outcomes)
         load.wait_for(killed_at + 100, 60)
@@ -350,17 +362,10 @@ def test_a_replica_killed_under_load_loses_at_most_its_requests_in_flight(etcd, 
         assert sum(count for status, count in outcomes.items() if status != 200) <= 4, outcomes  # those in flight on k1
         assert load.outcomes[-50:] == [200] * 50
         wait_for(lambda: copies_of(other, "crash") == ["k2"], LEASE_SECONDS + 5, "k1 leaving the copies")
-    finally:
-        stop_all(holder, other)
 
 
 def test_a_replica_stopped_under_load_hands_its_models_over_and_loses_nothing(etcd, tmp_path):
-    holder, other = replica(etcd, tmp_path, "d1"), replica(etcd, tmp_path, "d2")
-    try:
-        wait_for(lambda: set(fleet_of(other)) >= {"d1", "d2"}, 10, "both replicas joining")
-        placed_on(holder, other, "drain")
-        load = Load(other, "drain")
-        load.wait_for(50, 30)
+    with forwarding_under_load(etcd, tmp_path, "d", "drain") as (holder, other, load):
         holder.process.terminate()
         stopped = time.monotonic()
         assert holder.process.wait(30) == 0, holder.log()
@@ -369,17 +374,10 @@ def test_a_replica_stopped_under_load_hands_its_models_over_and_loses_nothing(et
         load.wait_for(len(load.outcomes) + 100, 60)
         assert load.stop() == Counter({200: len(load.outcomes)}), load.errors
         assert copies_of(other, "drain") == ["d2"]
-    finally:
-        stop_all(holder, other)
 
 
 def test_a_replica_that_hangs_is_routed_around_once_its_lease_ends(etcd, tmp_path):
-    holder, other = replica(etcd, tmp_path, "g1"), replica(etcd, tmp_path, "g2")
-    try:
-        wait_for(lambda: set(fleet_of(other)) >= {"g1", "g2"}, 10, "both replicas joining")
-        placed_on(holder, other, "hang")
-        load = Load(other, "hang")
-        load.wait_for(50, 30)
+    with forwarding_under_load(etcd, tmp_path, "g", "hang") as (holder, other, load):
         os.kill(holder.process.pid, signal.SIGSTOP)
         hung_at = len(load.outcomes)
         load.wait_for(hung_at + 100, LEASE_SECONDS + 60)  # in flight on g1: sent again once g1 left
@@ -387,10 +385,6 @@ def test_a_replica_that_hangs_is_routed_around_once_its_lease_ends(etcd, tmp_pat
         assert copies_of(other, "hang") == ["g2"]
         os.kill(holder.process.pid, signal.SIGCONT)
         wait_for(lambda: "g1" in fleet_of(other), 20, "g1 rejoining")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(holder.process.pid, signal.SIGCONT)
-        stop_all(holder, other)
 
 
 class CuttableLink:
