@@ -462,3 +462,54 @@ def test_a_replica_cut_off_from_etcd_serves_what_it_has_places_nothing_and_its_m
     finally:
         link.cut()
         stop_all(cut_off, other)
+
+
+def test_pipelines_and_experiments_applied_once_run_from_every_replica_with_each_model_where_it_is(etcd, tmp_path):
+    first, second = replica(etcd, tmp_path, "q1"), replica(etcd, tmp_path, "q2")
+    try:
+        wait_for(lambda: set(fleet_of(first)) >= {"q1", "q2"}, 10, "both replicas joining")
+        placed_on(first, second, "left")
+        placed_on(second, first, "right")
+        apply(second, """
+kind: Pipeline
+metadata: {name: pair}
+spec:
+  steps:
+  - name: left
+  - name: right
+    inputs: [pair.inputs]
+    triggers: [left]
+  output:
+    steps: [left, right]
+    tensorMap: {left.outputs.predict: from-left, right.outputs.predict: from-right}
+""")
+        for server in (first, second):
+            wait_for(lambda: httpx.get(f"{server.url}/v2/pipelines/pair/ready", timeout=5).status_code == 200, 10,
+                     "the pipeline ready on every replica")
+            answer = httpx.post(f"{server.url}/v2/pipelines/pair/infer", json=iris_json(), timeout=30)
+            assert answer.status_code == 200, answer.text
+            assert {output["name"]: output["data"] for output in answer.json()["outputs"]} == {
+                "from-left": [0, 2], "from-right": [0, 2]}
+        apply(first, """
+kind: Experiment
+metadata: {name: split}
+spec:
+  candidates:
+  - {name: left, weight: 50}
+  - {name: right, weight: 50}
+""")
+        for server in (first, second):  # each candidate answered where it is, whichever replica split
+            wait_for(lambda: httpx.get(f"{server.url}/v2/experiments/split/ready", timeout=5).status_code == 200, 10,
+                     "the experiment ready on every replica")
+            answers = [httpx.post(f"{server.url}/v2/models/split/infer", json=iris_json(), timeout=30,
+                                  headers={"seldon-model": "split.experiment"}) for _ in range(20)]
+            assert all(answer.status_code == 200 for answer in answers), {answer.text for answer in answers}
+            assert {answer.headers["x-seldon-route"] for answer in answers} == {":left:", ":right:"}
+        assert copies_of(first, "left") == ["q1"] and copies_of(first, "right") == ["q2"]  # no step loaded twice
+        deleted = httpx.request("DELETE", f"{first.url}/v2/manifests", content="kind: Pipeline\nmetadata: {name: pair}\n",
+                                timeout=30)
+        assert deleted.status_code == 200, deleted.text
+        wait_for(lambda: httpx.get(f"{second.url}/v2/pipelines/pair", timeout=5).status_code == 404, 10,
+                 "the pipeline gone from every replica")
+    finally:
+        stop_all(first, second)

@@ -17,9 +17,10 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from fleetserve.errors import Misdirected, ModelUnavailable, describe
+from fleetserve.errors import Misdirected, ModelUnavailable, Relayed, describe
 from fleetserve.fleet.membership import LEASE_SECONDS
 from fleetserve.fleet.models import FleetModels
+from fleetserve.types import InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ class Hops:
         """Whether a request for model `name` goes to a peer: the fleet has no serving copy of it
         here (one loading here serves once ready, the fleet's others meanwhile), and neither a
         `seldon-model` header nor an experiment sends it to something else here."""
-        here = self.models.registry.models.get(name)
-        if here is not None and (here.serving or self.models.manifest(name) is None):
+        if not self.models.elsewhere(name):
             return False
         if ("model", name) in takeovers or (seldon_model and seldon_model != name):
             return False
@@ -119,6 +119,17 @@ class Hops:
                 raise _TryAnother(f"replica {record['id']}: {error.details()}", unreachable=not misdirected) from None
 
         return await self._hop(message.model_name, call)
+
+    async def infer_request(self, name: str, request: InferenceRequest) -> InferenceResponse | None:
+        """A pipeline step's or an experiment candidate's request, answered by a peer's copy of
+        `name` over gRPC; None when the copy to use is here."""
+        from fleetserve.server.grpc_service import decode_infer_response, encode_infer_request
+
+        try:
+            answer = await self.infer(encode_infer_request(name, request), (), None)
+        except grpc.aio.AioRpcError as error:
+            raise Relayed(error.code(), error.details() or "") from None
+        return None if answer is None else decode_infer_response(answer)
 
     async def _hop(self, name: str, call: Callable[[dict[str, Any]], Awaitable[Any]]):
         tried: set[str] = set()

@@ -66,6 +66,18 @@ class FleetModels:
     def manifest(self, name: str) -> dict[str, Any] | None:
         return self.membership.tables["manifests"].get(f"Model/{name}")
 
+    def known(self, name: str) -> bool:
+        """Whether the fleet has model `name`: applied to it, or served by a peer."""
+        return self.manifest(name) is not None or bool(self.copies(name))
+
+    def elsewhere(self, name: str) -> bool:
+        """Whether requests for `name` go to a peer: no copy here serves it (one loading here
+        serves once ready, the fleet's others meanwhile) and the fleet has it."""
+        here = self.registry.models.get(name)
+        if here is None:
+            return True
+        return not here.serving and self.manifest(name) is not None
+
     def serving_here(self) -> set[str]:
         """This replica's copies as its record tells peers: the ones on their way out are not."""
         return {version.name for version in self.registry.ready_versions()} - self.leaving
@@ -294,11 +306,16 @@ class FleetModels:
                 await client.put(key, orjson.dumps(previous))
             raise
 
-    async def delete(self, name: str) -> None:
-        """Forget the manifest in etcd; every replica with a copy unloads it."""
-        if self.manifest(name) is None:
-            raise NotFound(f"no model '{name}' was applied to the fleet")
-        await self._client().delete(self.membership.key_of("manifests", f"Model/{name}"))
+    def kept(self, kind: str, name: str) -> bool:
+        return f"{kind}/{name}" in self.membership.tables["manifests"]
+
+    async def keep(self, kind: str, name: str, manifest: dict[str, Any]) -> None:
+        """A pipeline's or an experiment's manifest, kept for every replica to apply."""
+        await self._client().put(self.membership.key_of("manifests", f"{kind}/{name}"), orjson.dumps(manifest))
+
+    async def forget(self, kind: str, name: str) -> None:
+        """The manifest leaves etcd; every replica removes what it applied (a model's copies unload)."""
+        await self._client().delete(self.membership.key_of("manifests", f"{kind}/{name}"))
 
     def _client(self):
         client = self.membership.client

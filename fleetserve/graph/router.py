@@ -64,6 +64,7 @@ class Router:
         self.stats: dict[str, GraphStats] = {}  # per pipeline
         self.routed: dict[str, dict[str, int]] = {}  # experiment -> candidate (or "mirror:NAME") -> requests
         self.mirroring: set[asyncio.Task] = set()
+        self.fleet = None  # fleet/forward.py's Hops when this replica is in a fleet: steps run where their models are
 
     # Manifests.
 
@@ -119,6 +120,8 @@ class Router:
         try:
             self.registry.get_ready(name)
         except FleetError as error:
+            if self.fleet is not None and self.fleet.models.known(name):
+                return None  # served by a peer, or loaded on demand
             return error.message
         return None
 
@@ -206,6 +209,10 @@ class Router:
         return InferenceResponse(model_name="", outputs=outputs, id=request_id)
 
     async def _call_model(self, model: str, request: InferenceRequest) -> InferenceResponse:
+        if self.fleet is not None and self.fleet.models.elsewhere(model):
+            answer = await self.fleet.infer_request(model, request)
+            if answer is not None:
+                return answer
         return await self.dataplane.infer(model, None, request)
 
     async def _split(self, experiment: Experiment, request: InferenceRequest, route: str | None) -> Routed:
@@ -228,7 +235,7 @@ class Router:
     async def _call_target(self, experiment: Experiment, target: str, request: InferenceRequest) -> InferenceResponse:
         if experiment.resource_type == "pipeline":
             return await self.run_pipeline(target, request)
-        return await self.dataplane.infer(target, None, request)
+        return await self._call_model(target, request)
 
     async def _mirror(self, experiment: Experiment, request: InferenceRequest) -> None:
         try:

@@ -108,6 +108,9 @@ class FleetServer:
             self.membership = Membership(settings, self._fleet_record)
             self.fleet_models = FleetModels(self.membership, self.registry)
             self.hops = Hops(self.fleet_models, settings, self.tls)
+            self.router.fleet = self.hops
+            self.fleet_graphs: dict[tuple[str, str], dict] = {}  # pipelines and experiments applied from etcd
+            self.membership.listeners.append(self._on_fleet_change)
         alibi_explain.configure(self.router)
         REGISTRY.register(GraphCollector(self.router))
         self.admission = Admission(settings.max_concurrent_requests)
@@ -240,10 +243,10 @@ class FleetServer:
     # Manifests: applied through REST, kept in --state-dir, applied again at start.
 
     async def apply(self, kind: str, parsed) -> None:
-        """Apply a manifest (parse_manifest's form) and keep it as applied: in etcd for a fleet's
-        models, else in --state-dir."""
-        if kind == "Model" and self.fleet_models is not None:
-            return await self.fleet_models.apply(parsed.manifest)
+        """Apply a manifest (parse_manifest's form) and keep it as applied: in etcd for a fleet
+        (every replica applies it), else in --state-dir."""
+        if self.fleet_models is not None:
+            return await self._apply_to_fleet(kind, parsed)
         if kind != "Model":
             self._apply_graph(kind, parsed)
             self.applied.record(kind, parsed.name, parsed.manifest)
@@ -257,24 +260,52 @@ class FleetServer:
             else:
                 self.applied.record(kind, parsed.name, current.manifest)
 
+    async def _apply_to_fleet(self, kind: str, parsed) -> None:
+        if kind == "Model":
+            return await self.fleet_models.apply(parsed.manifest)
+        await self.fleet_models.keep(kind, parsed.name, parsed.manifest)
+        self._apply_graph(kind, parsed)  # here at once; the other replicas as their watch tells them
+        self.fleet_graphs[(kind, parsed.name)] = parsed.manifest
+
     def _apply_graph(self, kind: str, parsed) -> None:
         if kind == "Pipeline":
             self.router.add_pipeline(parsed)
         else:
             self.router.add_experiment(parsed)
 
+    def _delete_graph(self, kind: str, name: str) -> None:
+        if kind == "Pipeline":
+            self.router.delete_pipeline(name)
+        else:
+            self.router.delete_experiment(name)
+
     async def delete(self, kind: str, name: str) -> None:
-        if kind == "Model" and self.fleet_models is not None and self.fleet_models.manifest(name) is not None:
-            return await self.fleet_models.delete(name)
+        if self.fleet_models is not None and self.fleet_models.kept(kind, name):
+            await self.fleet_models.forget(kind, name)  # each replica unloads or removes it as its watch tells
+            return
         try:
             if kind == "Model":
                 await self.registry.delete(name, self.settings.shutdown_grace)
-            elif kind == "Pipeline":
-                self.router.delete_pipeline(name)
             else:
-                self.router.delete_experiment(name)
+                self._delete_graph(kind, name)
         finally:  # also a manifest kept but not applied again at start (it failed then)
             self.applied.forget(kind, name)
+
+    def _on_fleet_change(self, section: str, name: str, manifest: dict | None) -> None:
+        """A pipeline or experiment applied or deleted through any replica, applied here too."""
+        kind, _, graph = name.partition("/")
+        if section != "manifests" or kind == "Model":
+            return
+        key = (kind, graph)
+        try:
+            if manifest is None:
+                if self.fleet_graphs.pop(key, None) is not None:
+                    self._delete_graph(kind, graph)
+            elif self.fleet_graphs.get(key) != manifest:
+                self._apply_graph(kind, parse_manifest(manifest))
+                self.fleet_graphs[key] = manifest
+        except Exception as error:
+            log.error("cannot apply the fleet's %s %s here: %s", kind.lower(), graph, describe(error))
 
     async def _apply_again(self) -> None:
         """What was applied before a restart, applied again: models (LOAD_TURNS at a time), then

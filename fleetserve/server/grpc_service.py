@@ -110,6 +110,29 @@ def encode_infer_response(response: InferenceResponse) -> service_pb2.ModelInfer
     return message
 
 
+def encode_infer_request(model: str, request: InferenceRequest) -> service_pb2.ModelInferRequest:
+    """decode_infer_request's inverse: a request this server sends on (a fleet hop), tensors raw."""
+    message = service_pb2.ModelInferRequest(model_name=model, id=request.id or "")
+    _set_parameters(message.parameters, request.parameters)
+    for tensor in request.inputs:
+        entry = message.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        _set_parameters(entry.parameters, tensor.parameters)
+        message.raw_input_contents.append(bytes(array_to_buffer(tensor.data)))
+    for output in request.outputs:
+        _set_parameters(message.outputs.add(name=output.name).parameters, output.parameters)
+    return message
+
+
+def decode_infer_response(message: service_pb2.ModelInferResponse) -> InferenceResponse:
+    """encode_infer_response's inverse: a fleet peer's answer."""
+    raw = message.raw_output_contents
+    outputs = [Tensor(tensor.name, array_from_buffer(raw[index], tensor.datatype, tuple(tensor.shape), tensor.name),
+                      _parameters(tensor.parameters))
+               for index, tensor in enumerate(message.outputs)]
+    return InferenceResponse(model_name=message.model_name, model_version=message.model_version or None,
+                             outputs=outputs, id=message.id or None, parameters=_parameters(message.parameters))
+
+
 class _Undecodable:
     """What a request deserializer hands over for bytes that are not the method's message."""
 
