@@ -174,6 +174,13 @@ def copies_of(server, name: str) -> list[str]:
     return [copy["replica"] for copy in response.json()["copies"]] if response.status_code == 200 else []
 
 
+def metric(server, series: str) -> float:
+    """The sum of a series' samples on the server's /metrics (0 when it has none)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith(series) and line[len(series)] in " {")
+
+
 def loads_on(server) -> int:
     """Model loads this replica ran (its load histogram's count, every outcome)."""
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
@@ -223,6 +230,14 @@ def test_a_model_applied_through_one_replica_is_loaded_once_and_answers_from_eve
                 client.stop_stream()
                 assert error is None and result.as_numpy("predict").tolist() == [0, 2]
         assert refusals[0] == refusals[1] and "features" in refusals[0][1], refusals  # the holder's own words
+        forwarder = first if holder == "a2" else second
+        # REST JSON and binary, gRPC: an answer, an error, a stream message
+        assert metric(forwarder, "fleetserve_fleet_forwarded_requests_total") == 5
+        assert metric(forwarder, "fleetserve_fleet_hop_duration_seconds_count") == 5
+        assert metric(second, "fleetserve_fleet_placements_total") == 1 and metric(first, "fleetserve_fleet_placements_total") == 0
+        assert metric(first, 'fleetserve_fleet_loads_total{model="flower",outcome="success"}') + metric(
+            second, 'fleetserve_fleet_loads_total{model="flower",outcome="success"}') == 1
+        assert metric(first, "fleetserve_fleet_replicas") == 2 and metric(first, "fleetserve_fleet_etcd_connected") == 1
         document = httpx.get(f"{first.url}/v2/fleet/models/flower", timeout=5).json()
         assert document["copies"][0]["placement"]["by"] == "a2"
         assert {candidate["replica"] for candidate in document["copies"][0]["placement"]["candidates"]} == {"a1", "a2"}

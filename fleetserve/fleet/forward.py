@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from fleetserve.errors import Misdirected, ModelUnavailable, Relayed, describe
 from fleetserve.fleet.membership import LEASE_SECONDS
 from fleetserve.fleet.models import FleetModels
+from fleetserve.runtime.metrics import LATENCY_BUCKETS_NS, latency_buckets
 from fleetserve.types import InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ class Hops:
                              ("grpc.max_send_message_length", settings.max_message_size)]
         self.forwarded = 0  # answered by a peer (metrics)
         self.retried = 0  # of those, answered by a second copy
-        self.seconds = 0.0  # spent waiting for peers
+        self.seconds = 0.0  # spent waiting for the peers that answered
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_NS) + 1)
         self._session = None
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # by a peer's gRPC address
 
@@ -114,11 +118,14 @@ class Hops:
                 return await stub.ModelInfer(message, metadata=passed, timeout=timeout)
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
+                    return error  # the peer's answer: raised below, once counted
                 misdirected = f"is not on replica {record['id']}" in (error.details() or "")
                 raise _TryAnother(f"replica {record['id']}: {error.details()}", unreachable=not misdirected) from None
 
-        return await self._hop(message.model_name, call)
+        answer = await self._hop(message.model_name, call)
+        if isinstance(answer, grpc.aio.AioRpcError):
+            raise answer
+        return answer
 
     async def infer_request(self, name: str, request: InferenceRequest) -> InferenceResponse | None:
         """A pipeline step's or an experiment candidate's request, answered by a peer's copy of
@@ -140,9 +147,10 @@ class Hops:
             if replica == self.models.me:
                 return None
             self.models.forwarded_to[replica] += 1
-            started = time.perf_counter()
+            started = time.perf_counter_ns()
             try:
                 answer = await self._unless_gone(replica, call(record))
+                took = time.perf_counter_ns() - started
             except (_TryAnother, self.aiohttp.ClientConnectionError, ConnectionError, asyncio.TimeoutError) as error:
                 # Whether or not it ran there, an inference has no effect to undo: sending it again is safe.
                 if getattr(error, "unreachable", True):
@@ -153,9 +161,10 @@ class Hops:
                 continue
             finally:
                 self.models.forwarded_to[replica] -= 1
-                self.seconds += time.perf_counter() - started
             self.forwarded += 1
             self.retried += attempt
+            self.seconds += took / 1e9
+            self.latency_buckets[bisect_left(LATENCY_BUCKETS_NS, took)] += 1
             return answer
         raise ModelUnavailable(f"model '{name}' could not be reached in the fleet: {why}")
 
@@ -186,3 +195,36 @@ class Hops:
             await self._session.close()
         for channel, _ in self._channels.values():
             await channel.close()
+
+
+class FleetCollector:
+    """fleetserve_fleet_* series, read at scrape time: what this replica sees of the fleet and
+    did for it. Summed over replicas they are the fleet's (loads per model, placements)."""
+
+    def __init__(self, hops: Hops):
+        self.hops = hops
+        self.models = hops.models
+
+    def collect(self):
+        membership = self.models.membership
+        yield GaugeMetricFamily("fleetserve_fleet_replicas", "Replicas this one sees in the fleet, itself included.",
+                                value=len(membership.replicas))
+        yield GaugeMetricFamily("fleetserve_fleet_etcd_connected", "1 while this replica is connected to etcd.",
+                                value=int(membership.connected))
+        yield CounterMetricFamily("fleetserve_fleet_forwarded_requests",
+                                  "Requests this replica sent one hop to a peer's copy, answered.", value=self.hops.forwarded)
+        yield CounterMetricFamily("fleetserve_fleet_forward_retries",
+                                  "Forwarded requests answered by a second copy (the first unreachable or without it).",
+                                  value=self.hops.retried)
+        hop = HistogramMetricFamily("fleetserve_fleet_hop_duration_seconds",
+                                    "Time from sending a request to a peer to its answer.")
+        hop.add_metric([], latency_buckets(list(self.hops.latency_buckets)), self.hops.seconds)
+        yield hop
+        yield CounterMetricFamily("fleetserve_fleet_placements",
+                                  "Copies this replica placed (claims it won), on itself or a peer.",
+                                  value=self.models.placements)
+        loads = CounterMetricFamily("fleetserve_fleet_loads", "Fleet copies this replica loaded, by model and outcome.",
+                                    labels=["model", "outcome"])
+        for (model, outcome), count in list(self.models.loads.items()):
+            loads.add_metric([model, outcome], count)
+        yield loads

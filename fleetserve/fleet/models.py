@@ -53,6 +53,8 @@ class FleetModels:
         self.loading: set[str] = set()
         self.claiming: set[str] = set()
         self.failures: dict[str, tuple[float, str]] = {}  # model -> (when, why) its last fleet load failed
+        self.placements = 0  # claims this replica won (metrics)
+        self.loads: Counter[tuple[str, str]] = Counter()  # (model, "success" or "failure") loaded here for the fleet
         self.forwarded_to: Counter[str] = Counter()  # this replica's forwarded requests in flight, per replica
         self.unreachable: dict[str, float] = {}  # replica -> until when it is skipped (a failed hop)
         self._tasks: set[asyncio.Task] = set()
@@ -145,6 +147,7 @@ class FleetModels:
             compare=[txn.Version(key) == 0],
             success=[txn.Put(key, orjson.dumps(claim), self.membership.replicas[target]["lease"])], failure=[])
         if created:
+            self.placements += 1
             log.info("model %s placed on replica %s (%s bytes)", name, target, cost)
 
     # Changes seen in etcd.
@@ -187,6 +190,7 @@ class FleetModels:
             found = parse_manifest(manifest)
             await self._make_room(int(claim.get("cost") or 0), keep=name)
             await self.registry.apply(found)
+            self.loads[name, "success"] += 1
             self.here[name] = manifest
             self.leaving.discard(name)
             await membership.publish()  # peers find the copy before the claim goes
@@ -199,6 +203,7 @@ class FleetModels:
             ], failure=[])
         except Exception as error:
             reason = error.message if isinstance(error, FleetError) else describe(error)
+            self.loads[name, "failure"] += 1
             log.error("model %s failed to load for the fleet: %s", name, reason)
             client = membership.client
             if client is not None:

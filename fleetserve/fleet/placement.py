@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-CLOSE = 0.10  # of the best candidate's budget: replicas this near the best are equals
+CLOSE = 0.10  # of the best candidate's room: replicas this near the best are equals
 
 
 @dataclass

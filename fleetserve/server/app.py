@@ -21,7 +21,7 @@ import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
 from fleetserve.errors import describe
-from fleetserve.fleet.forward import Hops
+from fleetserve.fleet.forward import FleetCollector, Hops
 from fleetserve.fleet.membership import Membership
 from fleetserve.fleet.models import FleetModels
 from fleetserve.graph.applied import AppliedManifests
@@ -109,6 +109,7 @@ class FleetServer:
             self.fleet_models = FleetModels(self.membership, self.registry)
             self.hops = Hops(self.fleet_models, settings, self.tls)
             self.router.fleet = self.hops
+            REGISTRY.register(FleetCollector(self.hops))
             self.fleet_graphs: dict[tuple[str, str], dict] = {}  # pipelines and experiments applied from etcd
             self.membership.listeners.append(self._on_fleet_change)
         alibi_explain.configure(self.router)
