@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import ROOT, free_port, iris_json, start_server
 from fleetserve.fleet.membership import LEASE_SECONDS
+from fleetserve.fleet.models import HOT_CHECKS
 
 ETCD = Path(sys.executable).parent / "etcd"
 
@@ -528,3 +529,64 @@ spec:
                  "the pipeline gone from every replica")
     finally:
         stop_all(first, second)
+
+
+SLOW_MODEL = '''
+import time
+
+from fleetserve.runtime.base import Runtime
+
+
+class Slow(Runtime):
+    def predict(self, request):
+        time.sleep(0.05)
+        return self.response(request.inputs, request)
+'''
+
+
+def test_a_model_gets_the_copies_it_asks_for_and_a_hot_one_gains_more_up_to_its_maximum(etcd, tmp_path):
+    servers = fleet_of_three(etcd, tmp_path, "c")
+    try:
+        apply(servers[0], json.dumps({"kind": "Model", "metadata": {"name": "twice"},
+                                      "spec": {**json.loads(model_manifest("twice"))["spec"], "replicas": 2}}))
+        assert len(copies_of(servers[0], "twice")) == 2
+
+        folder = tmp_path / "slow"
+        folder.mkdir()
+        (folder / "model.py").write_text(SLOW_MODEL)
+        (folder / "model-settings.json").write_text(json.dumps({"name": "slow", "implementation": "model.Slow",
+                                                                "parallel_workers": 0}))
+        apply(servers[0], json.dumps({"kind": "Model", "metadata": {"name": "slow"},
+                                      "spec": {"storageUri": str(folder), "maxReplicas": 2}}))
+        [holder] = copies_of(servers[0], "slow")
+        others = [server for server in servers if server.replica_id != holder]
+        loads = [Load(server, "slow", clients=6) for server in others]  # 12 at a time: the one copy is hot
+        wait_for(lambda: len(copies_of(servers[0], "slow")) == 2, 30, "a second copy of the hot model")
+        time.sleep(HOT_CHECKS + 3)  # still hot: no third copy past maxReplicas
+        outcomes = sum((load.stop() for load in loads), Counter())
+        assert outcomes == Counter({200: outcomes.total()}), [load.errors for load in loads]
+        assert len(copies_of(servers[0], "slow")) == 2
+        bad = httpx.post(f"{servers[0].url}/v2/manifests", timeout=30, content=json.dumps(
+            {"kind": "Model", "metadata": {"name": "odd"}, "spec": {"storageUri": str(folder), "replicas": 3,
+                                                                      "maxReplicas": 2}}))
+        assert bad.status_code == 400 and "spec.maxReplicas 2 is below 3 copies" in bad.json()["error"], bad.text
+    finally:
+        stop_all(*servers)
+
+
+def test_a_placement_on_a_replica_whose_lease_just_ended_goes_elsewhere(etcd, tmp_path):
+    # A record whose lease is gone, as a replica's looks between its lease ending and the record's delete.
+    ghost = {"id": "ghost", "lease": 1234567, "state": "ready", "ready": True, "capabilities": ["sklearn"],
+             "address": "127.0.0.1:9", "grpc": "127.0.0.1:9", "models": {},
+             "memory": {"budget": 1 << 40, "registered": 0, "idle": 0}}
+    etcdctl = [str(ETCD.parent / "etcdctl"), "--endpoints", etcd]
+    subprocess.run([*etcdctl, "put", "fleetserve/test/replicas/ghost", json.dumps(ghost)], check=True, capture_output=True)
+    server = replica(etcd, tmp_path, "e1")
+    try:
+        wait_for(lambda: "ghost" in fleet_of(server), 10, "the ghost seen")
+        apply(server, model_manifest("haunted"))  # the ghost has the most room; its claim fails; e1 takes it
+        assert copies_of(server, "haunted") == ["e1"]
+        assert "model haunted was not placed on replica ghost: it left the fleet" in server.log()
+    finally:
+        subprocess.run([*etcdctl, "del", "fleetserve/test/replicas/ghost"], check=True, capture_output=True)
+        stop_all(server)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from fleetserve.errors import FleetError, ModelUnavailable, NotFound, describe
+from fleetserve.errors import FleetError, InvalidInput, ModelUnavailable, NotFound, describe
 from fleetserve.fleet.membership import LEASE_SECONDS, Membership
 from fleetserve.fleet.placement import NoPlace, choose
 from fleetserve.graph.manifests import parse_manifest
@@ -42,6 +42,24 @@ log = logging.getLogger(__name__)
 
 COPY_WAIT = 120.0  # seconds a request waits for a copy to be loaded somewhere
 IDLE_SECONDS = 10.0  # a copy unused this long may be dropped to make room for another model
+# A copy with this many requests in it (queued or running) at HOT_CHECKS checks a second apart
+# is hot: its model gains a copy, up to the manifest's maxReplicas.
+HOT_IN_FLIGHT = 4
+HOT_CHECKS = 3
+
+
+def copies_wanted(manifest: dict[str, Any]) -> tuple[int, int]:
+    """Seldon's `replicas`, `minReplicas` and `maxReplicas` as (copies on apply, most copies)."""
+    spec = manifest.get("spec") or {}
+    counts = {key: spec.get(key) for key in ("replicas", "minReplicas", "maxReplicas")}
+    for key, value in counts.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise InvalidInput(f"Model '{manifest['metadata']['name']}': spec.{key} must be a whole number")
+    least = max(counts["replicas"] or 0, counts["minReplicas"] or 0, 1)
+    most = counts["maxReplicas"] or least
+    if most < least:
+        raise InvalidInput(f"Model '{manifest['metadata']['name']}': spec.maxReplicas {most} is below {least} copies")
+    return least, most
 
 
 class FleetModels:
@@ -143,9 +161,17 @@ class FleetModels:
         claim = {"replica": target, "by": self.me, "cost": cost, "at": time.time(),
                  "candidates": [candidate.describe() for candidate in candidates]}
         key, txn = self.membership.key_of("loads", name), self.membership.transactions
-        created, _ = await client.transaction(
-            compare=[txn.Version(key) == 0],
-            success=[txn.Put(key, orjson.dumps(claim), self.membership.replicas[target]["lease"])], failure=[])
+        try:
+            created, _ = await client.transaction(
+                compare=[txn.Version(key) == 0],
+                success=[txn.Put(key, orjson.dumps(claim), self.membership.replicas[target]["lease"])], failure=[])
+        except Exception as error:
+            if "lease not found" not in str(error):
+                raise
+            # The target's lease ended after the table was read (it died): its record is about to go.
+            self.unreachable[target] = now + LEASE_SECONDS
+            log.info("model %s was not placed on replica %s: it left the fleet", name, target)
+            return
         if created:
             self.placements += 1
             log.info("model %s placed on replica %s (%s bytes)", name, target, cost)
@@ -224,7 +250,7 @@ class FleetModels:
             log.error("model %s's new manifest failed to load here; the old version serves on: %s", name, describe(error))
 
     def _idle_copies(self) -> list[tuple[str, int]]:
-        """Fleet copies here that nothing used for IDLE_SECONDS, least recently used first."""
+        """Fleet copies here that nothing used for IDLE_SECONDS: extra copies first, then least recently used."""
         quiet_since = (time.time() - IDLE_SECONDS) * 1000
         idle = []
         for name in self.here:
@@ -235,8 +261,9 @@ class FleetModels:
             except FleetError:
                 continue
             if version.in_flight == 0 and version.stats.last_inference < quiet_since:
-                idle.append((version.stats.last_inference, name, version.cost))
-        return [(name, cost) for _, name, cost in sorted(idle)]
+                # A copy with others elsewhere goes first: dropping it leaves the model served.
+                idle.append((not self.copies(name), version.stats.last_inference, name, version.cost))
+        return [(name, cost) for *_, name, cost in sorted(idle)]
 
     async def _make_room(self, cost: int, keep: str) -> None:
         """Drop idle fleet copies, least recently used first, until `cost` fits this replica's books."""
@@ -296,6 +323,7 @@ class FleetModels:
         """Keep the manifest in etcd; replicas with a copy load it again, and a model with none
         is placed and loaded before this returns (a load that fails puts back the manifest before)."""
         name = manifest["metadata"]["name"]
+        wanted, _ = copies_wanted(manifest)
         client = self._client()
         key = self.membership.key_of("manifests", f"Model/{name}")
         previous = self.manifest(name)
@@ -310,6 +338,61 @@ class FleetModels:
             else:
                 await client.put(key, orjson.dumps(previous))
             raise
+        while len(self.holders(name)) < wanted:
+            before = len(self.holders(name))
+            try:
+                await self.add_copy(name, manifest)
+            except FleetError as error:
+                log.warning("model %s has %d of its %d copies: %s", name, before, wanted, error.message)
+                return
+
+    def holders(self, name: str) -> set[str]:
+        """The replicas serving `name`, this one included."""
+        holders = {record["id"] for record in self.copies(name)}
+        return holders | {self.me} if name in self.here and name not in self.leaving else holders
+
+    async def add_copy(self, name: str, manifest: dict[str, Any], wait: float = COPY_WAIT) -> None:
+        """One more copy of `name`, on a replica without one; returns once it serves."""
+        holders = self.holders(name)
+        deadline = time.monotonic() + wait
+        while self.holders(name) <= holders:
+            if name not in self.membership.tables["loads"]:
+                await self._claim(name, manifest, exclude=holders)
+            failed = self.failures.get(name)
+            if failed is not None and failed[0] >= deadline - wait:
+                raise ModelUnavailable(failed[1])
+            if time.monotonic() > deadline:
+                raise ModelUnavailable(f"model '{name}' gained no copy within {wait:.0f}s")
+            await self.membership.changed(1.0)
+
+    async def _add_copies_where_hot(self) -> None:
+        """Every second: a copy here that stays hot gives its model another copy (maxReplicas)."""
+        heat: Counter[str] = Counter()
+        while True:
+            await asyncio.sleep(1.0)
+            for name in list(self.here):
+                try:
+                    hot = self.registry.get(name).in_flight >= HOT_IN_FLIGHT
+                except FleetError:
+                    hot = False
+                heat[name] = heat[name] + 1 if hot else 0
+                if heat[name] < HOT_CHECKS or name in self.membership.tables["loads"] or self.membership.client is None:
+                    continue
+                heat[name] = 0
+                manifest = self.here[name]
+                if len(self.holders(name)) < copies_wanted(manifest)[1]:
+                    log.info("model %s is hot here (%d requests in it): adding a copy", name, HOT_IN_FLIGHT)
+                    self._spawn(self._quietly(self.add_copy(name, manifest)))
+
+    @staticmethod
+    async def _quietly(work) -> None:
+        try:
+            await work
+        except FleetError as error:
+            log.warning("%s", error.message)
+
+    def start(self) -> None:
+        self._spawn(self._add_copies_where_hot())
 
     def kept(self, kind: str, name: str) -> bool:
         return f"{kind}/{name}" in self.membership.tables["manifests"]

@@ -16,7 +16,8 @@ from fleetserve.settings import ModelSettings, check_model_name, parse_quantity
 from fleetserve.types import MAX_NESTING, check_nesting
 
 SUPPORTED_KINDS = ("Model", "Pipeline", "Experiment")  # in the order they depend on each other
-_MODEL_SPEC = {"storageUri", "requirements", "memory", "parameters", "explainer"}
+# replicas, minReplicas, maxReplicas: a fleet's copies of the model (fleet/models.py).
+_MODEL_SPEC = {"storageUri", "requirements", "memory", "parameters", "explainer", "replicas", "minReplicas", "maxReplicas"}
 
 
 def parse_manifests(text: str | bytes) -> list[dict[str, Any]]:

@@ -168,6 +168,7 @@ class FleetServer:
         log_front_doors(self.settings, self.tokens, self.tls)
         if self.membership is not None:
             self.membership.start()
+            self.fleet_models.start()
         loading = asyncio.create_task(self._load_models(health))
         stop = asyncio.create_task(self.stop_requested.wait())
         done, _ = await asyncio.wait([stop, *front_doors], return_when=asyncio.FIRST_COMPLETED)
