@@ -312,9 +312,12 @@ def test_thirty_models_spread_over_three_replicas_with_room_for_twelve_each(etcd
 def placed_on(holder, other, name: str) -> None:
     """`name` applied, with its one copy on `holder`: `other` drops a copy it was given."""
     apply(holder, model_manifest(name))
-    while copies_of(holder, name) != [holder.replica_id]:
+    for _ in range(30):  # placement picks at random between equals: until it picked `holder`
+        if copies_of(holder, name) == [holder.replica_id]:
+            return
         httpx.post(f"{other.url}/v2/repository/models/{name}/unload", timeout=30)
         httpx.post(f"{holder.url}/v2/models/{name}/infer", json=iris_json(), timeout=30)
+    raise AssertionError(f"{name} never placed on {holder.replica_id}: {copies_of(holder, name)}")
 
 
 class Load:
