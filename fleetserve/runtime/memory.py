@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import ctypes
 import importlib.util
+import itertools
 import os
 import sys
 import threading
@@ -39,6 +40,7 @@ class Accountable(Protocol):
     declared: int
     measured: int
     estimated: int
+    reload_seconds: float
 
     @property
     def cost(self) -> int: ...
@@ -49,6 +51,11 @@ def format_bytes(size: float) -> str:
         if abs(size) < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
+
+
+# Eviction weighs what a reload costs, not only recency (victims()).
+WEIGHED_VICTIMS = 8
+COSTLY_RELOAD = 1.0  # seconds
 
 
 class DeviceMemory:
@@ -144,15 +151,22 @@ class DeviceMemory:
             self.resident_bytes -= self.registered[version]
 
     def victims(self, needed: int, keep: Accountable | None = None) -> list[Accountable] | None:
-        """The least recently used idle versions whose eviction frees `needed` bytes ([] if they
-        fit already), or None if only busy models could make room."""
+        """The idle versions whose eviction frees `needed` bytes ([] if they fit already), or
+        None if only busy models could make room. The least recently used go first, except that
+        among the WEIGHED_VICTIMS least recently used, one whose last reload took over COSTLY_RELOAD
+        and over ten times the cheapest there is passed over while others can make room."""
         free = self.limit - self.resident_bytes
+        if free >= needed:
+            return []
+        idle = (version for version in self.resident
+                if version is not keep and not version.in_flight and version.state == "READY")
+        window = list(itertools.islice(idle, WEIGHED_VICTIMS))
+        cheapest = min((version.reload_seconds for version in window), default=0.0)
+        costly = [version for version in window if version.reload_seconds > max(COSTLY_RELOAD, 10 * cheapest)]
         chosen: list[Accountable] = []
-        for version in self.resident:
+        for version in itertools.chain((version for version in window if version not in costly), idle, costly):
             if free >= needed:
                 break
-            if version is keep or version.in_flight or version.state != "READY":
-                continue
             chosen.append(version)
             free += self.registered[version]
         return chosen if free >= needed else None

@@ -84,6 +84,7 @@ class ModelVersion:
     # Before its first measured load, a model that declares no memory costs an estimate: its
     # artifacts' bytes times what its runtime kept per artifact byte when it last measured one.
     estimated: int = 0
+    reload_seconds: float = 0.0  # its last reload after eviction: reading artifacts and starting the runtime
     artifact_bytes: int = 0
     reloading: asyncio.Future | None = None
     stats: Statistics = field(default_factory=Statistics)
@@ -395,6 +396,7 @@ class Registry:
             started = time.perf_counter()
             await self._admit(version)
             try:
+                loading = time.perf_counter()
                 await self._prepare_artifacts(version)
                 runtime = await self._start_runtime(version, measure=version.unmeasured)
             except BaseException as error:
@@ -403,6 +405,8 @@ class Registry:
                     raise
                 reason = describe(error)
                 raise ModelUnavailable(f"model '{version.name}' was evicted and could not be reloaded: {reason}") from error
+            # What evicting it costs (DeviceMemory.victims): a reload, which imports no framework.
+            version.reload_seconds = time.perf_counter() - loading
             if not self.memory.is_registered(version):  # unloaded while it reloaded
                 self.memory.of(version).mark_evicted(version)
                 await self._stop_runtime(version, runtime)
