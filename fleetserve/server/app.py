@@ -235,6 +235,14 @@ class FleetServer:
             "ready": self.ready,
         }
 
+    async def load(self, name: str) -> None:
+        """The repository API's load: a fleet model gets a copy somewhere if it has none (loaded
+        once, where placement says); any other model loads here from the repository."""
+        if self.fleet_models is not None and self.fleet_models.manifest(name) is not None:
+            await self.fleet_models.copy_for(name)
+            return
+        await self.registry.load(name)
+
     async def unload(self, name: str) -> None:
         """The repository API's unload: a fleet model's copy here leaves this replica (the model
         stays in the fleet, loaded again on demand); any other model is unloaded."""

@@ -352,7 +352,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_counted
     async def RepositoryModelLoad(self, request, context):
         documents.refuse_load_overrides(_parameters(request.parameters))
-        await self.registry.load(request.model_name)
+        await self.server.load(request.model_name)
         return service_pb2.RepositoryModelLoadResponse()
 
     @_aborts_on_error

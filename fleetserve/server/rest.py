@@ -243,7 +243,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be an object")
         documents.refuse_load_overrides(parameters)
-        await registry.load(name)
+        await server.load(name)
         return json_response({})
 
     @app.post("/v2/repository/models/{name}/unload")
