@@ -82,15 +82,22 @@ class Misdirected(FleetError):
 
 
 class Relayed(FleetError):
-    """An error a fleet peer answered a forwarded gRPC request with, passed on as it came."""
+    """An error a fleet peer answered a forwarded gRPC request with, passed on as it came: its
+    gRPC code, and the HTTP status the peer named (trailing metadata `fleetserve-status`)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, status: int = 500):
         super().__init__(message)
         self.code = code
+        self.status = status
+
+    @classmethod
+    def of(cls, error: grpc.aio.AioRpcError) -> "Relayed":
+        answered = dict(error.trailing_metadata() or ()).get("fleetserve-status", "")
+        return cls(error.code(), error.details() or "", int(answered) if answered.isdigit() else 500)
 
     @property
     def http_status(self) -> int:
-        return next((status for status, code in STATUS.values() if code == self.code), 500)
+        return self.status
 
     @property
     def grpc_code(self) -> grpc.StatusCode:

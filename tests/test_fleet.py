@@ -94,6 +94,7 @@ def wait_for(condition, timeout: float, what: str):
 def test_replicas_see_each_other_and_leave(etcd, tmp_path):
     first = replica(etcd, tmp_path, "r1", models=("iris",))
     second = replica(etcd, tmp_path, "r2")
+    third = None
     try:
         seen = wait_for(lambda: (found := fleet_of(second)).get("r1", {}).get("models") and found, 10, "r1's models seen")
         assert set(seen) == {"r1", "r2"}
@@ -108,7 +109,7 @@ def test_replicas_see_each_other_and_leave(etcd, tmp_path):
         second.process.kill()
         killed = time.monotonic()
         wait_for(lambda: "r2" not in fleet_of(first), LEASE_SECONDS + 5, "r2 leaving r1's table")
-        assert time.monotonic() - killed <= LEASE_SECONDS + 5
+        assert time.monotonic() - killed >= LEASE_SECONDS - 2  # its lease, refreshed a second before at most, ran out
 
         # Stopped (SIGTERM): gone at once, its lease revoked.
         third = replica(etcd, tmp_path, "r3")
@@ -118,9 +119,7 @@ def test_replicas_see_each_other_and_leave(etcd, tmp_path):
         wait_for(lambda: "r3" not in fleet_of(first), LEASE_SECONDS, "r3 leaving")
         assert time.monotonic() - stopped < LEASE_SECONDS - 1
     finally:
-        for server in (first, second):
-            if server.process.poll() is None:
-                server.process.kill()
+        stop_all(first, second, *([third] if third else []))
 
 
 def test_with_etcd_down_a_replica_serves_on_and_rejoins_when_it_returns(tmp_path):
@@ -165,7 +164,7 @@ def model_manifest(name: str, memory: str = "", uri: Path = ROOT / "model_repo" 
 
 
 def apply(server, manifest: str, expected: int = 200) -> dict:
-    response = httpx.post(f"{server.url}/v2/manifests", content=manifest, timeout=150)
+    response = httpx.post(f"{server.url}/v2/manifests", content=manifest, timeout=300)
     assert response.status_code == expected, response.text
     return response.json()
 
@@ -201,7 +200,7 @@ def test_a_model_applied_through_one_replica_is_loaded_once_and_answers_from_eve
     try:
         wait_for(lambda: set(fleet_of(first)) >= {"a1", "a2"}, 10, "both replicas joining")
         apply(second, model_manifest("flower"))
-        [holder] = copies_of(first, "flower")
+        [holder] = wait_for(lambda: copies_of(first, "flower"), 10, "the copy seen from the other replica")
         assert sum(loads_on(server) for server in (first, second)) == 1
         for server in (first, second):  # one holds the copy; the other forwards to it
             answer = httpx.post(f"{server.url}/v2/models/flower/infer", json=iris_json(), timeout=30)
@@ -303,6 +302,7 @@ def test_thirty_models_spread_over_three_replicas_with_room_for_twelve_each(etcd
         names = [f"spread-{number}" for number in range(30)]
         applied = apply(servers[1], "\n---\n".join(model_manifest(name, memory="1Mi") for name in names))
         assert len(applied["applied"]) == 30, applied
+        wait_for(lambda: all(copies_of(servers[0], name) for name in names), 10, "every copy seen")
         held = Counter(copy for name in names for copy in copies_of(servers[0], name))
         assert sum(held.values()) == 30 and max(held.values()) <= 12, held
         assert min(held.values()) >= 6, held  # spread, not piled on one

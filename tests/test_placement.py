@@ -53,3 +53,9 @@ def test_among_equally_roomy_replicas_the_one_with_fewest_models_wins():
 def test_excluded_replicas_are_never_chosen():
     replicas = {"a": record(100, 0), "b": record(100, 50)}
     assert choose(replicas, [], MiB, exclude={"a"})[0] == "b"
+
+
+def test_loads_under_way_count_as_taken():
+    replicas = {"a": record(100, 10), "b": record(100, 30)}
+    assert choose(replicas, [], MiB)[0] == "a"
+    assert choose(replicas, [], MiB, loading={"a": 40 * MiB})[0] == "b"  # a's 50 MiB taken to b's 30

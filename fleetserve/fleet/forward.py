@@ -28,6 +28,7 @@ from fleetserve.types import InferenceRequest, InferenceResponse
 log = logging.getLogger(__name__)
 
 FORWARDED = "fleetserve-forwarded"  # its value: the replica that forwarded the request
+ANSWERED = "fleetserve-status"  # gRPC trailing metadata on a fleetserve error: the HTTP status it means
 MISDIRECTED = 421
 CONNECT_SECONDS = 2.0
 # What a hop passes on, either way; the rest are the front door's and the connection's own.
@@ -53,7 +54,7 @@ class _TryAnother(Exception):
 
 
 class Hops:
-    def __init__(self, models: FleetModels, settings, tls=None):
+    def __init__(self, models: FleetModels, settings, tls=None, tokens=None):
         import aiohttp  # the fleet extra
 
         self.aiohttp = aiohttp
@@ -63,6 +64,9 @@ class Hops:
         self.grpc_credentials = tls.peer_grpc_credentials() if tls else None
         self.grpc_options = [("grpc.max_receive_message_length", settings.max_message_size),
                              ("grpc.max_send_message_length", settings.max_message_size)]
+        # What this replica's own requests (pipeline steps, experiment candidates) carry to a peer.
+        token = tokens.data or tokens.admin if tokens is not None else b""
+        self.own_metadata = (("authorization", "Bearer " + token.decode()),) if token else ()
         self.forwarded = 0  # answered by a peer (metrics)
         self.retried = 0  # of those, answered by a second copy
         self.seconds = 0.0  # spent waiting for the peers that answered
@@ -117,10 +121,12 @@ class Hops:
             try:
                 return await stub.ModelInfer(message, metadata=passed, timeout=timeout)
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    return error  # the peer's answer: raised below, once counted
-                misdirected = f"is not on replica {record['id']}" in (error.details() or "")
-                raise _TryAnother(f"replica {record['id']}: {error.details()}", unreachable=not misdirected) from None
+                status = dict(error.trailing_metadata() or ()).get(ANSWERED)
+                if status == str(MISDIRECTED):
+                    raise _TryAnother(f"replica {record['id']} no longer has it", unreachable=False) from None
+                if status is None and error.code() == grpc.StatusCode.UNAVAILABLE:  # no answer: no connection
+                    raise _TryAnother(f"replica {record['id']}: {error.details()}", unreachable=True) from None
+                return error  # the peer's answer: raised below, once counted
 
         answer = await self._hop(message.model_name, call)
         if isinstance(answer, grpc.aio.AioRpcError):
@@ -132,10 +138,11 @@ class Hops:
         `name` over gRPC; None when the copy to use is here."""
         from fleetserve.server.grpc_service import decode_infer_response, encode_infer_request
 
+        timeout = None if request.deadline is None else max(0.001, request.deadline - time.monotonic())
         try:
-            answer = await self.infer(encode_infer_request(name, request), (), None)
+            answer = await self.infer(encode_infer_request(name, request), self.own_metadata, timeout)
         except grpc.aio.AioRpcError as error:
-            raise Relayed(error.code(), error.details() or "") from None
+            raise Relayed.of(error) from None
         return None if answer is None else decode_infer_response(answer)
 
     async def _hop(self, name: str, call: Callable[[dict[str, Any]], Awaitable[Any]]):

@@ -81,6 +81,7 @@ class Membership:
         self.connected = False
         self._changed = asyncio.Event()  # replaced after every change: waiters hold the one they saw
         self._publish_soon = asyncio.Event()
+        self._writing = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self._lease = None
 
@@ -125,7 +126,8 @@ class Membership:
         client = self.client
         if client is None:
             return False
-        await client.put(self.key, self._encoded(), lease=self._lease)
+        async with self._writing:  # one writer: an older record never lands after a newer one
+            await client.put(self.key, self._encoded(), lease=self._lease)
         return True
 
     async def _run(self) -> None:
@@ -171,10 +173,11 @@ class Membership:
                     refreshed = now
                     if (await self._lease.refresh()).TTL <= 0:  # stalled past it: the record is gone
                         raise ConnectionError("the lease ran out")
-                current = self._encoded()
-                if current != published:
-                    await client.put(self.key, current, lease=self._lease)
-                    published = current
+                async with self._writing:
+                    current = self._encoded()
+                    if current != published:
+                        await client.put(self.key, current, lease=self._lease)
+                        published = current
             follow.result()
         finally:
             follow.cancel()

@@ -22,6 +22,7 @@ without a model before it drops that model to make room (peers stop routing ther
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -62,12 +63,32 @@ def copies_wanted(manifest: dict[str, Any]) -> tuple[int, int]:
     return least, most
 
 
+class _Etcd:
+    """An etcd client whose calls fail as ModelUnavailable (503), whatever the client raised."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        call = getattr(self._client, name)
+
+        async def wrapped(*args, **kwargs):
+            try:
+                return await call(*args, **kwargs)
+            except Exception as error:
+                raise ModelUnavailable(f"etcd: {describe(error)}") from error
+
+        return wrapped
+
+
 class FleetModels:
     def __init__(self, membership: Membership, registry: "Registry"):
         self.membership = membership
         self.registry = registry
         self.here: dict[str, dict[str, Any]] = {}  # fleet models with a copy here -> the manifest it runs
         self.leaving: set[str] = set()  # copies being dropped: already out of this replica's record
+        self.stopped_serving = False  # drained: the record lists no model
+        self.loaded_at: dict[str, float] = {}  # epoch ms each copy here was loaded
         self.loading: set[str] = set()
         self.claiming: set[str] = set()
         self.failures: dict[str, tuple[float, str]] = {}  # model -> (when, why) its last fleet load failed
@@ -100,6 +121,8 @@ class FleetModels:
 
     def serving_here(self) -> set[str]:
         """This replica's copies as its record tells peers: the ones on their way out are not."""
+        if self.stopped_serving:
+            return set()
         return {version.name for version in self.registry.ready_versions()} - self.leaving
 
     def idle_bytes(self) -> int:
@@ -155,14 +178,14 @@ class FleetModels:
         now = time.monotonic()
         skipped = set(exclude) | {replica for replica, until in self.unreachable.items() if until > now}
         try:
-            target, candidates = choose(self.membership.replicas, requirements, cost, skipped)
+            target, candidates = choose(self.membership.replicas, requirements, cost, skipped, self._loading_bytes())
         except NoPlace as error:
             raise ModelUnavailable(f"model '{name}' cannot be placed: {error}") from None
         claim = {"replica": target, "by": self.me, "cost": cost, "at": time.time(),
                  "candidates": [candidate.describe() for candidate in candidates]}
         key, txn = self.membership.key_of("loads", name), self.membership.transactions
         try:
-            created, _ = await client.transaction(
+            created, _ = await _Etcd(client).transaction(
                 compare=[txn.Version(key) == 0],
                 success=[txn.Put(key, orjson.dumps(claim), self.membership.replicas[target]["lease"])], failure=[])
         except Exception as error:
@@ -175,6 +198,15 @@ class FleetModels:
         if created:
             self.placements += 1
             log.info("model %s placed on replica %s (%s bytes)", name, target, cost)
+
+    def _loading_bytes(self) -> Counter[str]:
+        """What the loads claimed and not yet done will take, by replica: placement counts them
+        as taken, so many cold models asked for at once do not all pick the same roomiest replica."""
+        loading: Counter[str] = Counter()
+        for claim in self.membership.tables["loads"].values():
+            if not claim.get("failed"):
+                loading[claim.get("replica", "")] += int(claim.get("cost") or 0)
+        return loading
 
     # Changes seen in etcd.
 
@@ -216,31 +248,34 @@ class FleetModels:
             found = parse_manifest(manifest)
             await self._make_room(int(claim.get("cost") or 0), keep=name)
             await self.registry.apply(found)
-            self.loads[name, "success"] += 1
-            self.here[name] = manifest
-            self.leaving.discard(name)
-            await membership.publish()  # peers find the copy before the claim goes
-            cost = self.registry.get(name).cost
-            txn = membership.transactions
-            await membership.client.transaction(compare=[], success=[
-                txn.Delete(key),
-                txn.Put(membership.key_of("placements", f"{name}/{self.me}"), orjson.dumps({**claim, "cost": cost})),
-                txn.Put(membership.key_of("costs", name), orjson.dumps({"bytes": cost})),
-            ], failure=[])
         except Exception as error:
             reason = error.message if isinstance(error, FleetError) else describe(error)
             self.loads[name, "failure"] += 1
             log.error("model %s failed to load for the fleet: %s", name, reason)
-            client = membership.client
-            if client is not None:
-                try:
-                    await client.put(key, orjson.dumps({**claim, "failed": reason}), lease=membership.lease_id)
-                    await client.delete(key)
-                except Exception as failure:
-                    log.warning("could not report model %s's failed load (%s); its claim ends with this replica's lease",
-                                name, describe(failure))
+            try:
+                await self._etcd().put(key, orjson.dumps({**claim, "failed": reason}), lease=membership.lease_id)
+                await self._etcd().delete(key)
+            except Exception as failure:
+                log.warning("could not report model %s's failed load (%s); its claim ends with this replica's lease",
+                            name, describe(failure))
+            return
         finally:
             self.loading.discard(name)
+        self.loads[name, "success"] += 1
+        self.here[name] = manifest
+        self.loaded_at[name] = time.time() * 1000  # not idle before its first requests came
+        self.leaving.discard(name)
+        try:
+            await membership.publish()  # peers find the copy before the claim goes
+            cost = self.registry.get(name).cost
+            txn = membership.transactions
+            await self._etcd().transaction(compare=[], success=[
+                txn.Delete(key),
+                txn.Put(membership.key_of("placements", f"{name}/{self.me}"), orjson.dumps({**claim, "cost": cost})),
+                txn.Put(membership.key_of("costs", name), orjson.dumps({"bytes": cost})),
+            ], failure=[])
+        except Exception as error:  # loaded and serving; etcd learns of it from the next record
+            log.warning("model %s loaded here, but etcd could not be told (%s)", name, describe(error))
 
     async def _reload(self, name: str, manifest: dict[str, Any]) -> None:
         try:
@@ -260,7 +295,7 @@ class FleetModels:
                 version = self.registry.get(name)
             except FleetError:
                 continue
-            if version.in_flight == 0 and version.stats.last_inference < quiet_since:
+            if version.in_flight == 0 and max(version.stats.last_inference, self.loaded_at.get(name, 0)) < quiet_since:
                 # A copy with others elsewhere goes first: dropping it leaves the model served.
                 idle.append((not self.copies(name), version.stats.last_inference, name, version.cost))
         return [(name, cost) for *_, name, cost in sorted(idle)]
@@ -286,15 +321,17 @@ class FleetModels:
         self.leaving.add(name)
         try:
             await self.membership.publish()
+        except Exception as error:  # etcd gone: peers find out from a 421
+            log.warning("dropping model %s's copy before etcd knows (%s)", name, describe(error))
+        try:
             await self.registry.delete(name)
         except NotFound:
             pass
         finally:
             self.here.pop(name, None)
             self.leaving.discard(name)
-        client = self.membership.client
-        if client is not None:
-            await client.delete(self.membership.key_of("placements", f"{name}/{self.me}"))
+        with contextlib.suppress(Exception):  # a placement left behind only explains a copy no record lists
+            await self._etcd().delete(self.membership.key_of("placements", f"{name}/{self.me}"))
         log.info("model %s's copy left replica %s", name, self.me)
 
     async def hand_over(self, within: float) -> None:
@@ -307,15 +344,25 @@ class FleetModels:
         except Exception as error:  # etcd gone: nothing can be placed elsewhere anyway
             log.warning("draining without etcd (%s): this replica's models are not handed over", describe(error))
             return
-        alone = [name for name in self.here if not any(record.get("state") == "ready" for record in self.copies(name))]
+        leaving = {self.me} | {replica for replica, record in self.membership.replicas.items()
+                               if record.get("state") != "ready"}  # another draining replica is no heir
+        alone = [name for name in self.here if not self.copies(name, exclude=leaving)]
         if not alone:
             return
         log.info("draining: handing over %d model(s) with no other copy: %s", len(alone), ", ".join(sorted(alone)))
-        handed = await asyncio.gather(*(self.copy_for(name, exclude={self.me}, wait=within) for name in alone),
+        handed = await asyncio.gather(*(self.copy_for(name, exclude=leaving, wait=within) for name in alone),
                                       return_exceptions=True)
         for name, result in zip(alone, handed):
             if isinstance(result, BaseException):
                 log.warning("draining: model %s was not handed over: %s", name, describe(result))
+
+    async def stop_serving(self) -> None:
+        """The last of a drain: this replica's record lists no model, so peers send nothing more."""
+        self.stopped_serving = True
+        try:
+            await self.membership.publish()
+        except Exception as error:
+            log.warning("could not tell the fleet this replica serves nothing more (%s)", describe(error))
 
     # Manifests applied and deleted through this replica.
 
@@ -324,7 +371,7 @@ class FleetModels:
         is placed and loaded before this returns (a load that fails puts back the manifest before)."""
         name = manifest["metadata"]["name"]
         wanted, _ = copies_wanted(manifest)
-        client = self._client()
+        client = self._etcd()
         key = self.membership.key_of("manifests", f"Model/{name}")
         previous = self.manifest(name)
         await client.put(key, orjson.dumps(manifest))
@@ -370,19 +417,25 @@ class FleetModels:
         heat: Counter[str] = Counter()
         while True:
             await asyncio.sleep(1.0)
-            for name in list(self.here):
-                try:
-                    hot = self.registry.get(name).in_flight >= HOT_IN_FLIGHT
-                except FleetError:
-                    hot = False
-                heat[name] = heat[name] + 1 if hot else 0
-                if heat[name] < HOT_CHECKS or name in self.membership.tables["loads"] or self.membership.client is None:
-                    continue
-                heat[name] = 0
-                manifest = self.here[name]
-                if len(self.holders(name)) < copies_wanted(manifest)[1]:
-                    log.info("model %s is hot here (%d requests in it): adding a copy", name, HOT_IN_FLIGHT)
-                    self._spawn(self._quietly(self.add_copy(name, manifest)))
+            try:
+                self._check_heat(heat)
+            except Exception:  # one bad manifest must not end the loop for every model
+                log.exception("checking which models are hot failed")
+
+    def _check_heat(self, heat: Counter) -> None:
+        for name in list(self.here):
+            try:
+                hot = self.registry.get(name).in_flight >= HOT_IN_FLIGHT
+            except FleetError:
+                hot = False
+            heat[name] = heat[name] + 1 if hot else 0
+            if heat[name] < HOT_CHECKS or name in self.membership.tables["loads"] or self.membership.client is None:
+                continue
+            heat[name] = 0
+            manifest = self.here[name]
+            if len(self.holders(name)) < copies_wanted(manifest)[1]:
+                log.info("model %s is hot here (%d requests in it): adding a copy", name, HOT_IN_FLIGHT)
+                self._spawn(self._quietly(self.add_copy(name, manifest)))
 
     @staticmethod
     async def _quietly(work) -> None:
@@ -399,17 +452,21 @@ class FleetModels:
 
     async def keep(self, kind: str, name: str, manifest: dict[str, Any]) -> None:
         """A pipeline's or an experiment's manifest, kept for every replica to apply."""
-        await self._client().put(self.membership.key_of("manifests", f"{kind}/{name}"), orjson.dumps(manifest))
+        await self._etcd().put(self.membership.key_of("manifests", f"{kind}/{name}"), orjson.dumps(manifest))
 
     async def forget(self, kind: str, name: str) -> None:
         """The manifest leaves etcd; every replica removes what it applied (a model's copies unload)."""
-        await self._client().delete(self.membership.key_of("manifests", f"{kind}/{name}"))
+        etcd = self._etcd()
+        await etcd.delete(self.membership.key_of("manifests", f"{kind}/{name}"))
+        if kind == "Model":  # a model applied again under this name is measured afresh
+            await etcd.delete(self.membership.key_of("costs", name))
 
-    def _client(self):
+    def _etcd(self) -> "_Etcd":
+        """etcd's client, whose failures are the fleet's 503s, not 500s."""
         client = self.membership.client
         if client is None:
             raise ModelUnavailable("etcd is unreachable: the fleet's models cannot change until it returns")
-        return client
+        return _Etcd(client)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -34,7 +34,7 @@ class NoPlace(Exception):
 
 
 def candidates(replicas: dict[str, dict[str, Any]], requirements: list[str], cost: int,
-               exclude: set[str] = frozenset()) -> list[Candidate]:
+               exclude: set[str] = frozenset(), loading: dict[str, int] | None = None) -> list[Candidate]:
     found = []
     for replica_id, record in replicas.items():
         if replica_id in exclude or record.get("state") != "ready" or not record.get("ready"):
@@ -42,16 +42,17 @@ def candidates(replicas: dict[str, dict[str, Any]], requirements: list[str], cos
         if not set(requirements) <= set(record.get("capabilities") or ()):
             continue
         memory = record.get("memory") or {}
-        free = int(memory.get("budget", 0)) - int(memory.get("registered", 0))
+        free = int(memory.get("budget", 0)) - int(memory.get("registered", 0)) - (loading or {}).get(replica_id, 0)
         idle = int(memory.get("idle", 0))
         found.append(Candidate(replica_id, free, idle, len(record.get("models") or ()), fits=free >= cost))
     return found
 
 
 def choose(replicas: dict[str, dict[str, Any]], requirements: list[str], cost: int, exclude: set[str] = frozenset(),
-           rng: random.Random | None = None) -> tuple[str, list[Candidate]]:
-    """The replica a new copy goes to, and the candidates it was chosen from."""
-    found = candidates(replicas, requirements, cost, exclude)
+           loading: dict[str, int] | None = None, rng: random.Random | None = None) -> tuple[str, list[Candidate]]:
+    """The replica a new copy goes to, and the candidates it was chosen from. `loading`: bytes
+    of loads under way on each replica, not yet in its record."""
+    found = candidates(replicas, requirements, cost, exclude, loading)
     if not found:
         needs = f" with capabilities {sorted(requirements)}" if requirements else ""
         raise NoPlace(f"no ready replica{needs} in the fleet")

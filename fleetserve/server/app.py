@@ -20,7 +20,7 @@ from pathlib import Path
 import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
-from fleetserve.errors import describe
+from fleetserve.errors import FleetError, describe
 from fleetserve.fleet.forward import FleetCollector, Hops
 from fleetserve.fleet.membership import Membership
 from fleetserve.fleet.models import FleetModels
@@ -107,7 +107,7 @@ class FleetServer:
         if settings.etcd:
             self.membership = Membership(settings, self._fleet_record)
             self.fleet_models = FleetModels(self.membership, self.registry)
-            self.hops = Hops(self.fleet_models, settings, self.tls)
+            self.hops = Hops(self.fleet_models, settings, self.tls, self.tokens)
             self.router.fleet = self.hops
             REGISTRY.register(FleetCollector(self.hops))
             self.fleet_graphs: dict[tuple[str, str], dict] = {}  # pipelines and experiments applied from etcd
@@ -181,16 +181,18 @@ class FleetServer:
         stop_by = time.monotonic() + grace
         self.ready, self.stopping = False, True
         if self.membership is not None:
-            # Serving on until every model only this replica has is ready elsewhere, then leaving
-            # at once: the peers' next hop goes to the new copies, and nothing in flight is lost.
+            # Serving on until every model only this replica has is ready elsewhere; then peers
+            # are told to send nothing more here, and what is in flight finishes below.
             await self.fleet_models.hand_over(max(0.0, stop_by - time.monotonic()) / 2)
-            await self.membership.stop()
-            await self.fleet_models.stop()
-            await self.hops.close()
+            await self.fleet_models.stop_serving()
         loading.cancel()
         await set_serving(health, False)
         http.should_exit = metrics.should_exit = True
         await asyncio.gather(grpc_server.stop(grace), *front_doors, return_exceptions=True)
+        if self.membership is not None:  # the requests in flight here may have needed a hop or etcd
+            await self.membership.stop()
+            await self.fleet_models.stop()
+            await self.hops.close()
         if sweeping is not None:
             sweeping.cancel()
         left = max(0.0, stop_by - time.monotonic())
@@ -273,9 +275,19 @@ class FleetServer:
     async def _apply_to_fleet(self, kind: str, parsed) -> None:
         if kind == "Model":
             return await self.fleet_models.apply(parsed.manifest)
-        await self.fleet_models.keep(kind, parsed.name, parsed.manifest)
-        self._apply_graph(kind, parsed)  # here at once; the other replicas as their watch tells them
+        previous = self.fleet_graphs.get((kind, parsed.name))
+        self._apply_graph(kind, parsed)  # here first (it checks it); the other replicas as their watch tells them
         self.fleet_graphs[(kind, parsed.name)] = parsed.manifest
+        try:
+            await self.fleet_models.keep(kind, parsed.name, parsed.manifest)
+        except FleetError:  # not the fleet's: not this replica's either
+            if previous is None:
+                self.fleet_graphs.pop((kind, parsed.name))
+                self._delete_graph(kind, parsed.name)
+            else:
+                self.fleet_graphs[(kind, parsed.name)] = previous
+                self._apply_graph(kind, parse_manifest(previous))
+            raise
 
     def _apply_graph(self, kind: str, parsed) -> None:
         if kind == "Pipeline":

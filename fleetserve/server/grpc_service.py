@@ -22,7 +22,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from fleetserve.codecs import json_text
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
 from fleetserve.errors import FleetError, InvalidInput, Relayed, describe
-from fleetserve.fleet.forward import FORWARDED
+from fleetserve.fleet.forward import ANSWERED, FORWARDED
 from fleetserve.server import documents
 from fleetserve.server.security import grpc_interceptors, unclassified_rpcs
 from fleetserve.server.limits import apply_deadline
@@ -185,6 +185,9 @@ def _aborts_on_error(method: Callable[..., Awaitable[Any]]):
         try:
             return await method(self, request, context)
         except FleetError as error:
+            # Marks the answer as this server's own (a fleet peer relays it, never takes it for a
+            # broken connection), with the HTTP status REST would have answered.
+            context.set_trailing_metadata(((ANSWERED, str(error.http_status)),))
             await context.abort(error.grpc_code, error.message)
         except Exception as error:
             log.exception("unexpected error in %s", method.__name__)
@@ -280,7 +283,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 answer = await hops.infer(message, metadata, remaining)
             except grpc.aio.AioRpcError as error:
-                raise Relayed(error.code(), error.details() or "") from None
+                raise Relayed.of(error) from None
             if answer is not None:
                 return answer, None
         request = decode_infer_request(message)
