@@ -231,9 +231,19 @@ def test_a_model_applied_through_one_replica_is_loaded_once_and_answers_from_eve
                 assert error is None and result.as_numpy("predict").tolist() == [0, 2]
         assert refusals[0] == refusals[1] and "features" in refusals[0][1], refusals  # the holder's own words
         forwarder = first if holder == "a2" else second
-        # REST JSON and binary, gRPC: an answer, an error, a stream message
-        assert metric(forwarder, "fleetserve_fleet_forwarded_requests_total") == 5
-        assert metric(forwarder, "fleetserve_fleet_hop_duration_seconds_count") == 5
+        # Reads about the model answer from either replica: the holder's own words, through one hop.
+        holder_server = second if forwarder is first else first
+        for path in ("/v2/models/flower", "/v2/models/flower/config", "/v2/models/flower/ready"):
+            here, there = (httpx.get(f"{server.url}{path}", timeout=30) for server in (forwarder, holder_server))
+            assert here.status_code == there.status_code == 200 and here.json() == there.json(), (path, here.text)
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{forwarder.grpc_port}") as client:
+            assert client.is_model_ready("flower")
+            assert client.get_model_metadata("flower", as_json=True) == {"name": "flower", "platform": "sklearn"}
+            assert client.get_model_config("flower", as_json=True)["config"]["name"] == "flower"
+        assert httpx.get(f"{forwarder.url}/v2/models/nowhere", timeout=30).status_code == 404
+        # Reads: REST and gRPC metadata and config; then REST JSON and binary, gRPC: an answer, an error, a stream message
+        assert metric(forwarder, "fleetserve_fleet_forwarded_requests_total") == 9
+        assert metric(forwarder, "fleetserve_fleet_hop_duration_seconds_count") == 9
         assert metric(second, "fleetserve_fleet_placements_total") == 1 and metric(first, "fleetserve_fleet_placements_total") == 0
         assert metric(first, 'fleetserve_fleet_loads_total{model="flower",outcome="success"}') + metric(
             second, 'fleetserve_fleet_loads_total{model="flower",outcome="success"}') == 1

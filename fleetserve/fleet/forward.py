@@ -86,14 +86,15 @@ class Hops:
             raise Misdirected(f"model '{name}' is not on replica {self.models.me}")
         return True
 
-    async def post(self, name: str, path: str, body: bytes, headers: dict[str, str]) -> Answer | None:
-        """A REST inference answered by a peer's copy of `name`; None when the copy to use is here."""
+    async def send(self, method: str, name: str, path: str, body: bytes, headers) -> Answer | None:
+        """A REST request about model `name` (an inference, or a read of its metadata) answered by
+        a peer's copy; None when the copy to use is here."""
         passed = {key: value for key in REQUEST_HEADERS if (value := headers.get(key)) is not None}
         passed[FORWARDED] = self.models.me
 
-        async def post(record: dict[str, Any]) -> Answer:
-            async with self._client().post(f"{self.scheme}://{record['address']}{path}", data=body,
-                                           headers=passed) as response:
+        async def send(record: dict[str, Any]) -> Answer:
+            async with self._client().request(method, f"{self.scheme}://{record['address']}{path}", data=body,
+                                              headers=passed) as response:
                 content = await response.read()
                 if response.status == MISDIRECTED:
                     raise _TryAnother(f"replica {record['id']} no longer has it", unreachable=False)
@@ -101,11 +102,12 @@ class Hops:
                                                 for key, value in response.headers.items()
                                                 if key.lower() in RESPONSE_HEADERS], content)
 
-        return await self._hop(name, post)
+        return await self._hop(name, send)
 
-    async def infer(self, message, metadata, timeout: float | None):
-        """A gRPC ModelInfer answered by a peer's copy; None when the copy to use is here. A
-        peer's own error comes back as the grpc.aio.AioRpcError it answered."""
+    async def rpc(self, method: str, name: str, message, metadata, timeout: float | None):
+        """A gRPC call about model `name` (ModelInfer, ModelMetadata, ModelConfig) answered by a
+        peer's copy; None when the copy to use is here. A peer's own error comes back as the
+        grpc.aio.AioRpcError it answered."""
         from tritonclient.grpc import service_pb2_grpc
 
         passed = [(key, value) for key, value in metadata if key in GRPC_METADATA]
@@ -119,7 +121,7 @@ class Hops:
                 self._channels[address] = (channel, service_pb2_grpc.GRPCInferenceServiceStub(channel))
             stub = self._channels[address][1]
             try:
-                return await stub.ModelInfer(message, metadata=passed, timeout=timeout)
+                return await getattr(stub, method)(message, metadata=passed, timeout=timeout)
             except grpc.aio.AioRpcError as error:
                 status = dict(error.trailing_metadata() or ()).get(ANSWERED)
                 if status == str(MISDIRECTED):
@@ -128,7 +130,7 @@ class Hops:
                     raise _TryAnother(f"replica {record['id']}: {error.details()}", unreachable=True) from None
                 return error  # the peer's answer: raised below, once counted
 
-        answer = await self._hop(message.model_name, call)
+        answer = await self._hop(name, call)
         if isinstance(answer, grpc.aio.AioRpcError):
             raise answer
         return answer
@@ -140,7 +142,7 @@ class Hops:
 
         timeout = None if request.deadline is None else max(0.001, request.deadline - time.monotonic())
         try:
-            answer = await self.infer(encode_infer_request(name, request), self.own_metadata, timeout)
+            answer = await self.rpc("ModelInfer", name, encode_infer_request(name, request), self.own_metadata, timeout)
         except grpc.aio.AioRpcError as error:
             raise Relayed.of(error) from None
         return None if answer is None else decode_infer_response(answer)

@@ -235,6 +235,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_aborts_on_error
     async def ModelReady(self, request, context):
+        if self.hops is not None and self.hops.models.elsewhere(request.name) and self.hops.models.known(request.name):
+            return service_pb2.ModelReadyResponse(ready=True)  # served by a peer, or loaded on demand
         try:
             model = self.registry.get(request.name, request.version or None)
         except FleetError:
@@ -248,6 +250,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_aborts_on_error
     async def ModelMetadata(self, request, context):
+        if (answer := await self._from_peer("ModelMetadata", request, context)) is not None:
+            return answer
         model = self.registry.get_ready(request.name, request.version or None)
         document = documents.model_metadata(self.registry, model)
         return json_format.ParseDict(document, service_pb2.ModelMetadataResponse(), ignore_unknown_fields=True)
@@ -266,6 +270,20 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.send_initial_metadata((("x-seldon-route", route),))
         return response
 
+    async def _from_peer(self, method: str, request, context):
+        """A read about a model a fleet peer serves (none here), answered by that peer."""
+        hops = self.hops
+        if hops is None:
+            return None
+        metadata = context.invocation_metadata() or ()
+        forwarded = next((value for key, value in metadata if key == FORWARDED), None)
+        if not hops.elsewhere(request.name, self.router.takeovers, None, forwarded):
+            return None
+        try:
+            return await hops.rpc(method, request.name, request, metadata, context.time_remaining())
+        except grpc.aio.AioRpcError as error:
+            raise Relayed.of(error) from None
+
     async def _infer(self, message: service_pb2.ModelInferRequest, context) -> tuple[service_pb2.ModelInferResponse, str | None]:
         """The answer, and the experiment's route when one chose (a stream cannot send it per message)."""
         seldon_model = route = forwarded = None
@@ -281,7 +299,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         hops = self.hops
         if hops is not None and hops.elsewhere(message.model_name, self.router.takeovers, seldon_model, forwarded):
             try:
-                answer = await hops.infer(message, metadata, remaining)
+                answer = await hops.rpc("ModelInfer", message.model_name, message, metadata, remaining)
             except grpc.aio.AioRpcError as error:
                 raise Relayed.of(error) from None
             if answer is not None:
@@ -336,6 +354,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_aborts_on_error
     async def ModelConfig(self, request, context):
+        if (answer := await self._from_peer("ModelConfig", request, context)) is not None:
+            return answer
         config = await documents.model_config(self.registry.get(request.name, request.version or None))
         return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 

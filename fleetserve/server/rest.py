@@ -188,14 +188,29 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     async def model_stats(name: str | None = None, version: str | None = None) -> Response:
         return json_response(await documents.model_statistics(registry, name, version))
 
+    async def from_peer(request: Request, name: str) -> Response | None:
+        """A read about a model a fleet peer serves (none here), answered by that peer."""
+        hops = server.hops
+        if hops is None or not hops.elsewhere(name, router.takeovers, None, request.headers.get(FORWARDED)):
+            return None
+        answer = await hops.send("GET", name, request.url.path, b"", request.headers)
+        if answer is None:
+            return None
+        return Response(answer.body, answer.status, headers={key.decode(): value.decode("latin-1")
+                                                             for key, value in answer.headers})
+
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str | None = None) -> Response:
+    async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
+        if (answer := await from_peer(request, name)) is not None:
+            return answer
         return json_response(documents.model_metadata(registry, registry.get_ready(name, version)))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str | None = None) -> Response:
+    async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+        if server.hops is not None and server.hops.models.elsewhere(name) and server.hops.models.known(name):
+            return json_response({"name": name, "ready": True})  # served by a peer, or loaded on demand
         model = registry.get_ready(name, version)
         if model.runtime is not None and not await model.runtime.backend_ready():
             raise ModelUnavailable(f"model '{name}' is not ready in its backend")
@@ -203,7 +218,9 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
 
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")
-    async def model_config(name: str, version: str | None = None) -> Response:
+    async def model_config(request: Request, name: str, version: str | None = None) -> Response:
+        if (answer := await from_peer(request, name)) is not None:
+            return answer
         return json_response(await documents.model_config(registry.get(name, version)))
 
     # MLflow's scoring protocol, per MLflow model (what `mlflow models serve` answers at / ).
@@ -445,7 +462,7 @@ class InferenceFastPath:
             counted = True
             if self.hops is not None and kind == "models" and self.hops.elsewhere(
                     name, self.router.takeovers, headers.get("seldon-model"), headers.get(FORWARDED)) and (
-                    answer := await self.hops.post(name, scope["path"], body, headers)) is not None:
+                    answer := await self.hops.send("POST", name, scope["path"], body, headers)) is not None:
                 status, content = answer.status, answer.body
                 reply += answer.headers
             else:
