@@ -11,6 +11,7 @@ import queue
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -18,14 +19,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, free_port, iris_json, start_server
+from conftest import ROOT, free_port, iris_json, spawn_server, start_server, wait_ready
+from test_security import _issue
 from fleetserve.fleet.membership import LEASE_SECONDS
 from fleetserve.fleet.models import HOT_CHECKS
 
@@ -608,3 +612,70 @@ def test_a_placement_on_a_replica_whose_lease_just_ended_goes_elsewhere(etcd, tm
     finally:
         subprocess.run([*etcdctl, "del", "fleetserve/test/replicas/ghost"], check=True, capture_output=True)
         stop_all(server)
+
+
+def test_a_fleet_with_mutual_tls_and_a_data_token_forwards_over_tls_with_the_token(etcd, tmp_path):
+    """Every replica shows one certificate (server and client use, signed by the fleet's CA) and
+    asks its peers for theirs: REST and gRPC hops, and a pipeline's step, cross TLS both ways."""
+    ca = _issue(tmp_path, "ca", "fleet CA", None, ca=True)
+    _issue(tmp_path, "peer", "127.0.0.1", ca, server=True, peer=True)
+    _issue(tmp_path, "client", "operator", ca)
+    env = {"FLEETSERVE_TLS_CERT": str(tmp_path / "peer.pem"), "FLEETSERVE_TLS_KEY": str(tmp_path / "peer.key"),
+           "FLEETSERVE_TLS_CLIENT_CA": str(tmp_path / "ca.pem"), "FLEETSERVE_DATA_TOKEN": "fleet-data-token"}
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    context.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
+    token = {"authorization": "Bearer fleet-data-token"}
+    servers = []
+    try:
+        for name in ("t1", "t2"):
+            (repository := tmp_path / f"repo-{name}").mkdir()
+            server = spawn_server(repository, tmp_path / f"{name}.log", [free_port() for _ in range(3)], env,
+                                  args=("--etcd", etcd, "--fleet", "test", "--replica-id", name))
+            servers.append(wait_ready(server, f"https://127.0.0.1:{server.http_port}/v2/health/ready", verify=context))
+        first, second = servers
+        with httpx.Client(verify=context, timeout=60) as client:
+            def url(server, path: str) -> str:
+                return f"https://127.0.0.1:{server.http_port}{path}"
+
+            wait_for(lambda: len(client.get(url(first, "/v2/fleet")).json()["replicas"]) >= 2, 10, "both replicas")
+            for name in ("tls-left", "tls-right"):  # one copy each: the other replica forwards its requests
+                assert client.post(url(first, "/v2/manifests"), content=model_manifest(name)).status_code == 200
+            for server in servers:
+                for name in ("tls-left", "tls-right"):
+                    answer = client.post(url(server, f"/v2/models/{name}/infer"), json=iris_json(), headers=token)
+                    assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [0, 2], answer.text
+            refused = client.post(url(second, "/v2/models/tls-left/infer"), json=iris_json())
+            assert refused.status_code == 401, refused.text  # the token is checked where the request came in
+            assert client.post(url(first, "/v2/manifests"), content="""
+kind: Pipeline
+metadata: {name: tls-pair}
+spec:
+  steps: [{name: tls-left}, {name: tls-right, inputs: [tls-pair.inputs], triggers: [tls-left]}]
+  output: {steps: [tls-right]}
+""").status_code == 200
+            for server in servers:
+                wait_for(lambda: client.get(url(server, "/v2/pipelines/tls-pair/ready")).status_code == 200, 10, "ready")
+                answer = client.post(url(server, "/v2/pipelines/tls-pair/infer"), json=iris_json(), headers=token)
+                assert answer.status_code == 200, answer.text
+        for server in servers:
+            credentials = grpc.ssl_channel_credentials((tmp_path / "ca.pem").read_bytes(), (tmp_path / "client.key").read_bytes(),
+                                                       (tmp_path / "client.pem").read_bytes())
+            with grpc.secure_channel(f"127.0.0.1:{server.grpc_port}", credentials) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                for name in ("tls-left", "tls-right"):
+                    request = service_pb2.ModelInferRequest(model_name=name)
+                    request.inputs.add(name="input-0", datatype="FP32", shape=[2, 4])
+                    request.raw_input_contents.append(np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]],
+                                                               dtype=np.float32).tobytes())
+                    answer = stub.ModelInfer(request, metadata=tuple(token.items()), timeout=60)
+                    assert np.frombuffer(answer.raw_output_contents[0], dtype=np.int64).tolist() == [0, 2]
+        hops = sum(metric_over_tls(server, context) for server in servers)
+        assert hops >= 5, hops  # per model, REST and gRPC from the replica without it; a pipeline step
+    finally:
+        stop_all(*servers)
+
+
+def metric_over_tls(server, context) -> float:
+    text = httpx.get(f"https://127.0.0.1:{server.http_port}/metrics", verify=context, timeout=5).text
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith("fleetserve_fleet_forwarded_requests_total"))

@@ -162,7 +162,10 @@ class Certificates:
         return context
 
 
-def _issue(folder: Path, name: str, subject: str, issuer: tuple | None, server: bool = False, ca: bool = False):
+def _issue(folder: Path, name: str, subject: str, issuer: tuple | None, server: bool = False, ca: bool = False,
+           peer: bool = False):
+    """A certificate and its key in `folder`: a CA's, a server's (for localhost and 127.0.0.1), a
+    client's, or a fleet peer's (a server's that also serves as a client to its peers)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     subject_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
@@ -177,8 +180,9 @@ def _issue(folder: Path, name: str, subject: str, issuer: tuple | None, server: 
             data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
         builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     else:
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+        usages += [ExtendedKeyUsageOID.CLIENT_AUTH] if peer or not server else []
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
     if server:
         builder = builder.add_extension(x509.SubjectAlternativeName(
