@@ -81,9 +81,19 @@ class Misdirected(FleetError):
     another copy (HTTP 421 Misdirected Request)."""
 
 
+# gRPC trailing metadata on an error this server answered: the HTTP status it means. A fleet peer
+# tells by it a peer's own answer from a broken connection.
+ANSWERED = "fleetserve-status"
+
+
+def answered_status(error: grpc.aio.AioRpcError) -> str | None:
+    """The HTTP status a fleetserve peer named for its gRPC error; None if no fleetserve answered."""
+    return dict(error.trailing_metadata() or ()).get(ANSWERED)
+
+
 class Relayed(FleetError):
     """An error a fleet peer answered a forwarded gRPC request with, passed on as it came: its
-    gRPC code, and the HTTP status the peer named (trailing metadata `fleetserve-status`)."""
+    gRPC code, and the HTTP status the peer named (ANSWERED)."""
 
     def __init__(self, code: grpc.StatusCode, message: str, status: int = 500):
         super().__init__(message)
@@ -92,7 +102,7 @@ class Relayed(FleetError):
 
     @classmethod
     def of(cls, error: grpc.aio.AioRpcError) -> "Relayed":
-        answered = dict(error.trailing_metadata() or ()).get("fleetserve-status", "")
+        answered = answered_status(error) or ""
         return cls(error.code(), error.details() or "", int(answered) if answered.isdigit() else 500)
 
     @property

@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from fleetserve.errors import Misdirected, ModelUnavailable, Relayed, describe
+from fleetserve.errors import Misdirected, ModelUnavailable, Relayed, answered_status, describe
 from fleetserve.fleet.membership import LEASE_SECONDS
 from fleetserve.fleet.models import FleetModels
 from fleetserve.runtime.metrics import LATENCY_BUCKETS_NS, latency_buckets
@@ -28,7 +28,6 @@ from fleetserve.types import InferenceRequest, InferenceResponse
 log = logging.getLogger(__name__)
 
 FORWARDED = "fleetserve-forwarded"  # its value: the replica that forwarded the request
-ANSWERED = "fleetserve-status"  # gRPC trailing metadata on a fleetserve error: the HTTP status it means
 MISDIRECTED = 421
 CONNECT_SECONDS = 2.0
 # What a hop passes on, either way; the rest are the front door's and the connection's own.
@@ -123,7 +122,7 @@ class Hops:
             try:
                 return await getattr(stub, method)(message, metadata=passed, timeout=timeout)
             except grpc.aio.AioRpcError as error:
-                status = dict(error.trailing_metadata() or ()).get(ANSWERED)
+                status = answered_status(error)
                 if status == str(MISDIRECTED):
                     raise _TryAnother(f"replica {record['id']} no longer has it", unreachable=False) from None
                 if status is None and error.code() == grpc.StatusCode.UNAVAILABLE:  # no answer: no connection

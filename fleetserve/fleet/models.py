@@ -400,17 +400,7 @@ class FleetModels:
 
     async def add_copy(self, name: str, manifest: dict[str, Any], wait: float = COPY_WAIT) -> None:
         """One more copy of `name`, on a replica without one; returns once it serves."""
-        holders = self.holders(name)
-        deadline = time.monotonic() + wait
-        while self.holders(name) <= holders:
-            if name not in self.membership.tables["loads"]:
-                await self._claim(name, manifest, exclude=holders)
-            failed = self.failures.get(name)
-            if failed is not None and failed[0] >= deadline - wait:
-                raise ModelUnavailable(failed[1])
-            if time.monotonic() > deadline:
-                raise ModelUnavailable(f"model '{name}' gained no copy within {wait:.0f}s")
-            await self.membership.changed(1.0)
+        await self.copy_for(name, exclude=self.holders(name), manifest=manifest, wait=wait)
 
     async def _add_copies_where_hot(self) -> None:
         """Every second: a copy here that stays hot gives its model another copy (maxReplicas)."""

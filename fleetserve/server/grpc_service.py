@@ -21,8 +21,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from fleetserve.codecs import json_text
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
-from fleetserve.errors import FleetError, InvalidInput, Relayed, describe
-from fleetserve.fleet.forward import ANSWERED, FORWARDED
+from fleetserve.errors import ANSWERED, FleetError, InvalidInput, Relayed, describe
+from fleetserve.fleet.forward import FORWARDED
 from fleetserve.server import documents
 from fleetserve.server.security import grpc_interceptors, unclassified_rpcs
 from fleetserve.server.limits import apply_deadline
