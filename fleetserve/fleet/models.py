@@ -119,11 +119,12 @@ class FleetModels:
             return True
         return not here.serving and self.manifest(name) is not None
 
-    def serving_here(self) -> set[str]:
-        """This replica's copies as its record tells peers: the ones on their way out are not."""
+    def serving_here(self) -> dict[str, int]:
+        """This replica's copies as its record tells peers, with what each costs (the default
+        version's measured or declared bytes): the ones on their way out are not."""
         if self.stopped_serving:
-            return set()
-        return {version.name for version in self.registry.ready_versions()} - self.leaving
+            return {}
+        return {version.name: version.cost for version in self.registry.ready_versions() if version.name not in self.leaving}
 
     def idle_bytes(self) -> int:
         """What dropping this replica's idle fleet copies would free (placement weighs it)."""

@@ -224,15 +224,13 @@ class FleetServer:
     def _fleet_record(self) -> dict:
         """This replica as its fleet peers see it (fleet/membership.py)."""
         host, books = self.membership.host, self.memory.devices["cpu"]
-        serving = self.fleet_models.serving_here()
         return {
             "address": f"{host}:{self.settings.http_port}",
             "grpc": f"{host}:{self.settings.grpc_port}",
             "capabilities": self.settings.capability_list,
             "memory": {"limit": books.limit, "budget": books.registered_limit, "registered": books.registered_bytes,
                        "resident": books.resident_bytes, "idle": self.fleet_models.idle_bytes()},
-            # Each model served here, with what it costs (the default version's measured or declared bytes).
-            "models": {version.name: version.cost for version in self.registry.ready_versions() if version.name in serving},
+            "models": self.fleet_models.serving_here(),
             "in_flight": self.admission.in_flight,
             "ready": self.ready,
         }
