@@ -245,6 +245,8 @@ def test_a_model_applied_through_one_replica_is_loaded_once_and_answers_from_eve
             assert client.get_model_metadata("flower", as_json=True) == {"name": "flower", "platform": "sklearn"}
             assert client.get_model_config("flower", as_json=True)["config"]["name"] == "flower"
         assert httpx.get(f"{forwarder.url}/v2/models/nowhere", timeout=30).status_code == 404
+        nowhere = httpx.get(f"{forwarder.url}/v2/fleet/models/nowhere", timeout=30)
+        assert nowhere.status_code == 404 and "not in the fleet" in nowhere.json()["error"]
         # Reads: REST and gRPC metadata and config; then REST JSON and binary, gRPC: an answer, an error, a stream message
         assert metric(forwarder, "fleetserve_fleet_forwarded_requests_total") == 9
         assert metric(forwarder, "fleetserve_fleet_hop_duration_seconds_count") == 9
@@ -256,6 +258,16 @@ def test_a_model_applied_through_one_replica_is_loaded_once_and_answers_from_eve
         assert document["copies"][0]["placement"]["by"] == "a2"
         assert {candidate["replica"] for candidate in document["copies"][0]["placement"]["candidates"]} == {"a1", "a2"}
         assert sum(loads_on(server) for server in (first, second)) == 1
+
+        # A load that fails wherever it was placed: its error reaches the client, and etcd keeps nothing of it.
+        broken = httpx.post(f"{first.url}/v2/manifests", timeout=150,
+                            content=model_manifest("broken", uri=tmp_path / "no-such-model.joblib"))
+        # The loader's own answer, 400 as one process answers a model that fails to load
+        assert broken.status_code == 400 and "model 'broken' failed to load" in broken.json()["error"], broken.text
+        wait_for(lambda: httpx.get(f"{second.url}/v2/fleet/models/broken", timeout=30).status_code == 404, 10,
+                 "the broken manifest gone from every replica")
+        assert sum(metric(server, 'fleetserve_fleet_loads_total{model="broken",outcome="failure"}')
+                   for server in (first, second)) == 1
 
         deleted = httpx.request("DELETE", f"{first.url}/v2/manifests", content=model_manifest("flower"), timeout=30)
         assert deleted.status_code == 200, deleted.text

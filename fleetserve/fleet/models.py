@@ -29,9 +29,10 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import orjson
 
-from fleetserve.errors import FleetError, InvalidInput, ModelUnavailable, NotFound, describe
+from fleetserve.errors import FleetError, InvalidInput, ModelUnavailable, NotFound, Relayed, describe
 from fleetserve.fleet.membership import LEASE_SECONDS, Membership
 from fleetserve.fleet.placement import NoPlace, choose
 from fleetserve.graph.manifests import parse_manifest
@@ -91,7 +92,8 @@ class FleetModels:
         self.loaded_at: dict[str, float] = {}  # epoch ms each copy here was loaded
         self.loading: set[str] = set()
         self.claiming: set[str] = set()
-        self.failures: dict[str, tuple[float, str]] = {}  # model -> (when, why) its last fleet load failed
+        # model -> when its last fleet load failed, and the loader's error (gRPC code, message, HTTP status)
+        self.failures: dict[str, tuple[float, tuple[grpc.StatusCode, str, int]]] = {}
         self.placements = 0  # claims this replica won (metrics)
         self.loads: Counter[tuple[str, str]] = Counter()  # (model, "success" or "failure") loaded here for the fleet
         self.forwarded_to: Counter[str] = Counter()  # this replica's forwarded requests in flight, per replica
@@ -154,7 +156,7 @@ class FleetModels:
                 return self.membership.replicas.get(self.me) or {"id": self.me}
             failed = self.failures.get(name)
             if failed is not None and failed[0] >= started:
-                raise ModelUnavailable(failed[1])
+                raise Relayed(*failed[1])
             if name not in self.membership.tables["loads"] and name not in self.claiming:
                 self.claiming.add(name)  # one claim at a time from this replica; the rest wait for it
                 try:
@@ -222,8 +224,9 @@ class FleetModels:
         if section == "replicas" and value is None and (left := self._gone.pop(name, None)) is not None:
             left.set_result(None)
         if section == "loads" and value is not None:
-            if value.get("failed"):
-                self.failures[name] = (time.monotonic(), value["failed"])
+            if value.get("failed"):  # the loader's own error, as a load here would have answered it
+                code = grpc.StatusCode[value.get("code", "UNAVAILABLE")]
+                self.failures[name] = (time.monotonic(), (code, value["failed"], value.get("status", 503)))
             elif value.get("replica") == self.me and name not in self.loading:
                 self.loading.add(name)
                 self._spawn(self._load_here(name, value))
@@ -251,10 +254,12 @@ class FleetModels:
             await self.registry.apply(found)
         except Exception as error:
             reason = error.message if isinstance(error, FleetError) else describe(error)
+            failed = error if isinstance(error, FleetError) else ModelUnavailable(reason)
             self.loads[name, "failure"] += 1
             log.error("model %s failed to load for the fleet: %s", name, reason)
             try:
-                await self._etcd().put(key, orjson.dumps({**claim, "failed": reason}), lease=membership.lease_id)
+                await self._etcd().put(key, orjson.dumps({**claim, "failed": reason, "status": failed.http_status,
+                                                          "code": failed.grpc_code.name}), lease=membership.lease_id)
                 await self._etcd().delete(key)
             except Exception as failure:
                 log.warning("could not report model %s's failed load (%s); its claim ends with this replica's lease",
