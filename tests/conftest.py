@@ -209,18 +209,19 @@ class Server:
     metrics_port: int
     repository: Path
     log_path: Path
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
 
     @property
     def http_address(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.host}:{self.http_port}"
 
     @property
     def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -231,23 +232,27 @@ class Server:
 
 
 def spawn_server(repository: Path, log_path: Path, ports: list[int], extra_env: dict[str, str] | None = None,
-                 ports_in_env: bool = False, args: tuple[str, ...] = ()) -> Server:
-    """Starts `fleetserve start` (with `args`) without waiting; ports as flags, or as FLEETSERVE_* variables."""
+                 ports_in_env: bool = False, args: tuple[str, ...] = (), launcher: tuple[str, ...] = (),
+                 host: str = "127.0.0.1") -> Server:
+    """Starts `fleetserve start` (with `args`) without waiting; ports as flags, or as FLEETSERVE_* variables.
+    `launcher` runs it (`ip netns exec NS`, say), and `host` is where it is reached."""
     env = {**os.environ, "FLEETSERVE_MAX_MESSAGE_SIZE": str(MAX_MESSAGE_SIZE), **(extra_env or {})}
-    command = [sys.executable, "-m", "fleetserve.cli", "start", str(repository), *args]
+    command = [*launcher, sys.executable, "-m", "fleetserve.cli", "start", str(repository), *args]
     names = ("http-port", "grpc-port", "metrics-port")
     if ports_in_env:
         env.update({f"FLEETSERVE_{name.replace('-', '_').upper()}": str(port) for name, port in zip(names, ports)})
     else:
         command += [item for name, port in zip(names, ports) for item in (f"--{name}", str(port))]
     process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    return Server(process, *ports, repository, log_path)
+    return Server(process, *ports, repository, log_path, host)
 
 
 def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None,
-                 ports_in_env: bool = False, args: tuple[str, ...] = ()) -> Server:
+                 ports_in_env: bool = False, args: tuple[str, ...] = (), launcher: tuple[str, ...] = (),
+                 host: str = "127.0.0.1") -> Server:
     """A server that answers ready, on fresh ports."""
-    return wait_ready(spawn_server(repository, log_path, [free_port() for _ in range(3)], extra_env, ports_in_env, args))
+    ports = [free_port() for _ in range(3)]
+    return wait_ready(spawn_server(repository, log_path, ports, extra_env, ports_in_env, args, launcher, host))
 
 
 def wait_ready(server: Server, url: str | None = None, **httpx_options) -> Server:

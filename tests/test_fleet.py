@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -36,9 +37,9 @@ from fleetserve.fleet.models import HOT_CHECKS
 ETCD = Path(sys.executable).parent / "etcd"
 
 
-def start_etcd(folder: Path, client: int, peer: int) -> subprocess.Popen:
-    """An etcd on loopback, serving once this returns; its data in `folder` (a restart keeps it)."""
-    url = f"http://127.0.0.1:{client}"
+def start_etcd(folder: Path, client: int, peer: int, host: str = "127.0.0.1") -> subprocess.Popen:
+    """An etcd on `host` (loopback), serving once this returns; its data in `folder` (a restart keeps it)."""
+    url = f"http://{host}:{client}"
     process = subprocess.Popen(
         [str(ETCD), "--data-dir", str(folder / "data"), "--listen-client-urls", url, "--advertise-client-urls", url,
          "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
@@ -64,14 +65,18 @@ def etcd(tmp_path_factory):
     process.wait()
 
 
-def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] = (), args: tuple[str, ...] = ()):
+def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] = (), args: tuple[str, ...] = (),
+            network: "Namespaces | None" = None):
     repository = tmp_path / f"repo-{replica_id}"
     repository.mkdir()
     for name in models:
         shutil.copytree(ROOT / "model_repo" / "iris", repository / name, ignore=shutil.ignore_patterns("__pycache__"))
         settings = repository / name / "model-settings.json"
         settings.write_text(settings.read_text().replace('"name": "iris"', f'"name": "{name}"'))
-    server = start_server(repository, tmp_path / f"{replica_id}.log",
+    launcher, host = network.join(replica_id) if network else ((), "127.0.0.1")
+    if network:
+        args = ("--host", "0.0.0.0", "--advertise-host", host, *args)
+    server = start_server(repository, tmp_path / f"{replica_id}.log", launcher=launcher, host=host,
                           args=("--etcd", etcd, "--fleet", "test", "--replica-id", replica_id, *args))
     server.replica_id = replica_id
     return server
@@ -126,24 +131,33 @@ def test_replicas_see_each_other_and_leave(etcd, tmp_path):
         stop_all(first, second, *([third] if third else []))
 
 
-def test_with_etcd_down_a_replica_serves_on_and_rejoins_when_it_returns(tmp_path):
+def test_with_etcd_down_replicas_serve_on_unfenced_and_rejoin_when_it_returns(tmp_path):
     folder, client, peer = tmp_path / "etcd", free_port(), free_port()
     folder.mkdir()
     etcd = start_etcd(folder, client, peer)
-    server = replica(f"http://127.0.0.1:{client}", tmp_path, "r1", models=("iris",))
+    servers = [replica(f"http://127.0.0.1:{client}", tmp_path, name, models=("iris",)) for name in ("r1", "r2")]
     try:
-        wait_for(lambda: "r1" in fleet_of(server), 10, "r1 joining")
+        wait_for(lambda: set(fleet_of(servers[0])) == {"r1", "r2"}, 10, "both joining")
         etcd.kill()
         etcd.wait()
-        wait_for(lambda: etcd_state(server) == "unreachable", 15, "r1 noticing etcd is gone")
-        assert "r1" in fleet_of(server, etcd="unreachable")  # the table it last saw stays
-        assert httpx.post(f"{server.url}/v2/models/iris/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
+        down = time.monotonic()
+        for server in servers:
+            wait_for(lambda: etcd_state(server) == "unreachable", 15, f"{server.replica_id} noticing etcd is gone")
+            assert set(fleet_of(server, etcd="unreachable")) == {"r1", "r2"}  # the table it last saw stays
+        # Past every lease, no replica is fenced: no peer can show that etcd ended its lease.
+        while time.monotonic() - down < LEASE_SECONDS + 3:
+            for server in servers:
+                assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+                assert httpx.post(f"{server.url}/v2/models/iris/infer", json=iris_json()).json()["outputs"][0]["data"] == [0, 2]
+            time.sleep(0.5)
         etcd = start_etcd(folder, client, peer)
-        wait_for(lambda: etcd_state(server) == "connected" and "r1" in fleet_of(server), 20, "r1 rejoining")
+        for server in servers:
+            wait_for(lambda: etcd_state(server) == "connected" and "r1" in fleet_of(server), 20, "rejoining")
     finally:
         etcd.kill()
-        if server.process.poll() is None:
-            server.process.kill()
+        for server in servers:
+            if server.process.poll() is None:
+                server.process.kill()
 
 
 @pytest.mark.parametrize("etcd", ["https://127.0.0.1:2379", "http://127.0.0.1:port", "http://"])
@@ -480,11 +494,88 @@ class CuttableLink:
         self.up = True
 
 
-def test_a_replica_cut_off_from_etcd_serves_what_it_has_places_nothing_and_its_models_move(etcd, tmp_path):
-    link = CuttableLink(int(etcd.rpartition(":")[2]))
-    cut_off = replica(f"http://127.0.0.1:{link.port}", tmp_path, "p1")
-    other = replica(etcd, tmp_path, "p2")
+class Namespaces:
+    """Replicas in network namespaces of their own on one bridge, etcd on the bridge's second
+    address (root, or CAP_NET_ADMIN). cut() drops a replica's packets to etcd without a word, as
+    a firewall or a dead switch port would: they go to a MAC address no one has."""
+
+    ETCD_MAC_NO_ONE_HAS = "02:00:00:00:00:01"
+
+    def __init__(self):
+        tag = os.getpid() % 100000
+        self.subnet = f"10.213.{tag % 250}"
+        self.bridge, self.tag = f"fsb{tag}", tag
+        self.etcd_host = f"{self.subnet}.2"
+        self.namespaces: dict[str, str] = {}
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        for host in ("1", "2"):
+            self._ip("addr", "add", f"{self.subnet}.{host}/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    def join(self, replica_id: str) -> tuple[tuple[str, ...], str]:
+        """A namespace for the replica: how to run a command in it, and its address."""
+        index = len(self.namespaces) + 1
+        namespace = self.namespaces[replica_id] = f"fs{self.tag}-{replica_id}"
+        host, link = f"{self.subnet}.{10 + index}", f"fsv{self.tag}x{index}"
+        self._ip("netns", "add", namespace)
+        self._ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+        self._ip("link", "set", link, "master", self.bridge, "up")
+        self._ip("-n", namespace, "addr", "add", f"{host}/24", "dev", "eth0")
+        for device in ("eth0", "lo"):
+            self._ip("-n", namespace, "link", "set", device, "up")
+        return ("ip", "netns", "exec", namespace), host
+
+    def cut(self, replica_id: str) -> None:
+        self._ip("-n", self.namespaces[replica_id], "neigh", "replace", self.etcd_host, "lladdr",
+                 self.ETCD_MAC_NO_ONE_HAS, "dev", "eth0", "nud", "permanent")
+
+    def mend(self, replica_id: str) -> None:
+        self._ip("-n", self.namespaces[replica_id], "neigh", "del", self.etcd_host, "dev", "eth0")
+
+    def close(self) -> None:
+        for namespace in self.namespaces.values():
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+
+@contextlib.contextmanager
+def partitionable(how: str, etcd: str, tmp_path: Path):
+    """Two replicas, p1 and p2, and how to cut p1 off from etcd and mend it: `relay`, a TCP relay
+    that closes its connections; `silent`, namespaces whose packets to etcd vanish."""
+    if how == "relay":
+        link = CuttableLink(int(etcd.rpartition(":")[2]))
+        servers = [replica(f"http://127.0.0.1:{link.port}", tmp_path, "p1"), replica(etcd, tmp_path, "p2")]
+        try:
+            yield *servers, link.cut, link.mend
+        finally:
+            link.cut()
+            stop_all(*servers)
+        return
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (CAP_NET_ADMIN); CI runs as root")
+    network = Namespaces()
+    servers, etcd_process = [], None
     try:
+        client = free_port()
+        (tmp_path / "etcd").mkdir()
+        etcd_process = start_etcd(tmp_path / "etcd", client, free_port(), host=network.etcd_host)
+        for name in ("p1", "p2"):
+            servers.append(replica(f"http://{network.etcd_host}:{client}", tmp_path, name, network=network))
+        yield *servers, partial(network.cut, "p1"), partial(network.mend, "p1")
+    finally:
+        stop_all(*servers)
+        if etcd_process is not None:
+            etcd_process.kill()
+        network.close()
+
+
+@pytest.mark.parametrize("how", ["relay", "silent"])
+def test_a_replica_cut_off_from_etcd_is_fenced_serves_what_it_has_places_nothing_and_its_models_move(how, etcd, tmp_path):
+    with partitionable(how, etcd, tmp_path) as (cut_off, other, cut, mend):
         wait_for(lambda: set(fleet_of(other)) >= {"p1", "p2"}, 10, "both replicas joining")
         placed_on(cut_off, other, "moving")
         apply(other, model_manifest("cold"))
@@ -493,25 +584,30 @@ def test_a_replica_cut_off_from_etcd_serves_what_it_has_places_nothing_and_its_m
         wait_for(lambda: not copies_of(other, "cold"), 10, "no copy of 'cold'")
         load = Load(other, "moving")
         load.wait_for(50, 30)
-        link.cut()
+        cut()
         cut_at = len(load.outcomes)
         wait_for(lambda: "p1" not in fleet_of(other), LEASE_SECONDS + 5, "p1 leaving p2's table")
         load.wait_for(cut_at + 100, 60)
         assert load.stop() == Counter({200: len(load.outcomes)}), load.errors
         assert copies_of(other, "moving") == ["p2"]  # loaded again where etcd is
 
-        assert etcd_state(cut_off) == "unreachable"
+        wait_for(lambda: etcd_state(cut_off) == "unreachable", LEASE_SECONDS + 2, "p1 noticing")  # a silent cut: its calls time out
+        # Fenced: etcd lives on without it, so it is not ready (clients go elsewhere) until it is back.
+        ready = wait_for(lambda: (answer := httpx.get(f"{cut_off.url}/v2/health/ready")).status_code == 503 and answer,
+                         5, "p1 fenced")
+        assert "cut off from etcd" in ready.json()["error"] and "replica p2 no longer lists it" in ready.json()["error"]
+        with grpcclient.InferenceServerClient(cut_off.grpc_address) as client:
+            assert not client.is_server_ready()
+        assert httpx.get(f"{other.url}/v2/health/ready").status_code == 200
         served = httpx.post(f"{cut_off.url}/v2/models/moving/infer", json=iris_json(), timeout=30)
         assert served.status_code == 200, served.text  # what it has, it serves
         refused = httpx.post(f"{cut_off.url}/v2/models/cold/infer", json=iris_json(), timeout=30)
         assert refused.status_code == 503 and "while etcd is unreachable" in refused.json()["error"], refused.text
 
-        link.mend()
+        mend()
         wait_for(lambda: "p1" in fleet_of(other) and etcd_state(cut_off) == "connected", 20, "p1 rejoining")
+        assert httpx.get(f"{cut_off.url}/v2/health/ready").status_code == 200
         assert httpx.post(f"{cut_off.url}/v2/models/cold/infer", json=iris_json(), timeout=60).status_code == 200
-    finally:
-        link.cut()
-        stop_all(cut_off, other)
 
 
 def test_pipelines_and_experiments_applied_once_run_from_every_replica_with_each_model_where_it_is(etcd, tmp_path):

@@ -66,6 +66,7 @@ class Hops:
         # What this replica's own requests (pipeline steps, experiment candidates) carry to a peer.
         token = tokens.data or tokens.admin if tokens is not None else b""
         self.own_metadata = (("authorization", "Bearer " + token.decode()),) if token else ()
+        self.control_headers = {"authorization": "Bearer " + tokens.admin.decode()} if tokens and tokens.admin else {}
         self.forwarded = 0  # answered by a peer (metrics)
         self.retried = 0  # of those, answered by a second copy
         self.seconds = 0.0  # spent waiting for the peers that answered
@@ -145,6 +146,24 @@ class Hops:
         except grpc.aio.AioRpcError as error:
             raise Relayed.of(error) from None
         return None if answer is None else decode_infer_response(answer)
+
+    async def peer_without_me(self) -> str | None:
+        """A peer, of those last seen, whose table (fed by etcd) no longer lists this replica: proof
+        that etcd lives on and ended this replica's lease. None when no peer shows it."""
+        me = self.models.me
+
+        async def ask(record: dict[str, Any]) -> str | None:
+            try:
+                async with self._client().get(f"{self.scheme}://{record['address']}/v2/fleet", headers=self.control_headers,
+                                              timeout=self.aiohttp.ClientTimeout(total=CONNECT_SECONDS)) as response:
+                    document = await response.json() if response.status == 200 else {}
+            except (self.aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                return None
+            listed = {replica.get("id") for replica in document.get("replicas") or ()}
+            return record["id"] if document.get("etcd") == "connected" and me not in listed else None
+
+        peers = [record for replica, record in self.models.membership.replicas.items() if replica != me]
+        return next((found for found in await asyncio.gather(*map(ask, peers)) if found), None)
 
     async def _hop(self, name: str, call: Callable[[dict[str, Any]], Awaitable[Any]]):
         tried: set[str] = set()

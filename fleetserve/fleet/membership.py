@@ -9,6 +9,9 @@ Keys, under `fleetserve/<fleet>/`:
   (fleet/models.py says what they mean).
 
 With etcd unreachable the replica keeps serving and keeps trying; the tables it last saw stay.
+Cut off past its lease while etcd lives on (a peer's table, fed by etcd, no longer lists it), the
+replica is fenced: not ready, so clients are sent elsewhere, until it joins again. With etcd down
+for every replica no peer can show that, and every replica serves on.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import orjson
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 5
 PUBLISH_EVERY = 1.0  # seconds between checks of this replica's record (written only when it changed)
+FENCE_CHECK_EVERY = 1.0  # seconds between asking peers, while cut off past the lease, whether it ended
 SECTIONS = ("replicas", "manifests", "loads", "placements", "costs")
 
 # A change to one key: (section, name within it, the new value or None when deleted).
@@ -79,10 +83,15 @@ class Membership:
         self.client = None  # while connected
         self.lease_id = 0
         self.connected = False
+        self.fenced = ""  # why this replica is fenced; empty while it is not
+        # The peer whose table (fed by etcd) no longer lists this replica, if one does; set by the server.
+        self.witness: Callable[[], Awaitable[str | None]] | None = None
+        self.fence_changed: Callable[[], Awaitable[None]] | None = None
+        self._last_contact = 0.0  # loop time etcd last renewed this replica's lease
         self._changed = asyncio.Event()  # replaced after every change: waiters hold the one they saw
         self._publish_soon = asyncio.Event()
         self._writing = asyncio.Lock()
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._lease = None
 
     @property
@@ -93,13 +102,13 @@ class Membership:
         return self.prefix + f"{section}/{name}".encode()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._fence_while_cut_off())]
 
     async def stop(self) -> None:
         """Leave the fleet at once: the record goes with the lease."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._lease is not None:
             try:
                 await asyncio.wait_for(self._lease.revoke(), 2.0)
@@ -109,7 +118,7 @@ class Membership:
 
     def document(self) -> dict[str, Any]:
         return {"fleet": self.fleet, "replica": self.replica_id, "etcd": "connected" if self.connected else "unreachable",
-                "replicas": [self.replicas[name] for name in sorted(self.replicas)]}
+                "fenced": self.fenced or None, "replicas": [self.replicas[name] for name in sorted(self.replicas)]}
 
     async def changed(self, timeout: float) -> None:
         """Wait for the next change to any table (or the timeout); check what you wait for
@@ -150,6 +159,7 @@ class Membership:
 
     async def _serve(self, client) -> None:
         self._lease = await client.lease(LEASE_SECONDS)
+        self._last_contact = asyncio.get_running_loop().time()
         self.lease_id = self._lease.id
         published = self._encoded()
         await client.put(self.key, published, lease=self._lease)
@@ -159,6 +169,7 @@ class Membership:
         if not self.connected:
             log.info("replica %s joined fleet %s (%d replicas)", self.replica_id, self.fleet, len(self.replicas))
         self.client, self.connected = client, True
+        await self._fence("")
         self._notify()
         follow = asyncio.create_task(self._follow(watch))
         try:
@@ -173,6 +184,7 @@ class Membership:
                     refreshed = now
                     if (await self._lease.refresh()).TTL <= 0:  # stalled past it: the record is gone
                         raise ConnectionError("the lease ran out")
+                    self._last_contact = now
                 async with self._writing:
                     current = self._encoded()
                     if current != published:
@@ -182,6 +194,34 @@ class Membership:
         finally:
             follow.cancel()
             self.client = None
+
+    async def _fence_while_cut_off(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(FENCE_CHECK_EVERY)
+            if loop.time() - self._last_contact <= LEASE_SECONDS or self.witness is None or not self._last_contact:
+                continue
+            try:
+                witness = await self.witness()
+            except Exception as error:  # asking is best effort: no answer proves nothing
+                log.warning("asking peers whether etcd ended this replica's lease failed: %s", describe(error))
+                continue
+            if witness is not None:
+                await self._fence(f"cut off from etcd, which ended this replica's lease (replica {witness} "
+                                  "no longer lists it)")
+            elif self.fenced:  # etcd has since gone for every replica: none is better placed to serve
+                await self._fence("")
+
+    async def _fence(self, why: str) -> None:
+        if why == self.fenced:
+            return
+        if why:
+            log.warning("fenced: %s; not ready until etcd is back, serving only what is already here", why)
+        else:
+            log.info("no longer fenced: ready again")
+        self.fenced = why
+        if self.fence_changed is not None:
+            await self.fence_changed()
 
     async def _follow(self, watch) -> None:
         async for event in watch:

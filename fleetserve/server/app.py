@@ -108,6 +108,7 @@ class FleetServer:
             self.membership = Membership(settings, self._fleet_record)
             self.fleet_models = FleetModels(self.membership, self.registry)
             self.hops = Hops(self.fleet_models, settings, self.tls, self.tokens)
+            self.membership.witness = self.hops.peer_without_me
             self.router.fleet = self.hops
             REGISTRY.register(FleetCollector(self.hops))
             self.fleet_graphs: dict[tuple[str, str], dict] = {}  # pipelines and experiments applied from etcd
@@ -167,6 +168,7 @@ class FleetServer:
 
         log_front_doors(self.settings, self.tokens, self.tls)
         if self.membership is not None:
+            self.membership.fence_changed = lambda: set_serving(health, self.ready and not self.fenced)
             self.membership.start()
             self.fleet_models.start()
         loading = asyncio.create_task(self._load_models(health))
@@ -218,8 +220,13 @@ class FleetServer:
             return
         await self._apply_again()
         self.ready = True
-        await set_serving(health, True)
+        await set_serving(health, not self.fenced)
         log.info("ready: %d model version(s) loaded", len(self.registry.ready_versions()))
+
+    @property
+    def fenced(self) -> str:
+        """Why this replica is fenced (cut off from an etcd that lives on), or "" (fleet/membership.py)."""
+        return self.membership.fenced if self.membership is not None else ""
 
     def _fleet_record(self) -> dict:
         """This replica as its fleet peers see it (fleet/membership.py)."""

@@ -231,7 +231,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_aborts_on_error
     async def ServerReady(self, request, context):
-        return service_pb2.ServerReadyResponse(ready=self.server.ready)
+        return service_pb2.ServerReadyResponse(ready=self.server.ready and not self.server.fenced)
 
     @_aborts_on_error
     async def ModelReady(self, request, context):

@@ -175,6 +175,8 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     async def ready() -> Response:
         if not server.ready:
             raise ServerUnavailable("the server is not ready: " + ("shutting down" if server.stopping else "loading models"))
+        if server.fenced:
+            raise ServerUnavailable("the server is not ready: " + server.fenced)
         return json_response({"ready": True})
 
     @app.get("/v2")
