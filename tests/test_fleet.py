@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, free_port, iris_json, spawn_server, start_server, wait_ready
+from conftest import ROOT, free_port, iris_json, spawn_server, start_server, wait_ready, write_settings
 from test_security import _issue
 from fleetserve.fleet.membership import LEASE_SECONDS
 from fleetserve.fleet.models import HOT_CHECKS
@@ -68,11 +69,9 @@ def etcd(tmp_path_factory):
 def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] = (), args: tuple[str, ...] = (),
             network: "Namespaces | None" = None):
     repository = tmp_path / f"repo-{replica_id}"
-    repository.mkdir()
+    repository.mkdir(exist_ok=True)
     for name in models:
-        shutil.copytree(ROOT / "model_repo" / "iris", repository / name, ignore=shutil.ignore_patterns("__pycache__"))
-        settings = repository / name / "model-settings.json"
-        settings.write_text(settings.read_text().replace('"name": "iris"', f'"name": "{name}"'))
+        iris_folder(repository / name, name)
     launcher, host = network.join(replica_id) if network else ((), "127.0.0.1")
     if network:
         args = ("--host", "0.0.0.0", "--advertise-host", host, *args)
@@ -80,6 +79,25 @@ def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] 
                           args=("--etcd", etcd, "--fleet", "test", "--replica-id", replica_id, *args))
     server.replica_id = replica_id
     return server
+
+
+def iris_folder(folder: Path, name: str) -> None:
+    """The example iris model, as model `name`, in `folder`."""
+    shutil.copytree(ROOT / "model_repo" / "iris", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    settings = folder / "model-settings.json"
+    settings.write_text(settings.read_text().replace('"name": "iris"', f'"name": "{name}"'))
+
+
+def mlflow_folder(folder: Path) -> tuple[list, list]:
+    """An MLflow sklearn model in `folder`, and rows with what it predicts for them."""
+    import mlflow.sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    rows = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+    model = LogisticRegression().fit(rows, [0, 2])
+    mlflow.sklearn.save_model(model, folder)
+    write_settings(folder, {"implementation": "mlflow"})
+    return rows, model.predict(rows).tolist()
 
 
 def fleet_of(server, etcd: str = "connected") -> dict[str, dict]:
@@ -331,6 +349,41 @@ def test_a_herd_of_first_requests_on_every_replica_loads_a_cold_model_once(etcd,
         assert all(answer.json()["outputs"][0]["data"] == [0, 2] for answer in answers)
         assert sum(loads_on(server) for server in servers) - before == 1
         assert len(copies_of(servers[1], "herd")) == 1
+    finally:
+        stop_all(*servers)
+
+
+def test_repository_folders_become_the_fleets_each_loaded_once_and_answered_from_every_replica(etcd, tmp_path):
+    names = ("ra", "rb", "rc", "rd")
+    iris_folder(tmp_path / "repo-o1" / "own" / "1", "own")  # a folder with versions stays its replica's own
+    flowers = mlflow_folder(tmp_path / "repo-o1" / "mlflow-iris")
+    with ThreadPoolExecutor(2) as pool:  # both at once: each offers every folder to the fleet
+        servers = list(pool.map(lambda replica_id: replica(etcd, tmp_path, replica_id, models=names), ("o1", "o2")))
+    try:
+        for name in names:  # each replica turned ready once every folder had a copy somewhere
+            for server in servers:
+                wait_for(lambda: copies_of(server, name), 5, f"{name}'s copy seen")
+            assert len(copies_of(servers[0], name)) == len(copies_of(servers[1], name)) == 1
+            assert httpx.get(f"{servers[0].url}/v2/fleet/models/{name}").json()["manifest"] is True
+        assert sum(metric(server, "fleetserve_fleet_loads_total") for server in servers) == len(names) + 1  # mlflow-iris
+        for server in servers:
+            for name in (*names, "own"):
+                answer = httpx.post(f"{server.url}/v2/models/{name}/infer", json=iris_json(), timeout=30)
+                assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [0, 2], (name, answer.text)
+        for server in servers:  # MLflow's scoring routes answer from every replica too
+            scored = httpx.post(f"{server.url}/v2/models/mlflow-iris/invocations", json={"instances": flowers[0]}, timeout=30)
+            assert scored.status_code == 200 and scored.json() == {"predictions": flowers[1]}, scored.text
+            assert httpx.get(f"{server.url}/v2/models/mlflow-iris/ping").status_code == 200
+        assert len(copies_of(servers[1], "mlflow-iris")) == 1
+        own = httpx.get(f"{servers[1].url}/v2/fleet/models/own").json()
+        assert own["manifest"] is False and [copy["replica"] for copy in own["copies"]] == ["o1"]
+
+        # A folder new to a replica's repository, loaded through the repository API, is the fleet's too.
+        iris_folder(servers[1].repository / "late", "late")
+        assert httpx.post(f"{servers[1].url}/v2/repository/models/late/load", timeout=60).status_code == 200
+        wait_for(lambda: copies_of(servers[0], "late"), 5, "late's copy seen")
+        assert httpx.get(f"{servers[0].url}/v2/fleet/models/late").json()["manifest"] is True
+        assert httpx.post(f"{servers[0].url}/v2/models/late/infer", json=iris_json(), timeout=30).status_code == 200
     finally:
         stop_all(*servers)
 

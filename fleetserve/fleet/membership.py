@@ -120,6 +120,13 @@ class Membership:
         return {"fleet": self.fleet, "replica": self.replica_id, "etcd": "connected" if self.connected else "unreachable",
                 "fenced": self.fenced or None, "replicas": [self.replicas[name] for name in sorted(self.replicas)]}
 
+    async def joined(self, within: float) -> bool:
+        """Whether this replica is connected to etcd, waiting `within` seconds for it at most."""
+        deadline = asyncio.get_running_loop().time() + within
+        while not self.connected and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await self.changed(left)
+        return self.connected
+
     async def changed(self, timeout: float) -> None:
         """Wait for the next change to any table (or the timeout); check what you wait for
         first, then call this, so a change between the two is not missed."""

@@ -2,8 +2,8 @@
 says, and answered from every replica.
 
 Keys, under `fleetserve/<fleet>/`:
-- `manifests/Model/<name>`: the applied manifest (a Seldon `Model`, as JSON). It outlives every
-  replica, as --state-dir does for one process.
+- `manifests/Model/<name>`: the applied manifest (a Seldon `Model`, as JSON), or a repository
+  folder's (repository_manifest). It outlives every replica, as --state-dir does for one process.
 - `loads/<name>`: the claim that one replica is loading the model, with the placement's figures.
   It is created only where absent (a compare-and-swap on the key's version) and bound to the
   loading replica's lease, so one load runs in the whole fleet however many replicas ask at
@@ -37,8 +37,13 @@ from fleetserve.fleet.membership import LEASE_SECONDS, Membership
 from fleetserve.fleet.placement import NoPlace, choose
 from fleetserve.graph.manifests import parse_manifest
 
+from fleetserve.runtime.artifacts import is_remote
+from fleetserve.runtime.repository import TRITON_CONFIG, is_version_number
+from fleetserve.settings import is_within
+
 if TYPE_CHECKING:
     from fleetserve.runtime.registry import Registry
+    from fleetserve.runtime.repository import Found
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,26 @@ def copies_wanted(manifest: dict[str, Any]) -> tuple[int, int]:
     if most < least:
         raise InvalidInput(f"Model '{manifest['metadata']['name']}': spec.maxReplicas {most} is below {least} copies")
     return least, most
+
+
+def repository_manifest(found: "Found") -> dict[str, Any] | None:
+    """A model folder of the repository as the fleet's Model manifest, its storageUri the folder
+    (so every replica must read that path: a shared folder, or one baked into the image); None
+    for a folder that stays this replica's own, served to the fleet from here: one with version
+    folders, a Triton model folder, one whose artifacts lie outside it, a broken one."""
+    if found.error or len(found.versions) != 1:
+        return None
+    settings = found.versions[0]
+    if is_version_number(settings.folder.name) or (settings.folder / TRITON_CONFIG).is_file():
+        return None
+    if settings.uri and (is_remote(settings.uri) or not is_within(settings.artifact_path, settings.folder)):
+        return None
+    spec: dict[str, Any] = {"storageUri": str(settings.folder)}
+    if settings.requirements:
+        spec["requirements"] = list(settings.requirements)
+    if settings.memory:
+        spec["memory"] = settings.memory
+    return {"apiVersion": "mlops.seldon.io/v1alpha1", "kind": "Model", "metadata": {"name": found.name}, "spec": spec}
 
 
 class _Etcd:
@@ -398,6 +423,14 @@ class FleetModels:
             except FleetError as error:
                 log.warning("model %s has %d of its %d copies: %s", name, before, wanted, error.message)
                 return
+
+    async def offer(self, manifest: dict[str, Any]) -> bool:
+        """A repository's model becomes the fleet's, unless the fleet has one of that name
+        (applied, or offered by another replica): that one stays. Whether it became the fleet's."""
+        key, txn = self.membership.key_of("manifests", f"Model/{manifest['metadata']['name']}"), self.membership.transactions
+        created, _ = await self._etcd().transaction(compare=[txn.Version(key) == 0],
+                                                    success=[txn.Put(key, orjson.dumps(manifest))], failure=[])
+        return created
 
     def holders(self, name: str) -> set[str]:
         """The replicas serving `name`, this one included."""

@@ -1,6 +1,7 @@
 """Where a model's copy goes: a pure choice over the replicas' records, so it is tested without etcd.
 
-A replica qualifies when it is ready, not draining, and its capabilities cover the model's
+A replica qualifies when it is in the fleet and not draining (one still starting too: its
+repository's models are placed before it turns ready), and its capabilities cover the model's
 requirements. Among those, the copy goes where it fits best: the most memory left under the
 replica's registered budget, then (nowhere fits as it is) the most that dropping its idle models
 would free, then the fewest models. Replicas within CLOSE of the best are equals, and the copy
@@ -37,7 +38,7 @@ def candidates(replicas: dict[str, dict[str, Any]], requirements: list[str], cos
                exclude: set[str] = frozenset(), loading: dict[str, int] | None = None) -> list[Candidate]:
     found = []
     for replica_id, record in replicas.items():
-        if replica_id in exclude or record.get("state") != "ready" or not record.get("ready"):
+        if replica_id in exclude or record.get("state") != "ready":
             continue
         if not set(requirements) <= set(record.get("capabilities") or ()):
             continue

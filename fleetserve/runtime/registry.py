@@ -229,7 +229,7 @@ class Registry:
                     measured_memory_bytes=version.measured,
                 )
                 entries.append(entry)
-        for name, found in (await self._in_thread(self.repository.scan)).items():
+        for name, found in (await self.scan()).items():
             if name not in self.models:
                 entries.append({"name": name, "state": UNAVAILABLE, "reason": found.error or "not loaded"})
         if ready_only:
@@ -241,18 +241,27 @@ class Registry:
     async def _in_thread(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
-    async def load_all(self) -> None:
-        """Load every model in the repository, LOAD_TURNS at a time; failures are recorded, not
-        raised. Cancelled (the server stops), the loads under way complete and those not begun
-        never begin."""
-        found = await self._in_thread(self.repository.scan)
-        await self._in_turns({name: partial(self.load, name, entry) for name, entry in found.items()})
+    async def scan(self) -> dict[str, Found]:
+        return await self._in_thread(self.repository.scan)
+
+    async def find(self, name: str) -> Found:
+        check_model_name(name)
+        return await self._in_thread(self.repository.find, name)
+
+    async def load_all(self, found: dict[str, Found] | None = None) -> None:
+        """Load every model in the repository (or those `found` in it), LOAD_TURNS at a time;
+        failures are recorded, not raised. Cancelled (the server stops), the loads under way
+        complete and those not begun never begin."""
+        found = await self.scan() if found is None else found
+        await self.in_turns({name: partial(self.load, name, entry) for name, entry in found.items()})
 
     async def apply_all(self, manifests: list[Found]) -> None:
         """apply() each, LOAD_TURNS at a time; failures are logged, not raised."""
-        await self._in_turns({found.name: partial(self.apply, found) for found in manifests})
+        await self.in_turns({found.name: partial(self.apply, found) for found in manifests})
 
-    async def _in_turns(self, loads: dict[str, Callable[[], Awaitable[None]]]) -> None:
+    @staticmethod
+    async def in_turns(loads: dict[str, Callable[[], Awaitable[Any]]]) -> None:
+        """Each model's load, LOAD_TURNS at a time; a failure is logged, not raised."""
         turns = asyncio.Semaphore(LOAD_TURNS)
 
         async def in_turn(load) -> None:

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import uvicorn
@@ -22,8 +23,8 @@ from prometheus_client import REGISTRY, disable_created_metrics
 
 from fleetserve.errors import FleetError, describe
 from fleetserve.fleet.forward import FleetCollector, Hops
-from fleetserve.fleet.membership import Membership
-from fleetserve.fleet.models import FleetModels
+from fleetserve.fleet.membership import LEASE_SECONDS, Membership
+from fleetserve.fleet.models import FleetModels, repository_manifest
 from fleetserve.graph.applied import AppliedManifests
 from fleetserve.graph.manifests import parse_manifest
 from fleetserve.graph.router import GraphCollector, Router
@@ -42,6 +43,8 @@ from fleetserve.server.security import TLS, Tokens, log_front_doors, protect_res
 from fleetserve.settings import ServerSettings
 
 log = logging.getLogger("fleetserve")
+
+OFFERS_AT_ONCE = 64  # repository models offered to the fleet's etcd at once, at start
 
 
 class _UvicornServer(uvicorn.Server):
@@ -212,16 +215,45 @@ class FleetServer:
 
     async def _load_models(self, health) -> None:
         try:
-            await self.registry.load_all()
+            found = await self.registry.scan()
         except Exception as error:  # the repository itself cannot be read: nothing to serve
             log.error("cannot read the model repository %s: %s", self.settings.model_repository, describe(error))
             self.load_failed = True
             self.request_stop()
             return
+        offered = await self._offer_to_fleet(found) if self.fleet_models is not None else set()
+        await self.registry.load_all({name: entry for name, entry in found.items() if name not in offered})
+        # Ready once each of them has a copy somewhere in the fleet, as one process is once its repository is loaded.
+        await self.registry.in_turns({name: partial(self.fleet_models.copy_for, name) for name in sorted(offered)})
         await self._apply_again()
         self.ready = True
         await set_serving(health, not self.fenced)
         log.info("ready: %d model version(s) loaded", len(self.registry.ready_versions()))
+
+    async def _offer_to_fleet(self, found: dict) -> set[str]:
+        """The repository's plain model folders become the fleet's (repository_manifest says
+        which); the names that did, or were the fleet's already. Without etcd at start, none:
+        this replica loads them itself, as its own."""
+        manifests = {name: manifest for name, entry in found.items() if (manifest := repository_manifest(entry))}
+        if not manifests:
+            return set()
+        if not await self.membership.joined(LEASE_SECONDS):
+            log.warning("etcd is unreachable: the repository's %d model(s) load here, as this replica's own",
+                        len(manifests))
+            return set()
+        offers = list(manifests.items())
+        outcomes = []
+        for start in range(0, len(offers), OFFERS_AT_ONCE):
+            batch = offers[start:start + OFFERS_AT_ONCE]
+            outcomes += await asyncio.gather(*(self.fleet_models.offer(manifest) for _, manifest in batch),
+                                             return_exceptions=True)
+        offered = {name for (name, _), outcome in zip(offers, outcomes) if not isinstance(outcome, BaseException)}
+        log.info("the repository's %d model(s) are the fleet's (%d new to it)", len(offered),
+                 sum(outcome is True for outcome in outcomes))
+        for (name, _), outcome in zip(offers, outcomes):
+            if isinstance(outcome, BaseException):
+                log.warning("model %s loads here, as this replica's own: %s", name, describe(outcome))
+        return offered
 
     @property
     def fenced(self) -> str:
@@ -245,9 +277,15 @@ class FleetServer:
     async def load(self, name: str) -> None:
         """The repository API's load: a fleet model gets a copy somewhere if it has none (loaded
         once, where placement says); any other model loads here from the repository."""
-        if self.fleet_models is not None and self.fleet_models.manifest(name) is not None:
-            await self.fleet_models.copy_for(name)
-            return
+        if self.fleet_models is not None:
+            manifest = self.fleet_models.manifest(name)
+            if manifest is None:  # a folder new to the repository: the fleet's too, if it can be
+                manifest = repository_manifest(await self.registry.find(name))
+                if manifest is not None:
+                    await self.fleet_models.offer(manifest)
+            if manifest is not None:
+                await self.fleet_models.copy_for(name, manifest=manifest)
+                return
         await self.registry.load(name)
 
     async def unload(self, name: str) -> None:

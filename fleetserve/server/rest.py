@@ -190,12 +190,12 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     async def model_stats(name: str | None = None, version: str | None = None) -> Response:
         return json_response(await documents.model_statistics(registry, name, version))
 
-    async def from_peer(request: Request, name: str) -> Response | None:
-        """A read about a model a fleet peer serves (none here), answered by that peer."""
+    async def from_peer(request: Request, name: str, body: bytes = b"") -> Response | None:
+        """A request about a model a fleet peer serves (none here), answered by that peer."""
         hops = server.hops
         if hops is None or not hops.elsewhere(name, router.takeovers, None, request.headers.get(FORWARDED)):
             return None
-        answer = await hops.send("GET", name, request.url.path, b"", request.headers)
+        answer = await hops.send(request.method, name, request.url.path, body, request.headers)
         if answer is None:
             return None
         return Response(answer.body, answer.status, headers={key.decode(): value.decode("latin-1")
@@ -231,6 +231,8 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     @app.post("/v2/models/{name}/versions/{version}/invocations")
     async def mlflow_invocations(request: Request, name: str, version: str | None = None) -> Response:
         body = await read_body(request.receive, request.headers, limit)
+        if (answer := await from_peer(request, name, body)) is not None:
+            return answer
         content_type = request.headers.get("content-type", "application/json")
         if content_type.startswith("application/json"):
             refuse_deep_json(body)  # MLflow's json.loads would recurse
@@ -239,7 +241,9 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
 
     @app.get("/v2/models/{name}/ping")
     @app.get("/v2/models/{name}/versions/{version}/ping")
-    async def mlflow_ping(name: str, version: str | None = None) -> Response:
+    async def mlflow_ping(request: Request, name: str, version: str | None = None) -> Response:
+        if (answer := await from_peer(request, name)) is not None:
+            return answer
         model = registry.get_ready(name, version)
         # An evicted model's runtime is not there to ask: it answers as ready, like any ready model.
         if model.runtime is not None and not hasattr(model.runtime, "invocations"):
