@@ -287,7 +287,10 @@ def test_a_model_applied_through_one_replica_is_loaded_once_and_answers_from_eve
             second, 'fleetserve_fleet_loads_total{model="flower",outcome="success"}') == 1
         assert metric(first, "fleetserve_fleet_replicas") == 2 and metric(first, "fleetserve_fleet_etcd_connected") == 1
         document = httpx.get(f"{first.url}/v2/fleet/models/flower", timeout=5).json()
-        assert document["copies"][0]["placement"]["by"] == "a2"
+        placement = document["copies"][0]["placement"]
+        assert placement["by"] == "a2" and placement["measured"] == document["cost_bytes"] > 0
+        # Before any load measured it, an undeclared model costs its artifacts' bytes (times its runtime's ratio).
+        assert placement["cost"] == (ROOT / "model_repo" / "iris" / "model.joblib").stat().st_size
         assert {candidate["replica"] for candidate in document["copies"][0]["placement"]["candidates"]} == {"a1", "a2"}
         assert sum(loads_on(server) for server in (first, second)) == 1
 

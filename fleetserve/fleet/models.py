@@ -9,10 +9,10 @@ Keys, under `fleetserve/<fleet>/`:
   loading replica's lease, so one load runs in the whole fleet however many replicas ask at
   once, and a loader that dies takes its claim with it. The loader deletes it once its record
   lists the model, or first writes `failed` into it so every waiter gets the reason.
-- `placements/<name>/<replica>`: why a copy is where it is (the candidates and their figures);
-  removed when the copy goes.
-- `costs/<name>`: what loading the model measured last, the figure placement uses (declared
-  memory before any load).
+- `placements/<name>/<replica>`: why a copy is where it is (the candidates and their figures, the
+  cost placement assumed and what the load measured); removed when the copy goes.
+- `costs/<name>`: what loading the model measured last, the figure placement uses (before any
+  load, Registry.estimate: declared memory, else its artifacts' bytes times its runtime's ratio).
 
 What routing believes: a replica serves a model when its record lists it. So a replica publishes
 its record before it deletes a claim (peers route to a model that is there), and publishes it
@@ -199,9 +199,10 @@ class FleetModels:
         client = self.membership.client
         if client is None:
             raise ModelUnavailable(f"model '{name}' has no copy loaded, and none can be placed while etcd is unreachable")
-        versions = parse_manifest(manifest).versions
+        found = parse_manifest(manifest)
+        versions = found.versions
         measured = self.membership.tables["costs"].get(name)
-        cost = int(measured["bytes"]) if measured else max(version.memory for version in versions)
+        cost = int(measured["bytes"]) if measured else await self.registry.estimate(found)
         requirements = sorted({requirement for version in versions for requirement in version.requirements})
         now = time.monotonic()
         skipped = set(exclude) | {replica for replica, until in self.unreachable.items() if until > now}
@@ -302,7 +303,7 @@ class FleetModels:
             txn = membership.transactions
             await self._etcd().transaction(compare=[], success=[
                 txn.Delete(key),
-                txn.Put(membership.key_of("placements", f"{name}/{self.me}"), orjson.dumps({**claim, "cost": cost})),
+                txn.Put(membership.key_of("placements", f"{name}/{self.me}"), orjson.dumps({**claim, "measured": cost})),
                 txn.Put(membership.key_of("costs", name), orjson.dumps({"bytes": cost})),
             ], failure=[])
         except Exception as error:  # loaded and serving; etcd learns of it from the next record

@@ -587,16 +587,37 @@ class Registry:
 
     def _estimate(self, versions: list[ModelVersion]) -> None:
         for version in versions:
-            settings = version.settings
-            if settings.uri and settings.fetched is None:
-                try:
-                    self.artifacts.check(settings.uri, settings.folder)
-                except FleetError:
-                    continue  # the load refuses it, in its own words
-            version.artifact_bytes = size_on_disk(settings.artifact_path)
+            artifact_bytes = self._artifact_bytes(version.settings)
+            if artifact_bytes is None:
+                continue  # the load refuses it, in its own words
+            version.artifact_bytes = artifact_bytes
             if not version.declared:
-                ratio = self._kept_per_artifact_byte.get(settings.runtime_key, 1.0)
-                version.estimated = int(version.artifact_bytes * ratio)
+                version.estimated = self._kept(version.settings, artifact_bytes)
+
+    def _artifact_bytes(self, settings: ModelSettings) -> int | None:
+        """The bytes of the model's artifacts here; None where they may not be read."""
+        if settings.uri and settings.fetched is None:
+            try:
+                self.artifacts.check(settings.uri, settings.folder)
+            except FleetError:
+                return None
+        return size_on_disk(settings.artifact_path)
+
+    def _kept(self, settings: ModelSettings, artifact_bytes: int) -> int:
+        return int(artifact_bytes * self._kept_per_artifact_byte.get(settings.runtime_key, 1.0))
+
+    async def estimate(self, found: Found) -> int:
+        """What loading `found` would take, before any load measured it (the fleet places it by
+        this): its declared memory, else its artifacts' bytes times what its runtime kept per
+        artifact byte; 0 for artifacts not here yet (remote ones before their download)."""
+        def estimated(settings: ModelSettings) -> int:
+            if settings.memory:
+                return settings.memory
+            if is_remote(settings.uri or "") and settings.fetched is None:
+                return 0
+            return self._kept(settings, self._artifact_bytes(settings) or 0)
+
+        return max(await self._in_thread(lambda: [estimated(settings) for settings in found.versions]), default=0)
 
     async def _stop_runtime(self, version: ModelVersion, runtime: Runtime) -> None:
         try:
