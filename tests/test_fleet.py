@@ -304,6 +304,24 @@ def test_a_model_applied_through_one_replica_is_loaded_once_and_answers_from_eve
         assert sum(metric(server, 'fleetserve_fleet_loads_total{model="broken",outcome="failure"}')
                    for server in (first, second)) == 1
 
+        # Applied again: a manifest its copy cannot load is refused with that copy's error, and the
+        # manifest before is put back: the copy serves on, and a copy loaded later loads that one.
+        [holder] = copies_of(first, "flower")
+        holder_server = first if holder == "a1" else second
+        refused = apply(second, model_manifest("flower", uri=tmp_path / "gone.joblib"), expected=400)
+        assert "model 'flower' failed to reload" in refused["error"] and "gone.joblib" in refused["error"], refused
+        assert httpx.post(f"{holder_server.url}/v2/repository/models/flower/unload", timeout=30).status_code == 200
+        wait_for(lambda: not copies_of(first, "flower"), 10, "no copy of flower")
+        for server in (first, second):
+            again = httpx.post(f"{server.url}/v2/models/flower/infer", json=iris_json(), timeout=60)
+            assert again.status_code == 200 and again.json()["outputs"][0]["data"] == [0, 2], again.text
+        # One its copies can load is applied (200) once every copy has loaded it.
+        shutil.copy(ROOT / "model_repo" / "iris" / "model.joblib", tmp_path / "flower-2.joblib")
+        apply(first, model_manifest("flower", uri=tmp_path / "flower-2.joblib"))
+        [holder] = copies_of(first, "flower")
+        placement = httpx.get(f"{second.url}/v2/fleet/models/flower", timeout=5).json()["copies"][0]["placement"]
+        assert placement["reloads"] == 1 and "failed" not in placement, placement
+
         deleted = httpx.request("DELETE", f"{first.url}/v2/manifests", content=model_manifest("flower"), timeout=30)
         assert deleted.status_code == 200, deleted.text
         wait_for(lambda: not copies_of(second, "flower"), 10, "the copy leaving")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -89,6 +90,21 @@ def repository_manifest(found: "Found") -> dict[str, Any] | None:
     return {"apiVersion": "mlops.seldon.io/v1alpha1", "kind": "Model", "metadata": {"name": found.name}, "spec": spec}
 
 
+def digest(manifest: dict[str, Any]) -> str:
+    """A manifest's fingerprint: which one a copy serves, or failed to load."""
+    return hashlib.sha256(orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def _failure(error: BaseException) -> dict[str, Any]:
+    """A load's error as etcd keeps it for every replica: as one process would have answered it."""
+    failed = error if isinstance(error, FleetError) else ModelUnavailable(describe(error))
+    return {"failed": failed.message, "status": failed.http_status, "code": failed.grpc_code.name}
+
+
+def _relayed(record: dict[str, Any]) -> Relayed:
+    return Relayed(grpc.StatusCode[record.get("code", "UNAVAILABLE")], record["failed"], record.get("status", 503))
+
+
 class _Etcd:
     """An etcd client whose calls fail as ModelUnavailable (503), whatever the client raised."""
 
@@ -117,8 +133,8 @@ class FleetModels:
         self.loaded_at: dict[str, float] = {}  # epoch ms each copy here was loaded
         self.loading: set[str] = set()
         self.claiming: set[str] = set()
-        # model -> when its last fleet load failed, and the loader's error (gRPC code, message, HTTP status)
-        self.failures: dict[str, tuple[float, tuple[grpc.StatusCode, str, int]]] = {}
+        # model -> when its last fleet load failed, and the loader's error
+        self.failures: dict[str, tuple[float, Relayed]] = {}
         self.placements = 0  # claims this replica won (metrics)
         self.loads: Counter[tuple[str, str]] = Counter()  # (model, "success" or "failure") loaded here for the fleet
         self.forwarded_to: Counter[str] = Counter()  # this replica's forwarded requests in flight, per replica
@@ -181,7 +197,7 @@ class FleetModels:
                 return self.membership.replicas.get(self.me) or {"id": self.me}
             failed = self.failures.get(name)
             if failed is not None and failed[0] >= started:
-                raise Relayed(*failed[1])
+                raise failed[1]
             if name not in self.membership.tables["loads"] and name not in self.claiming:
                 self.claiming.add(name)  # one claim at a time from this replica; the rest wait for it
                 try:
@@ -251,8 +267,7 @@ class FleetModels:
             left.set_result(None)
         if section == "loads" and value is not None:
             if value.get("failed"):  # the loader's own error, as a load here would have answered it
-                code = grpc.StatusCode[value.get("code", "UNAVAILABLE")]
-                self.failures[name] = (time.monotonic(), (code, value["failed"], value.get("status", 503)))
+                self.failures[name] = (time.monotonic(), _relayed(value))
             elif value.get("replica") == self.me and name not in self.loading:
                 self.loading.add(name)
                 self._spawn(self._load_here(name, value))
@@ -279,13 +294,11 @@ class FleetModels:
             await self._make_room(int(claim.get("cost") or 0), keep=name)
             await self.registry.apply(found)
         except Exception as error:
-            reason = error.message if isinstance(error, FleetError) else describe(error)
-            failed = error if isinstance(error, FleetError) else ModelUnavailable(reason)
+            failure = _failure(error)
             self.loads[name, "failure"] += 1
-            log.error("model %s failed to load for the fleet: %s", name, reason)
+            log.error("model %s failed to load for the fleet: %s", name, failure["failed"])
             try:
-                await self._etcd().put(key, orjson.dumps({**claim, "failed": reason, "status": failed.http_status,
-                                                          "code": failed.grpc_code.name}), lease=membership.lease_id)
+                await self._etcd().put(key, orjson.dumps({**claim, **failure}), lease=membership.lease_id)
                 await self._etcd().delete(key)
             except Exception as failure:
                 log.warning("could not report model %s's failed load (%s); its claim ends with this replica's lease",
@@ -303,18 +316,31 @@ class FleetModels:
             txn = membership.transactions
             await self._etcd().transaction(compare=[], success=[
                 txn.Delete(key),
-                txn.Put(membership.key_of("placements", f"{name}/{self.me}"), orjson.dumps({**claim, "measured": cost})),
+                txn.Put(membership.key_of("placements", f"{name}/{self.me}"),
+                        orjson.dumps({**claim, "measured": cost, "serves": digest(manifest)})),
                 txn.Put(membership.key_of("costs", name), orjson.dumps({"bytes": cost})),
             ], failure=[])
         except Exception as error:  # loaded and serving; etcd learns of it from the next record
             log.warning("model %s loaded here, but etcd could not be told (%s)", name, describe(error))
 
     async def _reload(self, name: str, manifest: dict[str, Any]) -> None:
+        """A manifest applied again: loaded here in the old one's place, or (it fails) the old one
+        serves on. Either way the placement record says so, for the replica that applied it."""
+        key = self.membership.key_of("placements", f"{name}/{self.me}")
         try:
             await self.registry.apply(parse_manifest(manifest))
             self.here[name] = manifest
+            outcome = {"serves": digest(manifest)}
         except Exception as error:
-            log.error("model %s's new manifest failed to load here; the old version serves on: %s", name, describe(error))
+            outcome = {**_failure(error), "manifest": digest(manifest)}
+            log.error("model %s's new manifest failed to load here; the old one serves on: %s", name, outcome["failed"])
+        placement = {key: value for key, value in self._placement(name, self.me).items()
+                     if key not in ("failed", "status", "code", "manifest")}
+        placement["reloads"] = placement.get("reloads", 0) + 1
+        try:
+            await self._etcd().put(key, orjson.dumps({**placement, **outcome}))
+        except FleetError as error:
+            log.warning("model %s's reload here could not be reported: %s", name, error.message)
 
     def _idle_copies(self) -> list[tuple[str, int]]:
         """Fleet copies here that nothing used for IDLE_SECONDS: extra copies first, then least recently used."""
@@ -406,8 +432,11 @@ class FleetModels:
         client = self._etcd()
         key = self.membership.key_of("manifests", f"Model/{name}")
         previous = self.manifest(name)
+        reloads = {holder: self._placement(name, holder).get("reloads", 0) for holder in self.holders(name)}
         await client.put(key, orjson.dumps(manifest))
         if self.copies(name) or name in self.here:
+            if previous is not None and previous != manifest:
+                await self._reloaded_everywhere(name, manifest, previous, reloads)
             return
         try:
             await self.copy_for(name, manifest=manifest)
@@ -432,6 +461,29 @@ class FleetModels:
         created, _ = await self._etcd().transaction(compare=[txn.Version(key) == 0],
                                                     success=[txn.Put(key, orjson.dumps(manifest))], failure=[])
         return created
+
+    async def _reloaded_everywhere(self, name: str, manifest: dict[str, Any], previous: dict[str, Any],
+                                   reloads: dict[str, int]) -> None:
+        """Waits for every copy of `name` to load its new manifest. Where one fails (a reload
+        after `reloads`, the holders' count before the apply), the previous manifest is put back
+        (every copy still serves it: a failed reload keeps the old) and the apply answers with
+        that copy's error, as one process answers a reload that fails."""
+        new = digest(manifest)
+        deadline = time.monotonic() + COPY_WAIT
+        while time.monotonic() < deadline:
+            outcomes = {holder: self._placement(name, holder) for holder in self.holders(name)}
+            failed = next((outcome for holder, outcome in outcomes.items()
+                           if outcome.get("manifest") == new and outcome.get("reloads", 0) > reloads.get(holder, 0)), None)
+            if failed is not None:
+                await self._etcd().put(self.membership.key_of("manifests", f"Model/{name}"), orjson.dumps(previous))
+                raise _relayed(failed)
+            if all(outcome.get("serves") == new for outcome in outcomes.values()):
+                return
+            await self.membership.changed(1.0)
+        log.warning("model %s: not every copy reported loading its new manifest within %.0fs", name, COPY_WAIT)
+
+    def _placement(self, name: str, replica: str) -> dict[str, Any]:
+        return self.membership.tables["placements"].get(f"{name}/{replica}") or {}
 
     def holders(self, name: str) -> set[str]:
         """The replicas serving `name`, this one included."""
