@@ -76,9 +76,15 @@ def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] 
     if network:
         args = ("--host", "0.0.0.0", "--advertise-host", host, *args)
     server = start_server(repository, tmp_path / f"{replica_id}.log", launcher=launcher, host=host,
-                          args=("--etcd", etcd, "--fleet", "test", "--replica-id", replica_id, *args))
-    server.replica_id = replica_id
+                          args=("--etcd", etcd, "--fleet", fleet_name(tmp_path), "--replica-id", replica_id, *args))
+    server.replica_id, server.fleet = replica_id, fleet_name(tmp_path)
     return server
+
+
+def fleet_name(tmp_path: Path) -> str:
+    """Each test its own fleet in the shared etcd: a replica killed by the test before lingers
+    in its fleet's table until its lease ends, and must not be chosen for this test's models."""
+    return tmp_path.name
 
 
 def iris_folder(folder: Path, name: str) -> None:
@@ -102,7 +108,7 @@ def mlflow_folder(folder: Path) -> tuple[list, list]:
 
 def fleet_of(server, etcd: str = "connected") -> dict[str, dict]:
     document = httpx.get(f"{server.url}/v2/fleet", timeout=5).json()
-    assert document["fleet"] == "test" and document["etcd"] == etcd, document
+    assert document["fleet"] == server.fleet and document["etcd"] == etcd, document
     return {record["id"]: record for record in document["replicas"]}
 
 
@@ -784,7 +790,7 @@ def test_a_placement_on_a_replica_whose_lease_just_ended_goes_elsewhere(etcd, tm
              "address": "127.0.0.1:9", "grpc": "127.0.0.1:9", "models": {},
              "memory": {"budget": 1 << 40, "registered": 0, "idle": 0}}
     etcdctl = [str(ETCD.parent / "etcdctl"), "--endpoints", etcd]
-    subprocess.run([*etcdctl, "put", "fleetserve/test/replicas/ghost", json.dumps(ghost)], check=True, capture_output=True)
+    subprocess.run([*etcdctl, "put", f"fleetserve/{fleet_name(tmp_path)}/replicas/ghost", json.dumps(ghost)], check=True, capture_output=True)
     server = replica(etcd, tmp_path, "e1")
     try:
         wait_for(lambda: "ghost" in fleet_of(server), 10, "the ghost seen")
@@ -792,7 +798,7 @@ def test_a_placement_on_a_replica_whose_lease_just_ended_goes_elsewhere(etcd, tm
         assert copies_of(server, "haunted") == ["e1"]
         assert "model haunted was not placed on replica ghost: it left the fleet" in server.log()
     finally:
-        subprocess.run([*etcdctl, "del", "fleetserve/test/replicas/ghost"], check=True, capture_output=True)
+        subprocess.run([*etcdctl, "del", f"fleetserve/{fleet_name(tmp_path)}/replicas/ghost"], check=True, capture_output=True)
         stop_all(server)
 
 
@@ -812,7 +818,7 @@ def test_a_fleet_with_mutual_tls_and_a_data_token_forwards_over_tls_with_the_tok
         for name in ("t1", "t2"):
             (repository := tmp_path / f"repo-{name}").mkdir()
             server = spawn_server(repository, tmp_path / f"{name}.log", [free_port() for _ in range(3)], env,
-                                  args=("--etcd", etcd, "--fleet", "test", "--replica-id", name))
+                                  args=("--etcd", etcd, "--fleet", fleet_name(tmp_path), "--replica-id", name))
             servers.append(wait_ready(server, f"https://127.0.0.1:{server.http_port}/v2/health/ready", verify=context))
         first, second = servers
         with httpx.Client(verify=context, timeout=60) as client:
