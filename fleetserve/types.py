@@ -145,6 +145,8 @@ class InferenceRequest:
     # time.monotonic() by which the answer is due (Triton's `timeout` parameter, a gRPC
     # deadline); None: no deadline. Set by the front doors, kept by pipeline steps.
     deadline: float | None = None
+    # The version the client named, where the model's backend keeps versions of its own (Triton's).
+    model_version: str | None = None
 
     def input(self, name: str) -> Tensor:
         for tensor in self.inputs:

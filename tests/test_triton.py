@@ -157,6 +157,31 @@ def test_proxied_model_over_rest_json_binary_and_grpc(server, http):
     assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [("INPUT0", "FP32", [-1]), ("INPUT1", "FP32", [-1])]
 
 
+def test_metadata_and_versions_are_tritons(server, http):
+    """What Triton answers for the model, versions and platform included; its versions can be
+    addressed (REST and gRPC), and one it does not have is 404 as Triton says it."""
+    for name in ("addsub", "addsub-by-requirement"):
+        metadata = http.get(f"/v2/models/{name}").json()
+        assert metadata["versions"] == ["1"] and metadata["platform"] == "python", metadata
+        assert http.get(f"/v2/models/{name}/versions/1").json() == metadata
+        assert http.get(f"/v2/models/{name}/versions/1/ready").status_code == 200
+        answer = http.post(f"/v2/models/{name}/versions/1/infer", json=addsub_body([1, 2], [1, 1]))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_version"] == "1" and answer.json()["outputs"][0]["data"] == [2, 3]
+        assert http.post(f"/v2/models/{name}/infer", json=addsub_body([1], [1])).json()["model_version"] == "1"
+        missing = http.post(f"/v2/models/{name}/versions/7/infer", json=addsub_body([1], [1]))
+        assert missing.status_code == 404 and "version '7'" in missing.json()["error"], missing.text
+    client = triton_grpc.InferenceServerClient(server.grpc_address)
+    assert client.get_model_metadata("addsub", "1", as_json=True)["versions"] == ["1"]
+    assert client.get_model_metadata("addsub", as_json=True)["platform"] == "python"
+    assert client.is_model_ready("addsub", "1")
+    inputs = [triton_grpc.InferInput("INPUT0", [1], "FP32"), triton_grpc.InferInput("INPUT1", [1], "FP32")]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(np.array([2.0], dtype=np.float32))
+    result = client.infer("addsub", inputs, model_version="1")
+    assert result.as_numpy("OUTPUT0").tolist() == [4.0] and result.get_response().model_version == "1"
+
+
 def test_bad_input_keeps_its_meaning(http):
     response = http.post("/v2/models/addsub/infer", json={"inputs": [
         {"name": "INPUT0", "datatype": "FP32", "shape": [2], "data": [1, 2]}]})

@@ -21,6 +21,10 @@ class Runtime:
     # load(); the tensors declared in model-settings.json win. Never mutated, only replaced.
     own_inputs: list[TensorMetadata] = []
     own_outputs: list[TensorMetadata] = []
+    # A backend that keeps versions of its own under this one model (Triton's version folders):
+    # the versions it serves and its platform name, set by load(); a client may address them.
+    own_versions: list[str] = []
+    own_platform = ""
     # Whether the data plane may run predict() on the event loop once it has proven fast: not where
     # one call of a size may cost far more than the others (a detector that gathers requests and
     # then checks all their rows at once).

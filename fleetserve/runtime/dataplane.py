@@ -41,6 +41,8 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, request: InferenceRequest) -> InferenceResponse:
         model = self.registry.get_ready(name, version)
+        if version is not None and version != model.version:
+            request.model_version = version  # one of its backend's own versions (Triton's)
         started = time.perf_counter_ns()
         model.in_flight += 1  # pinned: never evicted or unloaded while this request needs it
         try:
@@ -71,7 +73,8 @@ class DataPlane:
         stats.latency_buckets[bisect_left(metrics.LATENCY_BUCKETS_NS, elapsed)] += 1
         stats.last_inference = time.time_ns() // 1_000_000
         response.model_name = model.name
-        response.model_version = model.version
+        if model.version is not None:  # else the backend's own (Triton answers the version it ran)
+            response.model_version = model.version
         response.id = request.id
         return response
 

@@ -90,6 +90,8 @@ class ModelVersion:
     stats: Statistics = field(default_factory=Statistics)
     inputs: list[TensorMetadata] = field(default_factory=list)  # as the runtime describes them once loaded
     outputs: list[TensorMetadata] = field(default_factory=list)
+    backend_versions: list[str] = field(default_factory=list)  # as the runtime's backend serves them (Triton's)
+    platform: str = ""  # the backend's name for what runs the model, once loaded (Triton's "python", say)
     input_checks: dict | None = None  # the data plane's checks of the declared inputs
     pace: Any = None  # the data plane's Pace: may predict run on the event loop
     batcher: Any = None  # the data plane's AdaptiveBatcher; False when batching is off
@@ -190,6 +192,8 @@ class Registry:
             raise NotFound(f"model '{name}' not found")
         if version:
             found = model.versions.get(version)
+            if found is None and (own := model.versions.get(None)) is not None and version in own.backend_versions:
+                found = own  # its backend tells the version apart (runtime.Runtime.own_versions)
             if found is None:
                 raise NotFound(f"model '{name}' has no version '{version}'")
         else:
@@ -499,6 +503,7 @@ class Registry:
                 )
             # Kept for metadata requests while the version is evicted.
             version.inputs, version.outputs = runtime.metadata_inputs(), runtime.metadata_outputs()
+            version.backend_versions, version.platform = runtime.own_versions, runtime.own_platform
         except BaseException as error:  # a model's code may raise anything, even SystemExit; it must not stop the server
             reason = describe(error)
             version.state, version.reason = UNAVAILABLE, reason

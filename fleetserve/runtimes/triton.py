@@ -61,6 +61,7 @@ class TritonRuntime(Runtime):
             metadata = await _call(client.get_model_metadata(self.name), f"model '{self.name}'", ModelLoadError)
             self.own_inputs = [_tensor_metadata(tensor) for tensor in metadata.inputs]
             self.own_outputs = [_tensor_metadata(tensor) for tensor in metadata.outputs]
+            self.own_versions, self.own_platform = list(metadata.versions), metadata.platform
             self._gpu_bytes = await self._reported_gpu_bytes()
         except BaseException:
             await self.unload()  # a half-loaded model must not stay in Triton, outside the books
@@ -125,11 +126,15 @@ class TritonRuntime(Runtime):
             inputs.append(wire)
         outputs = [triton.InferRequestedOutput(output.name) for output in request.outputs] or None
         result = await _call(
-            backend.client.infer(self.name, inputs, outputs=outputs, request_id=request.id or ""),
+            backend.client.infer(self.name, inputs, model_version=request.model_version or "", outputs=outputs,
+                                 request_id=request.id or ""),
             f"model '{self.name}'", InferenceError,
         )
-        tensors = [Tensor(output.name, result.as_numpy(output.name)) for output in result.get_response().outputs]
-        return self.response(tensors, request)
+        answer = result.get_response()
+        tensors = [Tensor(output.name, result.as_numpy(output.name)) for output in answer.outputs]
+        response = self.response(tensors, request)
+        response.model_version = answer.model_version or None
+        return response
 
     async def unload(self) -> None:
         self._closed = True

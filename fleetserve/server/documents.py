@@ -30,7 +30,7 @@ def server_metadata() -> dict:
 
 
 def model_metadata(registry: Registry, model: ModelVersion) -> dict:
-    versions = [v for v in registry.models[model.name].versions if v is not None]
+    versions = model.backend_versions or [v for v in registry.models[model.name].versions if v is not None]
     return {
         "name": model.name,
         "versions": versions,
@@ -42,7 +42,7 @@ def model_metadata(registry: Registry, model: ModelVersion) -> dict:
 
 def _platform(model: ModelVersion) -> str:
     settings = model.settings
-    return settings.platform or settings.implementation or ",".join(settings.requirements)
+    return model.platform or settings.platform or settings.implementation or ",".join(settings.requirements)
 
 
 async def model_config(model: ModelVersion) -> dict:
