@@ -18,7 +18,14 @@ models: $(STAMP)
 serve: models
 	$(BIN)/fleetserve start model_repo
 
-test: models
+# promtool (the metrics lint the tests run), unpacked from Debian's prometheus package, not installed.
+$(BIN)/promtool: | $(STAMP)
+	rm -rf $(VENV)/prometheus-deb && mkdir -p $(VENV)/prometheus-deb
+	cd $(VENV)/prometheus-deb && apt-get download prometheus >/dev/null && dpkg -x prometheus_*.deb .
+	cp $(VENV)/prometheus-deb/usr/bin/promtool $@
+	rm -rf $(VENV)/prometheus-deb
+
+test: models $(BIN)/promtool
 	$(BIN)/python -m pytest -q
 
 clean:

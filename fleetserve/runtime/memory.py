@@ -26,9 +26,7 @@ from typing import Callable, Iterable, Protocol, TypeVar
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from fleetserve.errors import CapacityExceeded
-
-# Seldon Core 2 agent metric labels: one server, replica 0.
-SERVER_LABELS = {"server": "fleetserve", "server_replica": "0"}
+from fleetserve.runtime.metrics import SERVER_LABELS
 
 
 class Accountable(Protocol):

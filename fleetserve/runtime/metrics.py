@@ -1,4 +1,9 @@
-"""Prometheus metrics, recorded by the registry and the data plane and served by server/."""
+"""Prometheus metrics, recorded by the registry, the data plane and the front doors, served by server/.
+
+Beside fleetserve's own series, the ones dashboards and autoscalers already read: Seldon Core 2's
+agent series (its names, some without `_total`, and its labels) and Triton's `nv_inference_*`
+series, for every model.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,16 @@ import threading
 from typing import Callable, Iterable
 
 from prometheus_client import Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
+
+# Seldon Core 2's agent labels: the Server's name and this replica (the fleet's name and the
+# replica's id in a fleet; see configure_server_labels).
+SERVER_LABELS = {"server": "fleetserve", "server_replica": "0"}
+
+
+def configure_server_labels(fleet: str, replica_id: str) -> None:
+    SERVER_LABELS.update(server=fleet or "fleetserve", server_replica=replica_id or "0")
 
 # Inference latencies span sub-millisecond tabular models to multi-second transformers.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -22,10 +35,11 @@ def latency_buckets(counts: list[int]) -> list[tuple[str, int]]:
 
 
 class InferenceCollector:
-    """fleetserve_infer_requests_total and fleetserve_infer_duration_seconds, read at scrape
-    time from each version's Statistics: the data plane counts a request with a few integer
-    additions instead of prometheus_client's locked counters, and the figures cannot drift from
-    the statistics endpoint's. A version's series go when the version is unloaded."""
+    """fleetserve_infer_requests_total and fleetserve_infer_duration_seconds, Triton's
+    nv_inference_* and Seldon's loaded-model series, read at scrape time from each version's
+    Statistics: the data plane counts a request with a few integer additions instead of
+    prometheus_client's locked counters, and the figures cannot drift from the statistics
+    endpoint's. A version's series go when the version is unloaded."""
 
     def __init__(self, versions: Callable[[], Iterable]):
         self.versions = versions
@@ -41,6 +55,13 @@ class InferenceCollector:
             "Time from a request reaching the data plane to its answer (successes), queueing included.",
             labels=["model", "version"],
         )
+        triton = {name: Metric(f"nv_inference_{name}", text, "counter") for name, text in _TRITON_COUNTERS}
+        pending = GaugeMetricFamily("nv_inference_pending_request_count",
+                                    "Requests waiting for the model to run them, by model and version.",
+                                    labels=["model", "version"])
+        loaded = GaugeMetricFamily("seldon_loaded_model_gauge", "Models loaded (1) or registered and not ready (0)",
+                                   labels=[*SERVER_LABELS, "model_internal"])
+        server = list(SERVER_LABELS.values())
         for version in self.versions():
             stats = version.stats
             labels = [version.name, version.version or ""]
@@ -50,8 +71,125 @@ class InferenceCollector:
                 latency.add_metric(labels, latency_buckets(stats.latency_buckets), stats.success_ns / 1e9)
             for outcome, count in failures.items():
                 requests.add_metric([*labels, outcome], count)
+            # Triton's version label is never empty: an unversioned model is version 1 there.
+            triton_labels = {"model": version.name, "version": version.version or "1"}
+            for name, value in (("request_success", stats.success_count), ("request_failure", sum(failures.values())),
+                                ("count", stats.success_count), ("exec_count", stats.success_count),
+                                ("request_duration_us", (stats.success_ns + stats.fail_ns) // 1000),
+                                ("queue_duration_us", stats.queue_ns // 1000),
+                                ("compute_infer_duration_us", stats.compute_infer_ns // 1000)):
+                triton[name].add_sample(f"nv_inference_{name}", triton_labels, value)
+            pending.add_metric(list(triton_labels.values()), version.queued)
+            loaded.add_metric([*server, internal_name(version.name, version.version)], int(version.state == "READY"))
         yield requests
         yield latency
+        yield from triton.values()
+        yield pending
+        yield loaded
+
+
+# Triton's cumulative counters, named as Triton names them: no _total (which CounterMetricFamily adds).
+_TRITON_COUNTERS = (
+    ("request_success", "Successful inference requests, by model and version."),
+    ("request_failure", "Failed inference requests, by model and version."),
+    ("count", "Inferences performed (requests answered; a batched request counts once)."),
+    ("exec_count", "Model executions performed."),
+    ("request_duration_us", "Cumulative time requests spent in the server, in microseconds."),
+    ("queue_duration_us", "Cumulative time requests waited for the model (threads, batching), in microseconds."),
+    ("compute_infer_duration_us", "Cumulative time the model computed, in microseconds."),
+)
+
+
+def internal_name(name: str, version: str | None) -> str:
+    """Seldon's name for a model on a server (`model_internal`): the model and its version."""
+    return f"{name}_{version or 1}"
+
+
+class ModelChanges:
+    """Models loaded and unloaded through the control plane (Seldon's seldon_load_model_counter and
+    seldon_unload_model_counter; reloads after eviction are seldon_cache_miss_count)."""
+
+    def __init__(self):
+        self.loads = 0
+        self.unloads = 0
+
+    def collect(self):
+        for name, count, text in (("seldon_load_model_counter", self.loads, "Models loaded"),
+                                  ("seldon_unload_model_counter", self.unloads, "Models unloaded")):
+            family = Metric(name, text, "counter")  # Seldon's names: no _total, which Counter would add
+            family.add_sample(name, dict(SERVER_LABELS), count)
+            yield family
+
+
+MODEL_CHANGES = ModelChanges()
+
+
+class InferenceCalls:
+    """Inference calls as the front doors answered them, for Seldon's seldon_model_infer_* and
+    seldon_pipeline_infer_* series: by model or pipeline, door (rest or grpc) and code (an HTTP
+    status, or a gRPC code as Go names it). A call answered by a fleet peer is counted there.
+
+    A name is counted only while it names a model or pipeline (`known`), so requests for made-up
+    names cannot grow the series without bound; the series of one deleted go at the next scrape."""
+
+    def __init__(self, known: Callable[[str, str], bool]):
+        self.known = known
+        self.calls: dict[tuple[str, str, str | None, str, str], list] = {}
+
+    def record(self, kind: str, name: str, version: str | None, door: str, code, seconds: float) -> None:
+        key = (kind, name, version, door, str(code))
+        entry = self.calls.get(key)
+        if entry is None:
+            if not self.known(kind, name):
+                return
+            entry = self.calls[key] = [0, 0.0]
+        entry[0] += 1
+        entry[1] += seconds
+
+    def collect(self):
+        server = list(SERVER_LABELS.values())
+        families = {}
+        for prefix, labels in (("seldon_model", ["model", "model_internal", "method_type", "code"]),
+                               ("seldon_pipeline", ["pipeline", "method_type", "code"])):
+            for kind in ("infer", "aggregate_infer"):
+                shown = labels if kind == "infer" else ["method_type"]
+                text = f"{'Calls' if kind == 'infer' else 'All calls'} to {prefix.removeprefix('seldon_')}s"
+                families[prefix, kind] = (
+                    CounterMetricFamily(f"{prefix}_{kind}", text, labels=[*SERVER_LABELS, *shown]),
+                    CounterMetricFamily(f"{prefix}_{kind}_seconds", f"{text}: their seconds",
+                                        labels=[*SERVER_LABELS, *shown]))
+        aggregates: dict[tuple[str, str], list] = {}
+        for key, (count, seconds) in list(self.calls.items()):
+            kind, name, version, door, code = key
+            if not self.known(kind, name):
+                self.calls.pop(key, None)
+                continue
+            prefix = "seldon_model" if kind == "models" else "seldon_pipeline"
+            labels = [name, internal_name(name, version), door, code] if kind == "models" else [name, door, code]
+            calls, duration = families[prefix, "infer"]
+            calls.add_metric([*server, *labels], count)
+            duration.add_metric([*server, *labels], seconds)
+            total = aggregates.setdefault((prefix, door), [0, 0.0])
+            total[0] += count
+            total[1] += seconds
+        for (prefix, door), (count, seconds) in aggregates.items():
+            calls, duration = families[prefix, "aggregate_infer"]
+            calls.add_metric([*server, door], count)
+            duration.add_metric([*server, door], seconds)
+        for pair in families.values():
+            yield from pair
+
+
+def grpc_code_name(code) -> str:
+    """A gRPC status as Seldon's Go code names it in its `code` label (OK, NotFound, Canceled...)."""
+    return _GO_CODE_NAMES.get(code.name, code.name)
+
+
+_GO_CODE_NAMES = {"OK": "OK", "CANCELLED": "Canceled"} | {
+    name: "".join(part.capitalize() for part in name.split("_"))
+    for name in ("UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+                 "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+                 "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")}
 
 
 class DriftResults:

@@ -520,6 +520,7 @@ class Registry:
         elapsed = time.perf_counter() - started
         metrics.MODEL_LOAD_DURATION.labels("success").observe(elapsed)
         metrics.MODELS_LOADED.inc()
+        metrics.MODEL_CHANGES.loads += 1
         log.info("model %s loaded in %.2fs (%s, %s)", _label(version), elapsed, type(runtime).__name__,
                  format_bytes(version.cost))
         await self._trim(version)
@@ -646,6 +647,7 @@ class Registry:
         self.memory.of(version).unregister(version)
         if was_ready:
             metrics.MODELS_LOADED.dec()
+            metrics.MODEL_CHANGES.unloads += 1
         if runtime is not None:
             await self._stop_runtime(version, runtime)
             del runtime

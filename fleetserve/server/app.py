@@ -31,7 +31,8 @@ from fleetserve.graph.router import GraphCollector, Router
 from fleetserve.runtime.artifacts import ArtifactCache, redact_text
 from fleetserve.runtime.dataplane import DataPlane
 from fleetserve.runtime.memory import MemoryCollector, MemoryManager, keep_freed_buffers_for_reuse
-from fleetserve.runtime.metrics import DriftCollector, InferenceCollector
+from fleetserve.runtime.metrics import (MODEL_CHANGES, DriftCollector, InferenceCalls, InferenceCollector,
+                                        configure_server_labels)
 from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
 from fleetserve.runtime.workers import remove_stale_blocks
@@ -100,15 +101,21 @@ class FleetServer:
                         "own code in this server")
         REGISTRY.register(MemoryCollector(self.memory, self.registry.all_versions))
         REGISTRY.register(InferenceCollector(self.registry.all_versions))
+        REGISTRY.register(MODEL_CHANGES)
         REGISTRY.register(DriftCollector(
             lambda: [version.name for version in self.registry.all_versions() if self.memory.is_registered(version)]))
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.router = Router(self.registry, self.dataplane)
+        self.calls = InferenceCalls(
+            lambda kind, name: name in (self.registry.models if kind == "models" else self.router.pipelines))
+        REGISTRY.register(self.calls)
         self.applied = AppliedManifests(settings.state_dir)
         self.membership = self.fleet_models = self.hops = None
         if settings.etcd:
             self.membership = Membership(settings, self._fleet_record)
+            # Seldon's labels: the fleet is the Server, each replica one of its replicas.
+            configure_server_labels(settings.fleet, self.membership.replica_id)
             self.fleet_models = FleetModels(self.membership, self.registry)
             self.hops = Hops(self.fleet_models, settings, self.tls, self.tokens)
             self.membership.witness = self.hops.peer_without_me

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -23,6 +24,7 @@ from fleetserve.codecs import json_text
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
 from fleetserve.errors import ANSWERED, FleetError, InvalidInput, Relayed, describe
 from fleetserve.fleet.forward import FORWARDED
+from fleetserve.runtime.metrics import grpc_code_name
 from fleetserve.server import documents
 from fleetserve.server.security import grpc_interceptors, unclassified_rpcs
 from fleetserve.server.limits import apply_deadline
@@ -224,6 +226,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.router = server.router
         self.admission = server.admission
         self.hops = server.hops
+        self.calls = server.calls
 
     @_aborts_on_error
     async def ServerLive(self, request, context):
@@ -304,11 +307,23 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 raise Relayed.of(error) from None
             if answer is not None:
                 return answer, None
-        request = decode_infer_request(message)
-        if remaining is not None or "timeout" in request.parameters:
-            apply_deadline(request, remaining)
-        response, route = await self.router.infer(message.model_name, message.model_version or None, request, seldon_model, route)
-        return encode_infer_response(response), route
+        started = time.perf_counter()
+        try:
+            request = decode_infer_request(message)
+            if remaining is not None or "timeout" in request.parameters:
+                apply_deadline(request, remaining)
+            response, route = await self.router.infer(message.model_name, message.model_version or None, request,
+                                                      seldon_model, route)
+            answer = encode_infer_response(response)
+        except Exception as error:
+            self._count(message, error.grpc_code if isinstance(error, FleetError) else grpc.StatusCode.INTERNAL, started)
+            raise
+        self._count(message, grpc.StatusCode.OK, started)
+        return answer, route
+
+    def _count(self, message: service_pb2.ModelInferRequest, code: grpc.StatusCode, started: float) -> None:
+        self.calls.record("models", message.model_name, message.model_version or None, "grpc", grpc_code_name(code),
+                          time.perf_counter() - started)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         # Errors travel in the stream (as Triton does), so one bad request does not end it. The

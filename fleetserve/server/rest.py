@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -421,6 +422,7 @@ class InferenceFastPath:
         self.limit = server.settings.max_message_size
         self.admission = server.admission
         self.hops = server.hops
+        self.calls = server.calls
 
     async def __call__(self, scope, receive, send):
         target = infer_target(scope["path"]) if scope["type"] == "http" else None
@@ -460,6 +462,7 @@ class InferenceFastPath:
         # --request-body-timeout), never a place among the requests in flight.
         admission = self.admission
         counted = False
+        started = 0.0  # once this server answers it itself (a peer counts what it answers)
         try:
             body = await read_body(receive, headers, self.limit)
             if admission.in_flight >= admission.limit:
@@ -472,6 +475,7 @@ class InferenceFastPath:
                 status, content = answer.status, answer.body
                 reply += answer.headers
             else:
+                started = time.perf_counter()
                 # On the loop whatever its size: orjson holds the GIL while it parses, so a worker
                 # thread freed nothing for other requests and cost 10% of big-JSON throughput.
                 request = decode_request(body, headers.get(HEADER_LENGTH))
@@ -506,6 +510,8 @@ class InferenceFastPath:
         finally:
             if counted:
                 admission.in_flight -= 1
+        if started:
+            self.calls.record(kind, name, version, "rest", status, time.perf_counter() - started)
         await self._send(send, status, content, reply)
 
     @staticmethod

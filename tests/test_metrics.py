@@ -1,0 +1,131 @@
+"""The series dashboards and autoscalers of Seldon Core 2 and Triton already read, counted from
+real requests (REST and gRPC, successes and errors, a pipeline), and /metrics as promtool lints it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from conftest import ROOT, http_client, iris_json, running_server
+
+PIPELINE = """
+apiVersion: mlops.seldon.io/v1alpha1
+kind: Pipeline
+metadata:
+  name: flowers
+spec:
+  steps:
+    - name: iris
+  output:
+    steps: [iris]
+"""
+
+# Seldon's and Triton's names, which promtool objects to (counters without _total, names ending in
+# _count or _gauge, units abbreviated): kept, since their dashboards and autoscaling rules query them.
+HISTORIC_NAMES = ("seldon_", "nv_inference_")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repository = tmp_path_factory.mktemp("repo")
+    subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "model_repo" / "build.py")], check=True)
+    shutil.copytree(ROOT / "model_repo" / "iris", repository / "iris")
+    with running_server(repository, tmp_path_factory.mktemp("logs") / "server.log") as running:
+        yield running
+
+
+@pytest.fixture
+def http(server):
+    with http_client(server) as client:
+        yield client
+
+
+def samples(http) -> dict[tuple[str, frozenset], float]:
+    """Every sample on /metrics, by name and labels."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(http.get("/metrics").text) for sample in family.samples}
+
+
+def value(found: dict, name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+SERVER = {"server": "fleetserve", "server_replica": "0"}
+
+
+def test_seldon_and_triton_series_count_each_door_and_code(server, http):
+    assert http.post("/v2/pipelines", content=PIPELINE, headers={"Content-Type": "application/yaml"}).status_code == 200
+    before = samples(http)
+    for _ in range(3):
+        assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+    wrong = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+    assert http.post("/v2/models/iris/infer", json=wrong).status_code == 400
+    assert http.post("/v2/models/no-such-model/infer", json=iris_json()).status_code == 404
+    assert http.post("/v2/pipelines/flowers/infer", json=iris_json()).status_code == 200
+    with grpcclient.InferenceServerClient(server.grpc_address) as client:
+        tensor = grpcclient.InferInput("input-0", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+        client.infer("iris", [tensor])
+        bad = grpcclient.InferInput("input-0", [1, 3], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32))
+        with pytest.raises(InferenceServerException):
+            client.infer("iris", [bad])
+    after = samples(http)
+
+    def added(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    iris = {**SERVER, "model": "iris", "model_internal": "iris_1"}
+    # Seldon's agent series: by door and code, the code as Seldon writes it (HTTP status, Go's gRPC name).
+    assert added("seldon_model_infer_total", **iris, method_type="rest", code="200") == 3
+    assert added("seldon_model_infer_total", **iris, method_type="rest", code="400") == 1
+    assert added("seldon_model_infer_total", **iris, method_type="grpc", code="OK") == 1
+    assert added("seldon_model_infer_total", **iris, method_type="grpc", code="InvalidArgument") == 1
+    assert added("seldon_model_infer_seconds_total", **iris, method_type="rest", code="200") > 0
+    # The pipeline's step is the model's call too (it ran here), and the pipeline has its own.
+    assert added("seldon_pipeline_infer_total", **SERVER, pipeline="flowers", method_type="rest", code="200") == 1
+    assert added("seldon_model_aggregate_infer_total", **SERVER, method_type="rest") == 4
+    assert added("seldon_model_aggregate_infer_total", **SERVER, method_type="grpc") == 2
+    assert added("seldon_model_aggregate_infer_seconds_total", **SERVER, method_type="grpc") > 0
+    assert not [key for key in after if ("model", "no-such-model") in key[1]]  # a made-up name adds no series
+    assert value(after, "seldon_loaded_model_gauge", **SERVER, model_internal="iris_1") == 1
+
+    # Triton's series for the same model (a CPU model: version 1, as Triton names it).
+    triton = {"model": "iris", "version": "1"}
+    assert added("nv_inference_request_success", **triton) == 3 + 1 + 1  # REST, the pipeline's step, gRPC
+    assert added("nv_inference_request_failure", **triton) == 2
+    assert added("nv_inference_count", **triton) == added("nv_inference_exec_count", **triton) == 5
+    assert added("nv_inference_request_duration_us", **triton) >= added("nv_inference_compute_infer_duration_us", **triton) > 0
+    assert ("nv_inference_queue_duration_us", frozenset(triton.items())) in after
+    assert value(after, "nv_inference_pending_request_count", **triton) == 0
+
+
+def test_loads_and_unloads_are_counted_as_seldon_counts_them(http):
+    before = samples(http)
+    assert http.post("/v2/repository/models/iris/unload").status_code == 200
+    unloaded = samples(http)
+    assert value(unloaded, "seldon_unload_model_counter", **SERVER) == value(before, "seldon_unload_model_counter", **SERVER) + 1
+    assert ("seldon_model_infer_total", frozenset({**SERVER, "model": "iris", "model_internal": "iris_1",
+                                                   "method_type": "rest", "code": "200"}.items())) in unloaded
+    assert http.post("/v2/repository/models/iris/load").status_code == 200
+    loaded = samples(http)
+    assert value(loaded, "seldon_load_model_counter", **SERVER) == value(before, "seldon_load_model_counter", **SERVER) + 1
+    assert value(loaded, "seldon_loaded_model_gauge", **SERVER, model_internal="iris_1") == 1
+
+
+def test_promtool_finds_nothing_but_seldons_and_tritons_historic_names(http):
+    promtool = Path(ROOT / ".venv" / "bin" / "promtool")
+    assert promtool.exists(), "promtool is fetched by `make test` (Debian's prometheus package, unpacked)"
+    assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+    checked = subprocess.run([str(promtool), "check", "metrics"], input=http.get("/metrics").text,
+                             capture_output=True, text=True, timeout=60)
+    problems = [line for line in (checked.stdout + checked.stderr).splitlines()
+                if line.strip() and not line.startswith(HISTORIC_NAMES)]
+    assert not problems, problems
