@@ -784,6 +784,67 @@ def test_a_model_gets_the_copies_it_asks_for_and_a_hot_one_gains_more_up_to_its_
         stop_all(*servers)
 
 
+PICKY_MODEL = '''
+import sys
+import time
+
+import numpy as np
+
+from fleetserve.runtime.base import Runtime
+from fleetserve.types import Tensor
+
+
+class Picky(Runtime):
+    """Answers its `answer`; its load fails on the replica named `fails_on` and takes 3 s on `slow_on`."""
+
+    def load(self):
+        me = sys.argv[sys.argv.index("--replica-id") + 1]
+        extra = self.settings.extra
+        if extra.get("fails_on") == me:
+            raise RuntimeError(f"picky will not load on {me}")
+        if extra.get("slow_on") == me:
+            time.sleep(3)
+        self.answer = int(extra["answer"])
+
+    def predict(self, request):
+        return self.response([Tensor("answer", np.array([self.answer]))], request)
+'''
+
+
+def test_a_rollback_reaches_a_copy_still_loading_the_manifest_it_undoes(etcd, tmp_path):
+    """Re-applied: one copy fails at once, the other is still loading the new manifest when the
+    old one is put back. That copy loads the old one again: every copy serves what etcd says."""
+    folder = tmp_path / "picky"
+    folder.mkdir()
+    (folder / "model.py").write_text(PICKY_MODEL)
+    (folder / "model-settings.json").write_text(json.dumps({"name": "picky", "implementation": "model.Picky",
+                                                            "parallel_workers": 0}))
+
+    def manifest(**extra) -> str:
+        return json.dumps({"kind": "Model", "metadata": {"name": "picky"}, "spec": {
+            "storageUri": str(folder), "replicas": 2,
+            "parameters": [{"name": key, "value": value} for key, value in extra.items()]}})
+
+    def answers() -> list:
+        return [httpx.post(f"{server.url}/v2/models/picky/infer", json=iris_json(), timeout=30).json()["outputs"][0]["data"]
+                for server in servers]
+
+    servers = [replica(etcd, tmp_path, "p1"), replica(etcd, tmp_path, "p2")]
+    try:
+        wait_for(lambda: set(fleet_of(servers[0])) >= {"p1", "p2"}, 10, "both replicas joining")
+        apply(servers[0], manifest(answer=1))
+        assert sorted(copies_of(servers[0], "picky")) == ["p1", "p2"] and answers() == [[1], [1]]
+        refused = apply(servers[0], manifest(answer=2, fails_on="p2", slow_on="p1"), expected=400)
+        assert "picky will not load on p2" in refused["error"], refused
+        # p1 loads the refused manifest (3 s), then the one put back: three loads in all.
+        wait_for(lambda: servers[0].log().count("model picky loaded in") >= 3, 30, "p1 loading the manifest put back")
+        assert answers() == [[1], [1]]
+        assert apply(servers[1], manifest(answer=3))  # a good one lands on both
+        assert answers() == [[3], [3]]
+    finally:
+        stop_all(*servers)
+
+
 def test_a_placement_on_a_replica_whose_lease_just_ended_goes_elsewhere(etcd, tmp_path):
     # A record whose lease is gone, as a replica's looks between its lease ending and the record's delete.
     ghost = {"id": "ghost", "lease": 1234567, "state": "ready", "ready": True, "capabilities": ["sklearn"],

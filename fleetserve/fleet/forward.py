@@ -147,23 +147,26 @@ class Hops:
             raise Relayed.of(error) from None
         return None if answer is None else decode_infer_response(answer)
 
-    async def peer_without_me(self) -> str | None:
-        """A peer, of those last seen, whose table (fed by etcd) no longer lists this replica: proof
-        that etcd lives on and ended this replica's lease. None when no peer shows it."""
+    async def peers_on_me(self) -> tuple[str | None, bool]:
+        """What the peers last seen say: one whose table (fed by etcd) no longer lists this replica
+        (proof that etcd lives on and ended its lease), if any; and whether one has lost etcd too.
+        A peer that does not answer says neither."""
         me = self.models.me
 
-        async def ask(record: dict[str, Any]) -> str | None:
+        async def ask(record: dict[str, Any]) -> tuple[str | None, bool]:
             try:
                 async with self._client().get(f"{self.scheme}://{record['address']}/v2/fleet", headers=self.control_headers,
                                               timeout=self.aiohttp.ClientTimeout(total=CONNECT_SECONDS)) as response:
                     document = await response.json() if response.status == 200 else {}
             except (self.aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                return None
+                return None, False
             listed = {replica.get("id") for replica in document.get("replicas") or ()}
-            return record["id"] if document.get("etcd") == "connected" and me not in listed else None
+            etcd = document.get("etcd")
+            return (record["id"] if etcd == "connected" and me not in listed else None), etcd == "unreachable"
 
         peers = [record for replica, record in self.models.membership.replicas.items() if replica != me]
-        return next((found for found in await asyncio.gather(*map(ask, peers)) if found), None)
+        answers = await asyncio.gather(*map(ask, peers))
+        return next((found for found, _ in answers if found), None), any(gone for _, gone in answers)
 
     async def _hop(self, name: str, call: Callable[[dict[str, Any]], Awaitable[Any]]):
         tried: set[str] = set()

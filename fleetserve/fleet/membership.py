@@ -10,8 +10,9 @@ Keys, under `fleetserve/<fleet>/`:
 
 With etcd unreachable the replica keeps serving and keeps trying; the tables it last saw stay.
 Cut off past its lease while etcd lives on (a peer's table, fed by etcd, no longer lists it), the
-replica is fenced: not ready, so clients are sent elsewhere, until it joins again. With etcd down
-for every replica no peer can show that, and every replica serves on.
+replica is fenced: not ready, so clients are sent elsewhere, until it joins again, or until a
+peer shows etcd gone for it too. With etcd down for every replica no peer can show that the
+lease ended, and every replica serves on. A peer that does not answer proves nothing either way.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class Membership:
         self.lease_id = 0
         self.connected = False
         self.fenced = ""  # why this replica is fenced; empty while it is not
-        # The peer whose table (fed by etcd) no longer lists this replica, if one does; set by the server.
-        self.witness: Callable[[], Awaitable[str | None]] | None = None
+        # What the peers say (forward.Hops.peers_on_me): the one whose table, fed by etcd, no longer
+        # lists this replica, if one does, and whether one has lost etcd too. Set by the server.
+        self.witness: Callable[[], Awaitable[tuple[str | None, bool]]] | None = None
         self.fence_changed: Callable[[], Awaitable[None]] | None = None
         self._last_contact = 0.0  # loop time etcd last renewed this replica's lease
         self._changed = asyncio.Event()  # replaced after every change: waiters hold the one they saw
@@ -203,21 +205,32 @@ class Membership:
             self.client = None
 
     async def _fence_while_cut_off(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(FENCE_CHECK_EVERY)
-            if loop.time() - self._last_contact <= LEASE_SECONDS or self.witness is None or not self._last_contact:
-                continue
             try:
-                witness = await self.witness()
-            except Exception as error:  # asking is best effort: no answer proves nothing
-                log.warning("asking peers whether etcd ended this replica's lease failed: %s", describe(error))
-                continue
-            if witness is not None:
-                await self._fence(f"cut off from etcd, which ended this replica's lease (replica {witness} "
-                                  "no longer lists it)")
-            elif self.fenced:  # etcd has since gone for every replica: none is better placed to serve
+                await self._check_fence()
+            except Exception:  # never silently: a dead check would leave the replica fenced, or not
+                log.exception("checking whether this replica is cut off from etcd failed")
+
+    async def _check_fence(self) -> None:
+        if not self._cut_off():
+            if self.fenced and self.connected:  # joined again: a fence set from an older answer goes
                 await self._fence("")
+            return
+        if self.witness is None:
+            return
+        missing_from, etcd_gone_there = await self.witness()
+        if not self._cut_off():  # etcd came back while the peers were asked: their answer is old
+            return
+        if missing_from is not None:
+            await self._fence(f"cut off from etcd, which ended this replica's lease (replica {missing_from} "
+                              "no longer lists it)")
+        elif self.fenced and etcd_gone_there:  # etcd has since gone for the others: none is better placed
+            await self._fence("")
+
+    def _cut_off(self) -> bool:
+        """No word from etcd for longer than the lease (and there was word once)."""
+        return bool(self._last_contact) and asyncio.get_running_loop().time() - self._last_contact > LEASE_SECONDS
 
     async def _fence(self, why: str) -> None:
         if why == self.fenced:
@@ -228,7 +241,10 @@ class Membership:
             log.info("no longer fenced: ready again")
         self.fenced = why
         if self.fence_changed is not None:
-            await self.fence_changed()
+            try:
+                await self.fence_changed()
+            except Exception:  # the readiness probes' state; etcd's connection has nothing to do with it
+                log.exception("telling the front doors about the fence failed")
 
     async def _follow(self, watch) -> None:
         async for event in watch:

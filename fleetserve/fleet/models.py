@@ -28,6 +28,7 @@ import logging
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -105,6 +106,14 @@ def _relayed(record: dict[str, Any]) -> Relayed:
     return Relayed(grpc.StatusCode[record.get("code", "UNAVAILABLE")], record["failed"], record.get("status", 503))
 
 
+@dataclass(frozen=True)
+class _Applied:
+    """A manifest this replica wrote: where, at which etcd revision, and what it replaced (None: nothing)."""
+    key: bytes
+    revision: int
+    previous: dict[str, Any] | None
+
+
 class _Etcd:
     """An etcd client whose calls fail as ModelUnavailable (503), whatever the client raised."""
 
@@ -133,6 +142,7 @@ class FleetModels:
         self.loaded_at: dict[str, float] = {}  # epoch ms each copy here was loaded
         self.loading: set[str] = set()
         self.claiming: set[str] = set()
+        self.reloading: dict[str, asyncio.Task] = {}  # the reload task of each model (the last one)
         # model -> when its last fleet load failed, and the loader's error
         self.failures: dict[str, tuple[float, Relayed]] = {}
         self.placements = 0  # claims this replica won (metrics)
@@ -276,13 +286,14 @@ class FleetModels:
             if kind == "Model" and model in self.here:
                 if value is None:
                     self._spawn(self.drop(model))
-                elif value != self.here[model]:
-                    self._spawn(self._reload(model, value))
+                else:
+                    self._follow_manifest(model)
 
-    def _spawn(self, work) -> None:
+    def _spawn(self, work) -> asyncio.Task:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _load_here(self, name: str, claim: dict[str, Any]) -> None:
         membership, key = self.membership, self.membership.key_of("loads", name)
@@ -300,9 +311,9 @@ class FleetModels:
             try:
                 await self._etcd().put(key, orjson.dumps({**claim, **failure}), lease=membership.lease_id)
                 await self._etcd().delete(key)
-            except Exception as failure:
+            except Exception as unreported:
                 log.warning("could not report model %s's failed load (%s); its claim ends with this replica's lease",
-                            name, describe(failure))
+                            name, describe(unreported))
             return
         finally:
             self.loading.discard(name)
@@ -322,8 +333,25 @@ class FleetModels:
             ], failure=[])
         except Exception as error:  # loaded and serving; etcd learns of it from the next record
             log.warning("model %s loaded here, but etcd could not be told (%s)", name, describe(error))
+        self._follow_manifest(name)  # applied again while it loaded: that one is loaded next
 
-    async def _reload(self, name: str, manifest: dict[str, Any]) -> None:
+    def _follow_manifest(self, name: str) -> None:
+        """The copy here comes to serve the model's manifest as etcd has it now: one reload task per
+        model, which loads again while the manifest changed under a reload (a rollback included)."""
+        running = self.reloading.get(name)
+        if running is None or running.done():
+            self.reloading[name] = self._spawn(self._reload_until_current(name))
+
+    async def _reload_until_current(self, name: str) -> None:
+        tried = None  # the manifest that failed here: tried again only once applied anew
+        while name in self.here and name not in self.leaving:
+            wanted = self.manifest(name)
+            if wanted is None or wanted == self.here[name] or wanted == tried:
+                return
+            if not await self._reload(name, wanted):
+                tried = wanted
+
+    async def _reload(self, name: str, manifest: dict[str, Any]) -> bool:
         """A manifest applied again: loaded here in the old one's place, or (it fails) the old one
         serves on. Either way the placement record says so, for the replica that applied it."""
         key = self.membership.key_of("placements", f"{name}/{self.me}")
@@ -341,6 +369,7 @@ class FleetModels:
             await self._etcd().put(key, orjson.dumps({**placement, **outcome}))
         except FleetError as error:
             log.warning("model %s's reload here could not be reported: %s", name, error.message)
+        return "serves" in outcome
 
     def _idle_copies(self) -> list[tuple[str, int]]:
         """Fleet copies here that nothing used for IDLE_SECONDS: extra copies first, then least recently used."""
@@ -429,22 +458,20 @@ class FleetModels:
         is placed and loaded before this returns (a load that fails puts back the manifest before)."""
         name = manifest["metadata"]["name"]
         wanted, _ = copies_wanted(manifest)
-        client = self._etcd()
         key = self.membership.key_of("manifests", f"Model/{name}")
-        previous = self.manifest(name)
         reloads = {holder: self._placement(name, holder).get("reloads", 0) for holder in self.holders(name)}
-        await client.put(key, orjson.dumps(manifest))
+        put = await self._etcd().put(key, orjson.dumps(manifest), prev_kv=True)
+        # A new key comes back with an empty previous value (a manifest is never empty).
+        previous = orjson.loads(put.prev_kv.value) if put.prev_kv is not None and put.prev_kv.value else None
+        applied = _Applied(key, put.header.revision, previous)
         if self.copies(name) or name in self.here:
             if previous is not None and previous != manifest:
-                await self._reloaded_everywhere(name, manifest, previous, reloads)
+                await self._reloaded_everywhere(name, manifest, applied, reloads)
             return
         try:
             await self.copy_for(name, manifest=manifest)
         except FleetError:
-            if previous is None:
-                await client.delete(key)
-            else:
-                await client.put(key, orjson.dumps(previous))
+            await self._put_back(applied)
             raise
         while len(self.holders(name)) < wanted:
             before = len(self.holders(name))
@@ -454,15 +481,34 @@ class FleetModels:
                 log.warning("model %s has %d of its %d copies: %s", name, before, wanted, error.message)
                 return
 
-    async def offer(self, manifest: dict[str, Any]) -> bool:
+    async def offer(self, manifest: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """A repository's model becomes the fleet's, unless the fleet has one of that name
-        (applied, or offered by another replica): that one stays. Whether it became the fleet's."""
+        (applied, or offered by another replica): that one stays. Whether it became the fleet's,
+        and the fleet's manifest (read with the offer: the watch may not have brought it yet)."""
         key, txn = self.membership.key_of("manifests", f"Model/{manifest['metadata']['name']}"), self.membership.transactions
-        created, _ = await self._etcd().transaction(compare=[txn.Version(key) == 0],
-                                                    success=[txn.Put(key, orjson.dumps(manifest))], failure=[])
-        return created
+        created, responses = await self._etcd().transaction(compare=[txn.Version(key) == 0],
+                                                            success=[txn.Put(key, orjson.dumps(manifest))],
+                                                            failure=[txn.Get(key)])
+        if created or not responses or not responses[0]:  # deleted since: this one is as good as any
+            return created, manifest
+        return False, orjson.loads(responses[0][0][0])
 
-    async def _reloaded_everywhere(self, name: str, manifest: dict[str, Any], previous: dict[str, Any],
+    async def _put_back(self, applied: "_Applied") -> None:
+        """The manifest before an apply that failed, unless another apply came since (that one stays)."""
+        txn = self.membership.transactions
+        restore = (txn.Delete(applied.key) if applied.previous is None
+                   else txn.Put(applied.key, orjson.dumps(applied.previous)))
+        try:
+            restored, _ = await self._etcd().transaction(compare=[txn.Mod(applied.key) == applied.revision],
+                                                         success=[restore], failure=[])
+        except FleetError as error:
+            log.error("%s: the manifest before could not be put back; the failed one stays in etcd (%s)",
+                      applied.key.decode(), error.message)
+            return
+        if not restored:
+            log.warning("%s was applied again meanwhile: that manifest stays", applied.key.decode())
+
+    async def _reloaded_everywhere(self, name: str, manifest: dict[str, Any], applied: "_Applied",
                                    reloads: dict[str, int]) -> None:
         """Waits for every copy of `name` to load its new manifest. Where one fails (a reload
         after `reloads`, the holders' count before the apply), the previous manifest is put back
@@ -475,12 +521,14 @@ class FleetModels:
             failed = next((outcome for holder, outcome in outcomes.items()
                            if outcome.get("manifest") == new and outcome.get("reloads", 0) > reloads.get(holder, 0)), None)
             if failed is not None:
-                await self._etcd().put(self.membership.key_of("manifests", f"Model/{name}"), orjson.dumps(previous))
+                await self._put_back(applied)
                 raise _relayed(failed)
             if all(outcome.get("serves") == new for outcome in outcomes.values()):
                 return
             await self.membership.changed(1.0)
-        log.warning("model %s: not every copy reported loading its new manifest within %.0fs", name, COPY_WAIT)
+        late = sorted(holder for holder, outcome in outcomes.items() if outcome.get("serves") != new)
+        log.warning("model %s: copies on %s did not report loading its new manifest within %.0fs", name,
+                    ", ".join(late), COPY_WAIT)
 
     def _placement(self, name: str, replica: str) -> dict[str, Any]:
         return self.membership.tables["placements"].get(f"{name}/{replica}") or {}

@@ -11,6 +11,8 @@ cache, and the next request reloads it (one reload, however many requests wait).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import gc
 import inspect
 import logging
@@ -615,13 +617,23 @@ class Registry:
     async def estimate(self, found: Found) -> int:
         """What loading `found` would take, before any load measured it (the fleet places it by
         this): its declared memory, else its artifacts' bytes times what its runtime kept per
-        artifact byte; 0 for artifacts not here yet (remote ones before their download)."""
+        artifact byte; 0 for artifacts not here yet (remote ones before their download). A
+        manifest's artifacts may say which runtime and how much memory (their model-settings.json)."""
         def estimated(settings: ModelSettings) -> int:
             if settings.memory:
                 return settings.memory
             if is_remote(settings.uri or "") and settings.fetched is None:
                 return 0
-            return self._kept(settings, self._artifact_bytes(settings) or 0)
+            artifact_bytes = self._artifact_bytes(settings)  # the storage is checked before anything is read
+            if artifact_bytes is None:
+                return 0
+            if settings.from_manifest:  # on a copy: the load completes (and checks) its own settings
+                settings = copy.copy(settings)
+                with contextlib.suppress(FleetError):  # the load refuses it, in its own words
+                    settings.complete_from_artifacts()
+                if settings.memory:
+                    return settings.memory
+            return self._kept(settings, artifact_bytes)
 
         return max(await self._in_thread(lambda: [estimated(settings) for settings in found.versions]), default=0)
 

@@ -118,7 +118,7 @@ class FleetServer:
             configure_server_labels(settings.fleet, self.membership.replica_id)
             self.fleet_models = FleetModels(self.membership, self.registry)
             self.hops = Hops(self.fleet_models, settings, self.tls, self.tokens)
-            self.membership.witness = self.hops.peer_without_me
+            self.membership.witness = self.hops.peers_on_me
             self.router.fleet = self.hops
             REGISTRY.register(FleetCollector(self.hops))
             self.fleet_graphs: dict[tuple[str, str], dict] = {}  # pipelines and experiments applied from etcd
@@ -228,35 +228,36 @@ class FleetServer:
             self.load_failed = True
             self.request_stop()
             return
-        offered = await self._offer_to_fleet(found) if self.fleet_models is not None else set()
+        offered = await self._offer_to_fleet(found) if self.fleet_models is not None else {}
         await self.registry.load_all({name: entry for name, entry in found.items() if name not in offered})
         # Ready once each of them has a copy somewhere in the fleet, as one process is once its repository is loaded.
-        await self.registry.in_turns({name: partial(self.fleet_models.copy_for, name) for name in sorted(offered)})
+        await self.registry.in_turns({name: partial(self.fleet_models.copy_for, name, manifest=manifest)
+                                      for name, manifest in sorted(offered.items())})
         await self._apply_again()
         self.ready = True
         await set_serving(health, not self.fenced)
         log.info("ready: %d model version(s) loaded", len(self.registry.ready_versions()))
 
-    async def _offer_to_fleet(self, found: dict) -> set[str]:
+    async def _offer_to_fleet(self, found: dict) -> dict[str, dict]:
         """The repository's plain model folders become the fleet's (repository_manifest says
-        which); the names that did, or were the fleet's already. Without etcd at start, none:
-        this replica loads them itself, as its own."""
+        which): the names that did, or were the fleet's already, with the fleet's manifest.
+        Without etcd at start, none: this replica loads them itself, as its own."""
         manifests = {name: manifest for name, entry in found.items() if (manifest := repository_manifest(entry))}
         if not manifests:
-            return set()
+            return {}
         if not await self.membership.joined(LEASE_SECONDS):
             log.warning("etcd is unreachable: the repository's %d model(s) load here, as this replica's own",
                         len(manifests))
-            return set()
+            return {}
         offers = list(manifests.items())
         outcomes = []
         for start in range(0, len(offers), OFFERS_AT_ONCE):
             batch = offers[start:start + OFFERS_AT_ONCE]
             outcomes += await asyncio.gather(*(self.fleet_models.offer(manifest) for _, manifest in batch),
                                              return_exceptions=True)
-        offered = {name for (name, _), outcome in zip(offers, outcomes) if not isinstance(outcome, BaseException)}
+        offered = {name: outcome[1] for (name, _), outcome in zip(offers, outcomes) if not isinstance(outcome, BaseException)}
         log.info("the repository's %d model(s) are the fleet's (%d new to it)", len(offered),
-                 sum(outcome is True for outcome in outcomes))
+                 sum(not isinstance(outcome, BaseException) and outcome[0] for outcome in outcomes))
         for (name, _), outcome in zip(offers, outcomes):
             if isinstance(outcome, BaseException):
                 log.warning("model %s loads here, as this replica's own: %s", name, describe(outcome))
@@ -289,7 +290,11 @@ class FleetServer:
             if manifest is None:  # a folder new to the repository: the fleet's too, if it can be
                 manifest = repository_manifest(await self.registry.find(name))
                 if manifest is not None:
-                    await self.fleet_models.offer(manifest)
+                    try:
+                        manifest = (await self.fleet_models.offer(manifest))[1]
+                    except FleetError as error:  # etcd unreachable: this replica's own, as at start
+                        log.warning("model %s loads here, as this replica's own: %s", name, error.message)
+                        manifest = None
             if manifest is not None:
                 await self.fleet_models.copy_for(name, manifest=manifest)
                 return
