@@ -333,10 +333,11 @@ def test_gpu_models_are_evicted_from_triton_and_reloaded_on_demand(triton, tmp_p
             index = repository_index(client)
             assert index[name]["resident"] and sum(index[n]["resident"] for n in names) == 2
             assert_in_triton(triton, names, {n for n in names if index[n]["resident"]})
-        previous = names[(names.index(name) - 1) % 3]  # the two most recently used stay
-        assert {n for n in names if index[n]["resident"]} == {name, previous}
-        assert metric(client, "seldon_cache_evict_count", device="gpu") == evictions + 3
-        assert metric(client, "seldon_cache_miss_count", device="gpu") == misses + 3
+        # Least recently used goes first, unless its reload took far longer than another's
+        # (memory.DeviceMemory.victims): under load a Triton reload can, and that one stays. So the
+        # second round has up to 3 misses, each making room by one eviction.
+        reloads = metric(client, "seldon_cache_miss_count", device="gpu") - misses
+        assert 1 <= reloads <= 3 and metric(client, "seldon_cache_evict_count", device="gpu") == evictions + reloads
         assert metric(client, "seldon_cache_evict_count", device="cpu") == 0
         assert metric(client, "seldon_server_replica_memory_capacity_bytes_gauge", device="gpu") == 100 * 2**20
         assert metric(client, "seldon_server_replica_memory_capacity_bytes_gauge", device="cpu") == 50 * 2**20
