@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--metrics-port", type=int, help="Prometheus port (default 8082; FLEETSERVE_METRICS_PORT)")
     start.add_argument("--max-message-size", type=int, help="largest request in bytes (FLEETSERVE_MAX_MESSAGE_SIZE)")
     start.add_argument("--log-level", help="debug, info, warning, error (FLEETSERVE_LOG_LEVEL)")
+    start.add_argument("--log-format", choices=("text", "json"),
+                       help="text, or json: one JSON document a line (default text; FLEETSERVE_LOG_FORMAT)")
+    start.add_argument("--access-log", action="store_true", default=None,
+                       help="one line per request: method and path or RPC, status, model, milliseconds, bytes, "
+                            "request id, client (FLEETSERVE_ACCESS_LOG)")
     start.add_argument("--memory-limit", help="memory for resident models: bytes or 512Mi, 4Gi (FLEETSERVE_MEMORY_LIMIT)")
     start.add_argument("--overcommit-percent", type=float, help="registered models may exceed the limit by this (default 10)")
     start.add_argument("--inline-predict-us", type=float,

@@ -40,6 +40,10 @@ class ServerSettings:
     # Seconds SIGTERM waits for in-flight requests before the server exits.
     shutdown_grace: float = 30.0
     log_level: str = "info"
+    # "text" or "json" (one orjson document a line: server/logs.py); the access log, one line a
+    # request (off: nothing runs for it).
+    log_format: str = "text"
+    access_log: bool = False
     # Memory for resident models, bytes or a Kubernetes quantity (512Mi, 4Gi); empty means
     # 70% of the container's limit or the machine's memory, leaving room for requests.
     memory_limit: str = ""

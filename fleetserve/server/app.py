@@ -28,7 +28,7 @@ from fleetserve.fleet.models import FleetModels, repository_manifest
 from fleetserve.graph.applied import AppliedManifests
 from fleetserve.graph.manifests import parse_manifest
 from fleetserve.graph.router import GraphCollector, Router
-from fleetserve.runtime.artifacts import ArtifactCache, redact_text
+from fleetserve.runtime.artifacts import ArtifactCache
 from fleetserve.runtime.dataplane import DataPlane
 from fleetserve.runtime.memory import MemoryCollector, MemoryManager, keep_freed_buffers_for_reuse
 from fleetserve.runtime.metrics import (MODEL_CHANGES, DriftCollector, InferenceCalls, InferenceCollector,
@@ -37,6 +37,7 @@ from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
 from fleetserve.runtime.workers import remove_stale_blocks
 from fleetserve.runtimes import alibi_explain, resolve_runtime, triton
+from fleetserve.server import logs
 from fleetserve.server.grpc_service import build_grpc_server, set_serving
 from fleetserve.server.limits import Admission, LimitsCollector, StalledRequestGuard
 from fleetserve.server.rest import build_metrics_app, build_rest_app
@@ -141,7 +142,9 @@ class FleetServer:
             port=port,
             lifespan="off",
             access_log=False,
-            log_level=self.settings.log_level,
+            # uvicorn's loggers go to the server's one handler, at the levels server/logs.py set.
+            log_config=None,
+            log_level=None,
             timeout_graceful_shutdown=int(self.settings.shutdown_grace),
             # Keep-alive connections from load balancers and clients outlive uvicorn's 5 s default.
             timeout_keep_alive=75,
@@ -159,7 +162,10 @@ class FleetServer:
             loop.add_signal_handler(signum, self.request_stop)
 
         rest = build_rest_app(self)
-        http = self._uvicorn(protect_rest(rest, rest.app.routes, self.tokens), self.settings.http_port)
+        front = protect_rest(rest, rest.app.routes, self.tokens)
+        if self.settings.access_log or self.settings.log_format == "json":  # else nothing runs per request
+            front = logs.RestAccess(front, self.settings.access_log)
+        http = self._uvicorn(front, self.settings.http_port)
         metrics = self._uvicorn(build_metrics_app(), self.settings.metrics_port)
         try:
             grpc_server, health = build_grpc_server(self)
@@ -402,24 +408,8 @@ class FleetServer:
                     log.error("cannot apply the kept %s %s again: %s", kind.lower(), item.name, describe(error))
 
 
-class _RedactCredentials(logging.Filter):
-    """Credentials written in a URI (s3://KEY:SECRET@...) never reach the log, whoever logs it
-    (fsspec, for one, logs the URLs it fetches at debug level)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = redact_text(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
 def run(settings: ServerSettings) -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_RedactCredentials())
+    logs.configure(settings.log_level, settings.log_format)
 
     server: FleetServer | None = None
 
