@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from fleetserve import __version__
 from fleetserve.settings import ServerSettings, read_secret
 
 
@@ -19,6 +20,12 @@ def _start(args: argparse.Namespace) -> int:
     flags = {field.name for field in dataclasses.fields(ServerSettings)} & vars(args).keys()
     settings = ServerSettings.from_env(**{name: getattr(args, name) for name in flags})
     return run(settings)
+
+
+def _boolean(raw: str) -> bool:
+    if raw.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"true or false, not {raw!r}")
+    return raw.lower() == "true"
 
 
 def _client(args: argparse.Namespace, inference: bool = False):
@@ -125,6 +132,7 @@ def _repository(action: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetserve", description="A multi-model V2 inference server.")
+    parser.add_argument("--version", action="version", version=f"fleetserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     start = commands.add_parser("start", help="serve every model in a repository folder")
@@ -141,19 +149,32 @@ def main(argv: list[str] | None = None) -> int:
                        help="one line per request: method and path or RPC, status, model, milliseconds, bytes, "
                             "request id, client (FLEETSERVE_ACCESS_LOG)")
     start.add_argument("--memory-limit", help="memory for resident models: bytes or 512Mi, 4Gi (FLEETSERVE_MEMORY_LIMIT)")
-    start.add_argument("--overcommit-percent", type=float, help="registered models may exceed the limit by this (default 10)")
+    start.add_argument("--overcommit-percent", type=float,
+                       help="registered models may exceed the limit by this (default 10; FLEETSERVE_OVERCOMMIT_PERCENT)")
     start.add_argument("--inline-predict-us", type=float,
-                       help="run predicts faster than this many microseconds on the event loop (default 200; 0: never)")
+                       help="run predicts faster than this many microseconds on the event loop (default 200; 0: never; "
+                            "FLEETSERVE_INLINE_PREDICT_US)")
+    start.add_argument("--inference-threads", type=int,
+                       help="worker threads for framework calls; one model holds at most half (default 8; "
+                            "FLEETSERVE_INFERENCE_THREADS)")
+    start.add_argument("--shutdown-grace", type=float,
+                       help="seconds SIGTERM waits for requests in flight (default 30; FLEETSERVE_SHUTDOWN_GRACE)")
+    start.add_argument("--eviction-wait", type=float,
+                       help="seconds a load waits for a busy model to be evictable, then 503 (default 30; "
+                            "FLEETSERVE_EVICTION_WAIT)")
     start.add_argument("--cache-dir", help="where remote artifacts are downloaded (FLEETSERVE_CACHE_DIR)")
     start.add_argument("--state-dir", help="where applied manifests are kept, to be applied again at start (FLEETSERVE_STATE_DIR)")
     start.add_argument("--etcd", help="etcd client URLs, comma-separated: this server joins a fleet (FLEETSERVE_ETCD)")
     start.add_argument("--fleet", help="the fleet's name, prefixing its etcd keys (default 'default'; FLEETSERVE_FLEET)")
     start.add_argument("--advertise-host", help="the address peers reach this replica at (FLEETSERVE_ADVERTISE_HOST)")
     start.add_argument("--replica-id", help="this replica's id in the fleet (default the host name; FLEETSERVE_REPLICA_ID)")
-    start.add_argument("--capabilities", help="comma-separated; replaces the default capabilities")
-    start.add_argument("--extra-capabilities", help="comma-separated; added to the capabilities")
-    start.add_argument("--triton-url", help="gRPC address of a Triton server (explicit model control) for GPU models")
-    start.add_argument("--triton-repository", help="a model repository folder Triton also reads (else files go in load requests)")
+    start.add_argument("--capabilities", help="comma-separated; replaces the default capabilities (FLEETSERVE_CAPABILITIES)")
+    start.add_argument("--extra-capabilities",
+                       help="comma-separated; added to the capabilities (FLEETSERVE_EXTRA_CAPABILITIES)")
+    start.add_argument("--triton-url",
+                       help="gRPC address of a Triton server (explicit model control) for GPU models (FLEETSERVE_TRITON_URL)")
+    start.add_argument("--triton-repository", help="a model repository folder Triton also reads (else files go in load "
+                                                   "requests; FLEETSERVE_TRITON_REPOSITORY)")
     start.add_argument("--gpu-memory-limit",
                        help="memory for models resident in Triton: bytes or 16Gi (default: no limit; FLEETSERVE_GPU_MEMORY_LIMIT)")
     start.add_argument("--admin-token", help="required on routes that change or reveal the repository (FLEETSERVE_ADMIN_TOKEN)")
@@ -182,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--request-body-timeout", type=float,
                        help="seconds a client may take to send a request's body (default 60; 0: no limit; "
                             "FLEETSERVE_REQUEST_BODY_TIMEOUT)")
+    start.add_argument("--load-models-at-startup", type=_boolean, metavar="true|false",
+                       help="load the repository's models at start (default true; else through the repository API; "
+                            "FLEETSERVE_LOAD_MODELS_AT_STARTUP, MLSERVER_LOAD_MODELS_AT_STARTUP)")
+    start.add_argument("--parallel-workers", type=int,
+                       help="worker processes of a custom runtime whose settings do not say (default 1; 0: in the "
+                            "server process; FLEETSERVE_PARALLEL_WORKERS, MLSERVER_PARALLEL_WORKERS)")
     start.set_defaults(run=_start)
 
     def client_command(name: str, help_text: str, run) -> argparse.ArgumentParser:

@@ -105,6 +105,12 @@ class ServerSettings:
     # then its body (from the end of the head), before its connection is closed. 0: no limit.
     request_head_timeout: float = 10.0
     request_body_timeout: float = 60.0
+    # Whether the repository's models load at start (MLServer's load_models_at_startup); if not,
+    # they load through the repository API. A model named by MLSERVER_MODEL_* loads either way.
+    load_models_at_startup: bool = True
+    # Worker processes for a custom runtime whose model-settings.json does not say (MLServer's
+    # parallel_workers; 0: in the server process). Built-in runtimes run on threads.
+    parallel_workers: int = 1
 
     @property
     def memory_limit_bytes(self) -> int:
@@ -146,14 +152,63 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerSettings":
-        """Defaults, then FLEETSERVE_<FIELD> variables, then explicit (non-None) overrides."""
-        values: dict[str, Any] = {}
+        """Defaults, then MLServer's settings (the repository's settings.json, then MLSERVER_*
+        variables), then FLEETSERVE_<FIELD> variables, then explicit (non-None) overrides."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        values = _mlserver_settings(given.get("model_repository") or os.environ.get("FLEETSERVE_MODEL_REPOSITORY"))
+        defaults = cls()
         for spec in fields(cls):
             raw = os.environ.get(f"FLEETSERVE_{spec.name.upper()}")
             if raw is not None:
-                values[spec.name] = _convert(spec.name, raw, type(getattr(cls(), spec.name)))
-        values.update({key: value for key, value in overrides.items() if value is not None})
+                values[spec.name] = _convert(f"FLEETSERVE_{spec.name.upper()}", raw, type(getattr(defaults, spec.name)))
+        values.update(given)
         return cls(**values)
+
+
+# MLServer's server settings that mean the same here: settings.json's key (and MLSERVER_<KEY>) -> field.
+MLSERVER_SETTINGS = {"host": "host", "http_port": "http_port", "grpc_port": "grpc_port", "metrics_port": "metrics_port",
+                     "grpc_max_message_length": "max_message_size", "load_models_at_startup": "load_models_at_startup",
+                     "parallel_workers": "parallel_workers", "models_dir": "model_repository"}
+
+
+def _mlserver_settings(repository: str | None) -> dict[str, Any]:
+    """What MLServer's settings say, as ServerSettings fields: settings.json in the repository
+    folder (MLSERVER_MODELS_DIR when no other names it), then the MLSERVER_* variables."""
+    values: dict[str, Any] = {}
+    repository = repository or os.environ.get("MLSERVER_MODELS_DIR")
+    settings_file = Path(repository) / "settings.json" if repository else None
+    if settings_file is not None and settings_file.is_file():
+        try:
+            document = orjson.loads(settings_file.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as error:
+            raise SystemExit(f"{settings_file}: {error}") from None
+        if not isinstance(document, dict):
+            raise SystemExit(f"{settings_file}: MLServer's settings are a JSON object")
+        for key, field_name in MLSERVER_SETTINGS.items():
+            if document.get(key) is not None and key != "models_dir":
+                values[field_name] = _convert(f"{settings_file}: {key}", str(document[key]).lower()
+                                              if isinstance(document[key], bool) else str(document[key]),
+                                              type(getattr(ServerSettings, field_name)))
+    for key, field_name in MLSERVER_SETTINGS.items():
+        raw = os.environ.get(f"MLSERVER_{key.upper()}")
+        if raw is not None:
+            values[field_name] = _convert(f"MLSERVER_{key.upper()}", raw, type(getattr(ServerSettings, field_name)))
+    return values
+
+
+def mlserver_model() -> dict[str, Any] | None:
+    """The one model MLServer's MLSERVER_MODEL_* variables describe (how KServe's kserve-mlserver
+    runtime names the model it serves), as model-settings.json would; None when they name none."""
+    name, uri = os.environ.get("MLSERVER_MODEL_NAME"), os.environ.get("MLSERVER_MODEL_URI")
+    if not name and not uri:
+        return None
+    parameters = {"uri": uri} if uri else {}
+    if version := os.environ.get("MLSERVER_MODEL_VERSION"):
+        parameters["version"] = version
+    raw: dict[str, Any] = {"name": name or Path(uri or "model").name, "parameters": parameters}
+    if implementation := os.environ.get("MLSERVER_MODEL_IMPLEMENTATION"):
+        raw["implementation"] = implementation
+    return raw
 
 
 # What a server offers, as Seldon Core 2 `requirements` name it ("mlserver": Seldon's manifests
@@ -244,16 +299,16 @@ def _split(items: str) -> list[str]:
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
-def _convert(name: str, raw: str, kind: type) -> Any:
+def _convert(where: str, raw: str, kind: type) -> Any:
     if kind is bool:
         if raw.strip().lower() not in _TRUE + _FALSE:
-            raise SystemExit(f"FLEETSERVE_{name.upper()} must be true or false (1, yes, on / 0, no, off), got {raw!r}")
+            raise SystemExit(f"{where} must be true or false (1, yes, on / 0, no, off), got {raw!r}")
         return raw.strip().lower() in _TRUE
     if kind in (int, float):
         try:
             return kind(raw)
         except ValueError:
-            raise SystemExit(f"FLEETSERVE_{name.upper()} must be a number, got {raw!r}") from None
+            raise SystemExit(f"{where} must be a number, got {raw!r}") from None
     return raw
 
 

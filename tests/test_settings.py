@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,43 @@ def test_allowed_storage_includes_the_repository_only_with_an_allow_list(tmp_pat
     assert ServerSettings(model_repository=str(tmp_path)).allowed_storage_prefixes == []
     listed = ServerSettings(model_repository=str(tmp_path), allowed_storage=" s3://models/a , /srv/models,")
     assert listed.allowed_storage_prefixes == ["s3://models/a", "/srv/models", str(tmp_path.resolve())]
+
+
+def test_every_setting_has_a_flag_whose_help_names_its_variable():
+    import contextlib
+    import io
+
+    from fleetserve import cli
+
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown), pytest.raises(SystemExit):
+        cli.main(["start", "--help"])
+    text = " ".join(shown.getvalue().split())
+    for spec in fields(ServerSettings):
+        if spec.name != "model_repository":  # the positional REPO (FLEETSERVE_MODEL_REPOSITORY)
+            flag, variable = "--" + spec.name.replace("_", "-"), "FLEETSERVE_" + spec.name.upper()
+            assert f"{flag} " in text and variable in text, (flag, variable)
+
+
+def test_mlserver_settings_json_then_its_variables_then_fleetserves(tmp_path, monkeypatch):
+    (tmp_path / "settings.json").write_text(json.dumps({
+        "http_port": 9100, "grpc_port": 9101, "metrics_port": 9102, "grpc_max_message_length": 1000,
+        "load_models_at_startup": False, "parallel_workers": 3, "debug": True}))
+    settings = ServerSettings.from_env(model_repository=str(tmp_path))
+    assert (settings.http_port, settings.grpc_port, settings.metrics_port, settings.max_message_size) == (9100, 9101, 9102, 1000)
+    assert settings.load_models_at_startup is False and settings.parallel_workers == 3
+    monkeypatch.setenv("MLSERVER_HTTP_PORT", "9200")
+    monkeypatch.setenv("MLSERVER_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("MLSERVER_LOAD_MODELS_AT_STARTUP", "true")
+    settings = ServerSettings.from_env()  # the folder from MLSERVER_MODELS_DIR, its settings.json read
+    assert settings.model_repository == str(tmp_path) and settings.grpc_port == 9101
+    assert settings.http_port == 9200 and settings.load_models_at_startup is True
+    monkeypatch.setenv("FLEETSERVE_HTTP_PORT", "9300")
+    assert ServerSettings.from_env().http_port == 9300
+    assert ServerSettings.from_env(http_port=9400).http_port == 9400
+    monkeypatch.setenv("MLSERVER_GRPC_PORT", "eighty")
+    with pytest.raises(SystemExit, match="MLSERVER_GRPC_PORT must be a number"):
+        ServerSettings.from_env()
+    (tmp_path / "settings.json").write_text("[1]")
+    with pytest.raises(SystemExit, match="settings.json: MLServer's settings are a JSON object"):
+        ServerSettings.from_env()

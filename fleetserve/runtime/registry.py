@@ -170,6 +170,7 @@ class Registry:
         artifacts: ArtifactCache,
         max_concurrency: int = 4,
         eviction_wait: float = 30.0,
+        custom_workers: int = 1,
     ):
         self.repository = repository
         self.resolve_runtime = resolve_runtime
@@ -177,6 +178,7 @@ class Registry:
         self.artifacts = artifacts
         self.max_concurrency = max_concurrency
         self.eviction_wait = eviction_wait
+        self.custom_workers = custom_workers  # worker processes of a custom runtime that does not say
         # Loads read files and import frameworks: their own threads, never the inference ones.
         self.executor = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="fleetserve-load")
         self.models: dict[str, Model] = {}
@@ -551,7 +553,7 @@ class Registry:
         if workers is None:
             # User code runs in a process of its own, so a crash in it (a segfault in native code)
             # fails only its own requests; async runtimes run on the loop, which a worker cannot host.
-            workers = int(is_custom_runtime(runtime_class) and not is_async)
+            workers = self.custom_workers if is_custom_runtime(runtime_class) and not is_async else 0
         if workers:
             if is_async:
                 raise ModelLoadError(

@@ -5,6 +5,9 @@ sub-folders, each with the artifacts of one version and optionally its own
 `model-settings.json` (else the parent's is shared). A Triton model folder (`config.pbtxt`) is
 one model: its numbered folders are Triton's versions. The folder name is the default model name.
 A folder that cannot be read becomes an entry with its reason: it never hides the others.
+
+Beside the folders, one model may be described by the environment (MLServer's MLSERVER_MODEL_*
+variables, which KServe sets): it is found as if its settings were a model-settings.json.
 """
 
 from __future__ import annotations
@@ -39,12 +42,16 @@ class Found:
 
 
 class ModelRepository:
-    def __init__(self, root: str | Path | None):
+    def __init__(self, root: str | Path | None, described: dict | None = None):
         self.root = Path(root).resolve() if root else None
+        self.described = described  # settings.mlserver_model(): model-settings.json's fields
 
     def scan(self) -> dict[str, Found]:
         """Every model in the repository, keyed by name; broken ones carry their reason."""
         found: dict[str, Found] = {}
+        if self.described is not None:
+            entry = self._read_described()
+            found[entry.name] = entry
         if self.root is None:
             return found
         for folder in sorted(path for path in self.root.iterdir() if path.is_dir() and not path.name.startswith(".")):
@@ -60,6 +67,8 @@ class ModelRepository:
     def find(self, name: str) -> Found:
         """One model: its own folder first (one read), else a full scan for a name set in settings."""
         check_model_name(name)
+        if self.described is not None and (entry := self._read_described()).name == name:
+            return entry
         if self.root is not None:
             folder = self.root / name
             if folder.is_dir() and self._is_model_folder(folder):
@@ -70,6 +79,20 @@ class ModelRepository:
         if entry is None:
             raise NotFound(f"model '{name}' is not in the repository {self.root}")
         return entry
+
+    def is_described(self, name: str) -> bool:
+        return self.described is not None and self.described["name"] == name
+
+    def _read_described(self) -> Found:
+        uri = self.described["parameters"].get("uri")
+        folder = Path(uri).resolve() if uri else (self.root or Path.cwd())
+        try:
+            settings = ModelSettings.parse(self.described, folder if folder.is_dir() else folder.parent,
+                                           self.described["name"])
+        except ModelLoadError as error:
+            return Found(self.described["name"], [], error.message)
+        settings.from_manifest = True  # a model-settings.json among its artifacts fills in the rest
+        return Found(settings.name, [settings])
 
     @staticmethod
     def _version_folders(folder: Path) -> list[Path]:

@@ -42,7 +42,7 @@ from fleetserve.server.grpc_service import build_grpc_server, set_serving
 from fleetserve.server.limits import Admission, LimitsCollector, StalledRequestGuard
 from fleetserve.server.rest import build_metrics_app, build_rest_app
 from fleetserve.server.security import TLS, Tokens, log_front_doors, protect_rest
-from fleetserve.settings import ServerSettings
+from fleetserve.settings import ServerSettings, mlserver_model
 
 log = logging.getLogger("fleetserve")
 
@@ -80,7 +80,7 @@ class FleetServer:
         self.tokens = Tokens.from_settings(settings)
         self.tls = TLS.from_settings(settings)
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="fleetserve-worker")
-        self.repository = ModelRepository(settings.model_repository)
+        self.repository = ModelRepository(settings.model_repository, mlserver_model())
         remove_stale_blocks()  # shared memory left by a server or worker that was killed
         keep_freed_buffers_for_reuse()
         capabilities = settings.capability_list
@@ -96,6 +96,7 @@ class FleetServer:
                           settings.download_timeout),
             max_concurrency=max(1, settings.inference_threads // 2),
             eviction_wait=settings.eviction_wait,
+            custom_workers=settings.parallel_workers,
         )
         if settings.allow_remote_code and not settings.allowed_storage:
             log.warning("--allow-remote-code without --allowed-storage: a manifest naming any storage can run its "
@@ -234,6 +235,8 @@ class FleetServer:
             self.load_failed = True
             self.request_stop()
             return
+        if not self.settings.load_models_at_startup:  # the folders load through the repository API
+            found = {name: entry for name, entry in found.items() if self.repository.is_described(name)}
         offered = await self._offer_to_fleet(found) if self.fleet_models is not None else {}
         await self.registry.load_all({name: entry for name, entry in found.items() if name not in offered})
         # Ready once each of them has a copy somewhere in the fleet, as one process is once its repository is loaded.

@@ -90,6 +90,7 @@ DOCS_ASSETS = {
 
 _NAME = _ref("parameters", "ModelName")
 _VERSION = _ref("parameters", "ModelVersion")
+_MODEL_BASES = (("/v2/models/{name}", [_NAME]), ("/v2/models/{name}/versions/{version}", [_NAME, _VERSION]))
 _PIPELINE = _ref("parameters", "PipelineName")
 _EXPERIMENT = _ref("parameters", "ExperimentName")
 _ENCODING = _ref("parameters", "ContentEncoding")
@@ -277,7 +278,31 @@ def _other_routes() -> dict[str, dict]:
         **{f"/v2/docs/{asset}": {"get": _operation(f"Swagger UI's {asset}", "documentation",
                                                   {media_type: {"schema": {"type": "string"}}})}
            for asset, media_type in DOCS_ASSETS.items()},
+        # MLServer's per-model documentation: this document's routes of one model, rendered.
+        **{f"{base}/docs": {"get": _operation("The model's routes, rendered (Swagger UI)", "documentation",
+                                               {"text/html": {"schema": {"type": "string"}}}, (404,), parameters=given)}
+           for base, given in _MODEL_BASES},
+        **{f"{base}/docs/dataplane.json": {"get": _operation(
+            "The model's routes: this document's, for its name (and version)", "documentation",
+            _json({"type": "object"}), (404,), parameters=given)} for base, given in _MODEL_BASES},
     }
+
+
+def model_document(name: str, version: str | None) -> dict:
+    """The document's routes under /v2/models/{name}[/versions/{version}], for this model."""
+    base = "/v2/models/{name}" + ("/versions/{version}" if version else "")
+    concrete = f"/v2/models/{name}" + (f"/versions/{version}" if version else "")
+    fixed = {_NAME["$ref"], _VERSION["$ref"] if version else None}
+    paths = {}
+    for path, item in DOCUMENT["paths"].items():
+        rest = path[len(base):]
+        if not path.startswith(base) or (not version and rest.startswith("/versions")) or "/docs" in rest:
+            continue
+        paths[concrete + rest] = {method: {**operation, "parameters": [
+            parameter for parameter in operation.get("parameters", ()) if parameter.get("$ref") not in fixed]}
+            for method, operation in item.items()}
+    title = f"fleetserve: model {name}" + (f", version {version}" if version else "")
+    return {**DOCUMENT, "info": {**DOCUMENT["info"], "title": title}, "paths": paths}
 
 
 _PARAMETERS = {

@@ -361,6 +361,25 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     app.get(f"{DOCS}/dataplane.json")(openapi_document)
     for asset, media_type in openapi.DOCS_ASSETS.items():
         app.get(f"{DOCS}/{asset}")(_asset(asset, media_type))
+
+    def known_model(name: str, version: str | None) -> None:
+        """NotFound unless the model (and version) is served here or, in a fleet, anywhere."""
+        if not (server.fleet_models is not None and server.fleet_models.known(name) and version is None):
+            registry.get(name, version)
+
+    @app.get("/v2/models/{name}/docs")
+    @app.get("/v2/models/{name}/versions/{version}/docs")
+    async def model_docs_page(name: str, version: str | None = None) -> Response:
+        known_model(name, version)
+        base = f"/v2/models/{name}" + (f"/versions/{version}" if version else "")
+        return Response(_docs_page(f"{base}/docs/dataplane.json", f"fleetserve: model {name}"), media_type="text/html")
+
+    @app.get("/v2/models/{name}/docs/dataplane.json")
+    @app.get("/v2/models/{name}/versions/{version}/docs/dataplane.json")
+    async def model_docs(name: str, version: str | None = None) -> Response:
+        known_model(name, version)
+        return json_response(openapi.model_document(name, version))
+
     return InferenceFastPath(app, server)
 
 
@@ -371,14 +390,20 @@ def _allowed_methods(app: FastAPI, scope) -> str:
 
 
 DOCS = "/v2/docs"
-_DOCS_PAGE = get_swagger_ui_html(
-    openapi_url=f"{DOCS}/dataplane.json",
-    title="fleetserve API",
-    swagger_js_url=f"{DOCS}/swagger-ui-bundle.js",
-    swagger_css_url=f"{DOCS}/swagger-ui.css",
-    swagger_favicon_url=f"{DOCS}/favicon-32x32.png",
-    swagger_ui_parameters={"validatorUrl": None},  # else the page asks swagger.io to validate the document
-).body
+
+
+def _docs_page(document_url: str, title: str) -> bytes:
+    return get_swagger_ui_html(
+        openapi_url=document_url,
+        title=title,
+        swagger_js_url=f"{DOCS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS}/swagger-ui.css",
+        swagger_favicon_url=f"{DOCS}/favicon-32x32.png",
+        swagger_ui_parameters={"validatorUrl": None},  # else the page asks swagger.io to validate the document
+    ).body
+
+
+_DOCS_PAGE = _docs_page(f"{DOCS}/dataplane.json", "fleetserve API")
 
 
 async def docs_page() -> Response:

@@ -87,6 +87,10 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("GET", "/v2/docs/swagger-ui-bundle.js"): OPEN,
     ("GET", "/v2/docs/swagger-ui.css"): OPEN,
     ("GET", "/v2/docs/favicon-32x32.png"): OPEN,
+    ("GET", "/v2/models/{name}/docs"): OPEN,  # MLServer's: the routes of one model (its metadata's peers)
+    ("GET", "/v2/models/{name}/docs/dataplane.json"): OPEN,
+    ("GET", "/v2/models/{name}/versions/{version}/docs"): OPEN,
+    ("GET", "/v2/models/{name}/versions/{version}/docs/dataplane.json"): OPEN,
     # Inference: the fast path's routes (routes.FAST_PATH_ROUTES) and MLflow's scoring protocol.
     ("POST", "/v2/models/{name}/infer"): DATA,
     ("POST", "/v2/models/{name}/versions/{version}/infer"): DATA,
