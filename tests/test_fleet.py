@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -732,6 +734,14 @@ spec:
             assert all(answer.status_code == 200 for answer in answers), {answer.text for answer in answers}
             assert {answer.headers["x-seldon-route"] for answer in answers} == {":left:", ":right:"}
         assert copies_of(first, "left") == ["q1"] and copies_of(first, "right") == ["q2"]  # no step loaded twice
+        # Every series the Grafana dashboard queries is one these replicas export, now they served.
+        families = [family for server in (first, second)
+                    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=5).text)]
+        exported = {family.name for family in families} | {sample.name for family in families for sample in family.samples}
+        dashboard = json.loads((ROOT / "deploy" / "grafana" / "fleetserve.json").read_text())
+        queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+                   for name in re.findall(r"\b(?:fleetserve|seldon|nv)_[a-z_]+", target["expr"])}
+        assert len(queried) > 20 and queried <= exported, queried - exported
         deleted = httpx.request("DELETE", f"{first.url}/v2/manifests", content="kind: Pipeline\nmetadata: {name: pair}\n",
                                 timeout=30)
         assert deleted.status_code == 200, deleted.text

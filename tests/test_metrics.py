@@ -3,6 +3,7 @@ real requests (REST and gRPC, successes and errors, a pipeline), and /metrics as
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -129,3 +130,17 @@ def test_promtool_finds_nothing_but_seldons_and_tritons_historic_names(http):
     problems = [line for line in (checked.stdout + checked.stderr).splitlines()
                 if line.strip() and not line.startswith(HISTORIC_NAMES)]
     assert not problems, problems
+
+
+def test_the_grafana_dashboards_queries_are_promql_promtool_accepts(tmp_path):
+    """Each query as a recording rule (Grafana's $__rate_interval as 5m), checked by promtool; that
+    each names only series the server exports is checked on a fleet's /metrics (test_fleet.py)."""
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "fleetserve.json").read_text())
+    queries = [target["expr"].replace("$__rate_interval", "5m") for panel in dashboard["panels"]
+               for target in panel["targets"]]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{number}", "expr": query} for number, query in enumerate(queries)]}]}
+    (tmp_path / "rules.yml").write_text(json.dumps(rules))  # JSON is YAML
+    checked = subprocess.run([str(ROOT / ".venv" / "bin" / "promtool"), "check", "rules", str(tmp_path / "rules.yml")],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and f"{len(queries)} rules found" in checked.stdout, checked.stdout + checked.stderr
