@@ -15,8 +15,9 @@ from typing import Any
 
 import orjson
 
+from fleetserve.codecs.numpy import array_from_json
 from fleetserve.errors import InvalidInput, ModelLoadError
-from fleetserve.types import DATATYPES
+from fleetserve.types import DATATYPES, InferenceRequest, Tensor
 
 MIB = 1024 * 1024
 
@@ -371,6 +372,31 @@ def _count(raw: dict, key: str) -> int:
     return value
 
 
+def _warmup_samples(samples: Any, where: str) -> list[InferenceRequest]:
+    """`warmup`: V2 request bodies (JSON `inputs`), each with an optional `count` (default 1)."""
+    if samples is None:
+        return []
+    if not isinstance(samples, list):
+        raise ModelLoadError(f"{where}: 'warmup' must be a list of V2 requests ({{\"inputs\": [...]}})")
+    requests = []
+    for number, sample in enumerate(samples, 1):
+        here = f"{where}: warmup sample {number}"
+        inputs = sample.get("inputs") if isinstance(sample, dict) else None
+        count = sample.get("count", 1) if isinstance(sample, dict) else 1
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(tensor, dict) for tensor in inputs):
+            raise ModelLoadError(f"{here}: needs 'inputs', a list of tensors (name, datatype, shape, data)")
+        if type(count) is not int or not 1 <= count <= 1000:
+            raise ModelLoadError(f"{here}: 'count' must be an integer from 1 to 1000")
+        try:
+            tensors = [Tensor(tensor.get("name"), array_from_json(tensor.get("data"), tensor.get("datatype"),
+                                                                  tensor.get("shape"), tensor.get("name")))
+                       for tensor in inputs]
+        except InvalidInput as error:
+            raise ModelLoadError(f"{here}: {error.message}") from None
+        requests += [InferenceRequest(inputs=tensors, parameters=dict(sample.get("parameters") or {}))] * count
+    return requests
+
+
 def _tensor_list(raw: dict, key: str, where: str) -> list[TensorMetadata]:
     tensors = raw.get(key)
     if tensors is None:
@@ -408,11 +434,14 @@ class ModelSettings:
     default_timeout_microseconds: int = 0
     unknown: dict[str, Any] = field(default_factory=dict)
     fetched: Path | None = None  # the local copy of a remote `uri`, once downloaded
+    # Requests the model answers after every load, a reload after eviction included, before it
+    # takes traffic (Triton's model_warmup): `warmup` in model-settings.json, V2 request bodies.
+    warmup: list[InferenceRequest] = field(default_factory=list)
     from_manifest: bool = False  # its artifacts may hold a model-settings.json to complete it
 
     _KNOWN = {"name", "implementation", "parameters", "inputs", "outputs", "platform", "max_batch_size",
               "max_batch_time", "parallel_workers", "requirements", "versions", "memory", "max_queue_size",
-              "default_timeout_microseconds"}
+              "default_timeout_microseconds", "warmup"}
     _KNOWN_PARAMETERS = {"uri", "version", "extra", "content_type"}
 
     @classmethod
@@ -469,6 +498,7 @@ class ModelSettings:
             memory=memory,
             max_queue_size=max_queue_size,
             default_timeout_microseconds=default_timeout_microseconds,
+            warmup=_warmup_samples(raw.get("warmup"), where),
             unknown=unknown,
         )
 
@@ -502,6 +532,7 @@ class ModelSettings:
             self.parallel_workers = inner.parallel_workers
         self.max_queue_size = self.max_queue_size or inner.max_queue_size
         self.default_timeout_microseconds = self.default_timeout_microseconds or inner.default_timeout_microseconds
+        self.warmup = self.warmup or inner.warmup
         if inner.uri:
             # The storage the manifest names is what was checked: its own settings may not reach past it.
             if not is_within(inner.artifact_path, folder):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from fleetserve.errors import InvalidInput, ModelLoadError
 from fleetserve.runtime.repository import ModelRepository
 from fleetserve.settings import ModelSettings, ServerSettings, check_model_name
@@ -132,3 +133,28 @@ def test_mlserver_settings_json_then_its_variables_then_fleetserves(tmp_path, mo
     (tmp_path / "settings.json").write_text("[1]")
     with pytest.raises(SystemExit, match="settings.json: MLServer's settings are a JSON object"):
         ServerSettings.from_env()
+
+
+def test_the_shipped_json_schema_takes_every_example_and_refuses_what_the_server_refuses(repository):
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads((files("fleetserve") / "schemas" / "model-settings.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert ModelSettings._KNOWN <= schema["properties"].keys()
+    examples = [*(ROOT / "model_repo").glob("*/model-settings.json"), *repository.glob("**/model-settings.json")]
+    assert len(examples) > 10
+    accepted = 0
+    for path in examples:
+        try:  # the test repository's broken examples aside: what the server takes, the schema takes
+            ModelSettings.from_file(path, path.parent.name)
+        except ModelLoadError:
+            continue
+        accepted += 1
+        assert not list(validator.iter_errors(json.loads(path.read_text()))), path
+    assert accepted > 10
+    for wrong in ({"max_batch_size": -1}, {"memory": "lots"}, {"warmup": [{"count": 2}]},
+                  {"inputs": [{"name": "x", "datatype": "FP31"}]}):
+        assert list(validator.iter_errors(wrong)), wrong

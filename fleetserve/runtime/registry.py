@@ -415,7 +415,7 @@ class Registry:
             try:
                 loading = time.perf_counter()
                 await self._prepare_artifacts(version)
-                runtime = await self._start_runtime(version, measure=version.unmeasured)
+                runtime = await self._start_warm(version, measure=version.unmeasured)
             except BaseException as error:
                 self.memory.of(version).mark_evicted(version)
                 if isinstance(error, asyncio.CancelledError):
@@ -494,7 +494,7 @@ class Registry:
         try:
             await self._admit(version)
             await self._prepare_artifacts(version)  # a cache hit for a manifest, unless something removed it since
-            runtime = await self._start_runtime(version, measure=True)
+            runtime = await self._start_warm(version, measure=True)
             books = self.memory.of(version)
             # The versions this load replaces serve (and stay registered) until it is done.
             registered = books.registered_bytes - sum(books.registered.get(old, 0) for old in replaced)
@@ -543,6 +543,29 @@ class Registry:
             return
         async with self._admission[books.device]:
             await self._evict(books.victims(0, keep=keep) or [])
+
+    async def _start_warm(self, version: ModelVersion, measure: bool = False) -> Runtime:
+        """The runtime started, and its warmup requests answered before any other reaches it."""
+        runtime = await self._start_runtime(version, measure)
+        samples = version.settings.warmup
+        if not samples:
+            return runtime
+        started = time.perf_counter()
+        for number, request in enumerate(samples, 1):
+            try:
+                if inspect.iscoroutinefunction(runtime.predict):  # Triton's, a worker pool's: their own I/O
+                    await runtime.predict(request)
+                else:
+                    await self._in_thread(runtime.predict, request)
+            except BaseException as error:
+                await self._stop_runtime(version, runtime)
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+                raise ModelLoadError(f"model '{version.name}': warmup request {number} of {len(samples)} failed: "
+                                     f"{describe(error)}") from error
+        log.info("model %s warmed up with %d request(s) in %.3fs", _label(version), len(samples),
+                 time.perf_counter() - started)
+        return runtime
 
     async def _start_runtime(self, version: ModelVersion, measure: bool = False) -> Runtime:
         settings = version.settings
