@@ -246,7 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         client_command(action, f"{action} a model through the repository API", _repository(action)).add_argument("model")
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    if args.run is _start:
+        return args.run(args)
+    import httpx
+
+    try:
+        return args.run(args)
+    except httpx.TimeoutException:
+        print(f"fleetserve at {args.url} did not answer within {args.timeout:g}s", file=sys.stderr)
+    except httpx.TransportError as error:
+        print(f"no fleetserve at {args.url} ({error}): start one with `fleetserve start`, or give --url "
+              "(FLEETSERVE_URL)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -31,3 +31,21 @@ def test_infer(server):
     assert json.loads(result.stdout)["outputs"][0]["data"] == [0, 2]
     failed = fleetserve(server, "infer", "no-such-model", json.dumps(iris_json()))
     assert failed.returncode == 1 and "not found" in json.loads(failed.stdout)["error"]
+
+
+def test_without_a_server_one_line_says_so():
+    from conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    for command in (["status"], ["infer", "iris", "{}"], ["apply", "-f", "-"], ["fleet"]):
+        result = subprocess.run([sys.executable, "-m", "fleetserve.cli", *command, "--url", url], input="",
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert result.returncode == 2 and result.stdout == "", result
+        assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(f"no fleetserve at {url}")
+
+
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "fleetserve.cli", "--version"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60)
+    from fleetserve import __version__
+    assert result.returncode == 0 and result.stdout.strip() == f"fleetserve {__version__}"

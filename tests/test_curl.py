@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from conftest import IRIS_ROWS, iris_json
+from conftest import IRIS_ROWS, ROOT, iris_json
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the curl binary is not installed")
 
@@ -181,14 +181,14 @@ def test_binary_tensor_request_body(server, tmp_path):
 def test_manifest_apply_and_delete(server, tmp_path):
     """The README's manifest commands with curl: a Model manifest over a local artifact folder."""
     manifest = tmp_path / "iris.yaml"
-    manifest.write_text(f"""apiVersion: mlops.seldon.io/v1alpha1
+    manifest.write_text("""apiVersion: mlops.seldon.io/v1alpha1
 kind: Model
 metadata:
   name: iris-from-manifest
 spec:
-  storageUri: "{server.repository / 'iris'}"
+  storageUri: "./model_repo/iris"
   requirements: [sklearn]
-""")
+""")  # as the README writes it: relative to where the server runs (here, the checkout)
     applied = curl(server, "/v2/manifests", "-X", "POST", "--data-binary", f"@{manifest}")
     assert applied.status == 200 and applied.json() == {"applied": [{"kind": "Model", "name": "iris-from-manifest"}]}
     body = json.dumps(iris_json())
@@ -197,4 +197,4 @@ spec:
     deleted = curl(server, "/v2/manifests", "-X", "DELETE", "--data-binary", f"@{manifest}")
     assert deleted.status == 200 and deleted.json() == {"deleted": [{"kind": "Model", "name": "iris-from-manifest"}]}
     assert curl(server, "/v2/models/iris-from-manifest/infer", "-d", body).status == 404  # deleted: gone
-    assert (server.repository / "iris" / "model.joblib").exists()  # local artifacts are never deleted
+    assert (ROOT / "model_repo" / "iris" / "model.joblib").exists()  # local artifacts are never deleted

@@ -199,7 +199,9 @@ def test_hostile_manifests(server, text, fragment):
 def test_a_partial_multi_document_apply_says_what_was_applied(server, repository):
     probe(repository, "first", "8Mi")
     text = model_manifest("first", repository / "first", requirements=()) + "---\n" + model_manifest(
-        "second", repository / "missing-folder", requirements=())
+        "second", repository / "missing-folder", requirements=()) + "---\n" + model_manifest(
+        "third", repository / "first", requirements=())
     response = httpx.post(f"{server.url}/v2/manifests", content=text, timeout=30)
     assert response.status_code == 400
     assert response.json()["error"].startswith("['first'] applied; then ")
+    assert response.json()["error"].endswith("; not applied: ['third']")

@@ -556,14 +556,18 @@ async def metrics() -> Response:
 
 
 async def _each(items: list[tuple[str, Any]], action, done_word: str) -> list[dict]:
-    """Apply `action(kind, item)` to each manifest in order; a failure says which ones were done before it."""
+    """Apply `action(kind, item)` to each manifest in order; a failure says which ones were done
+    before it and which were skipped after it."""
     done: list[dict] = []
-    for kind, item in items:
+    for number, (kind, item) in enumerate(items):
         try:
             await action(kind, item)
         except FleetError as error:
+            skipped = [getattr(rest, "name", rest) for _, rest in items[number + 1:]]
             if done:
                 error.message = f"{[entry['name'] for entry in done]} {done_word}; then {error.message}"
+            if skipped:
+                error.message += f"; not {done_word}: {skipped}"
             raise
         done.append({"kind": kind, "name": getattr(item, "name", item)})
     return done
