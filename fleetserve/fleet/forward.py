@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from fleetserve import tracing
 from fleetserve.errors import Misdirected, ModelUnavailable, Relayed, answered_status, describe
 from fleetserve.fleet.membership import LEASE_SECONDS
 from fleetserve.fleet.models import FleetModels
@@ -91,6 +92,8 @@ class Hops:
         a peer's copy; None when the copy to use is here."""
         passed = {key: value for key in REQUEST_HEADERS if (value := headers.get(key)) is not None}
         passed[FORWARDED] = self.models.me
+        if tracing.TRACER is not None:
+            passed.update(tracing.headers())
 
         async def send(record: dict[str, Any]) -> Answer:
             async with self._client().request(method, f"{self.scheme}://{record['address']}{path}", data=body,
@@ -112,6 +115,8 @@ class Hops:
 
         passed = [(key, value) for key, value in metadata if key in GRPC_METADATA]
         passed.append((FORWARDED, self.models.me))
+        if tracing.TRACER is not None:
+            passed += tracing.headers().items()
 
         async def call(record: dict[str, Any]):
             address = record["grpc"]

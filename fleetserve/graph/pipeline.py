@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
+from fleetserve import tracing
 from fleetserve.errors import DeadlineExceeded, FleetError, InferenceError, InvalidInput
 from fleetserve.types import InferenceRequest, InferenceResponse, Tensor
 
@@ -583,8 +584,11 @@ class PipelineRun:
     async def _answer(self, step: Step, inputs: list[Tensor]) -> list[Tensor] | None:
         """The step's outputs; None when it is batched and another request's message carries the batch."""
         async def run(tensors: list[Tensor]) -> list[Tensor]:
-            response = await self.call(step.name, InferenceRequest(inputs=tensors, id=self.request_id, deadline=self.deadline))
-            return response.outputs
+            request = InferenceRequest(inputs=tensors, id=self.request_id, deadline=self.deadline)
+            if tracing.TRACER is None:
+                return (await self.call(step.name, request)).outputs
+            with tracing.span(f"{self.pipeline.name}.{step.name}", pipeline=self.pipeline.name, step=step.name):
+                return (await self.call(step.name, request)).outputs
 
         batch = self.pipeline.batches.get(step.name)
         if batch is None:

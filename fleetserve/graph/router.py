@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
+from fleetserve import tracing
 from fleetserve.errors import FleetError, InvalidInput, NotFound, NotReady
 from fleetserve.graph.experiment import Experiment
 from fleetserve.graph.pipeline import Pipeline, PipelineRun
@@ -219,6 +220,8 @@ class Router:
         candidate = experiment.choose(route)
         routed = self.routed[experiment.name]
         routed[candidate] = routed.get(candidate, 0) + 1
+        if tracing.TRACER is not None:
+            tracing.annotate(**{"seldon.experiment": experiment.name, "seldon.candidate": candidate})
         if experiment.mirrors():
             # A mirror slower than the traffic would pile up copies (and their tensors) without end.
             target = f"mirror:{experiment.mirror}" if len(self.mirroring) < MIRRORS_IN_FLIGHT else f"mirror-skipped:{experiment.mirror}"

@@ -22,6 +22,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
+from fleetserve import tracing
 from fleetserve.errors import DeadlineExceeded, FleetError, InferenceError, InvalidInput, NotFound, Overloaded, describe
 from fleetserve.runtime import metrics
 from fleetserve.runtime.batching import AdaptiveBatcher
@@ -38,6 +39,15 @@ class DataPlane:
         self.executor = executor
         self.inline_below_ns = int(inline_predict_us * 1000)
         self.threaded = 0  # predicts running on worker threads now
+        if tracing.TRACER is not None:  # else not even a check per request
+            self.infer = self._traced_infer
+
+    async def _traced_infer(self, name: str, version: str | None, request: InferenceRequest) -> InferenceResponse:
+        """infer() in a span named after the model (Triton's), with its queue and compute under it."""
+        with tracing.span(name, model_name=name, model_version=version, request_id=request.id) as span:
+            response = await DataPlane.infer(self, name, version, request)
+            span.set_attribute("model_version", response.model_version or "")
+            return response
 
     async def infer(self, name: str, version: str | None, request: InferenceRequest) -> InferenceResponse:
         model = self.registry.get_ready(name, version)
@@ -71,6 +81,8 @@ class DataPlane:
         stats.queue_ns += computed - started
         stats.compute_infer_ns += started + elapsed - computed
         stats.latency_buckets[bisect_left(metrics.LATENCY_BUCKETS_NS, elapsed)] += 1
+        if tracing.TRACER is not None:
+            tracing.phases(started, computed, started + elapsed)
         stats.last_inference = time.time_ns() // 1_000_000
         response.model_name = model.name
         if model.version is not None:  # else the backend's own (Triton answers the version it ran)
@@ -82,7 +94,11 @@ class DataPlane:
                       deadline: float | None) -> tuple[InferenceResponse, int]:
         """The model's answer, reloaded if it was evicted, batched if it batches."""
         if model.runtime is None:
-            await self.registry.ensure_resident(model)
+            if tracing.TRACER is None:
+                await self.registry.ensure_resident(model)
+            else:
+                with tracing.span("reload", model_name=model.name):
+                    await self.registry.ensure_resident(model)
         self.registry.memory.touch(model)
         batcher = model.batcher if model.batcher is not None else self._batcher_for(model)
         if batcher:

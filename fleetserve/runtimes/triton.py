@@ -20,6 +20,7 @@ from tritonclient.grpc import aio as triton
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from fleetserve import tracing
 from fleetserve.errors import FleetError, InferenceError, InvalidInput, ModelLoadError, ServerUnavailable
 from fleetserve.runtime.base import Runtime
 from fleetserve.settings import ServerSettings, TensorMetadata
@@ -127,7 +128,8 @@ class TritonRuntime(Runtime):
         outputs = [triton.InferRequestedOutput(output.name) for output in request.outputs] or None
         result = await _call(
             backend.client.infer(self.name, inputs, model_version=request.model_version or "", outputs=outputs,
-                                 request_id=request.id or ""),
+                                 request_id=request.id or "",
+                                 headers=tracing.headers() if tracing.TRACER is not None else None),
             f"model '{self.name}'", InferenceError,
         )
         answer = result.get_response()

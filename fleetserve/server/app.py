@@ -21,6 +21,7 @@ from pathlib import Path
 import uvicorn
 from prometheus_client import REGISTRY, disable_created_metrics
 
+from fleetserve import tracing
 from fleetserve.errors import FleetError, describe
 from fleetserve.fleet.forward import FleetCollector, Hops
 from fleetserve.fleet.membership import LEASE_SECONDS, Membership
@@ -224,6 +225,7 @@ class FleetServer:
         predicts = sum(version.in_flight for version in self.registry.all_versions())
         if predicts:
             self.still_running = f"{predicts} predict(s) still running"
+        await asyncio.to_thread(tracing.shutdown)  # the spans still buffered go out
         log.info("fleetserve stopped")
         return 1 if failed else 0
 
@@ -413,6 +415,7 @@ class FleetServer:
 
 def run(settings: ServerSettings) -> int:
     logs.configure(settings.log_level, settings.log_format)
+    tracing.configure()
 
     server: FleetServer | None = None
 

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from fleetserve import tracing
 from fleetserve.codecs import json_text
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
 from fleetserve.errors import ANSWERED, FleetError, InvalidInput, Relayed, describe
@@ -228,6 +229,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.admission = server.admission
         self.hops = server.hops
         self.calls = server.calls
+        if tracing.TRACER is not None:  # else not even a check per request
+            self._infer = self._traced_infer
+
+    async def _traced_infer(self, message: service_pb2.ModelInferRequest, context):
+        carrier = {key: value for key, value in context.invocation_metadata() or () if key in ("traceparent", "tracestate")}
+        with tracing.server_span("InferRequest", carrier, **{"rpc.method": "ModelInfer"}):
+            return await InferenceService._infer(self, message, context)
 
     @_aborts_on_error
     async def ServerLive(self, request, context):

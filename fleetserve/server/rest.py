@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from swagger_ui_bundle import swagger_ui_path
 
+from fleetserve import tracing
 from fleetserve.errors import (
     FleetError, InvalidInput, ModelUnavailable, NotFound, NotReady, Overloaded, PayloadTooLarge,
     ServerUnavailable, describe,
@@ -428,7 +429,8 @@ _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # The headers an inference reads (ASGI gives names in lower case); the rest are not decoded.
 _INFER_HEADERS = frozenset({b"content-length", b"content-encoding", b"x-request-id", HEADER_LENGTH.encode(),
-                            b"seldon-model", b"x-seldon-route", b"content-type", b"authorization", FORWARDED.encode()})
+                            b"seldon-model", b"x-seldon-route", b"content-type", b"authorization", FORWARDED.encode(),
+                            b"traceparent", b"tracestate"})
 
 
 class InferenceFastPath:
@@ -448,6 +450,13 @@ class InferenceFastPath:
         self.admission = server.admission
         self.hops = server.hops
         self.calls = server.calls
+        if tracing.TRACER is not None:  # else not even a check per request
+            self.infer = self._traced_infer
+
+    async def _traced_infer(self, scope, receive, send, headers: dict[str, str], reply: list,
+                            kind: str, name: str, version: str | None) -> None:
+        with tracing.server_span("InferRequest", headers, **{"http.request.method": "POST", "url.path": scope["path"]}):
+            await InferenceFastPath.infer(self, scope, receive, send, headers, reply, kind, name, version)
 
     async def __call__(self, scope, receive, send):
         target = infer_target(scope["path"]) if scope["type"] == "http" else None
