@@ -12,10 +12,12 @@ client is made, so the in-process fixture below uses that.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +27,7 @@ import pytest
 
 from conftest import BUCKET, free_port
 from fleetserve.errors import ModelLoadError
+from fleetserve.runtime import artifacts
 from fleetserve.runtime.artifacts import ArtifactCache, is_remote
 
 # A small model folder: two files, one in a sub-folder.
@@ -127,6 +130,16 @@ class Handler(SimpleHTTPRequestHandler):
 
     def do_GET(self):
         self.server.gets.append(self.path)
+        if self.path in self.server.slow:  # a file sent in 10 KiB pieces, 30 ms apart
+            data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for start in range(0, len(data), 10_240):
+                self.wfile.write(data[start:start + 10_240])
+                self.wfile.flush()
+                time.sleep(0.03)
+            return
         if self.path.endswith("/truncated.bin"):
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
@@ -150,7 +163,7 @@ def http(tmp_path):
     (www / "broken" / "good.txt").write_bytes(b"fine")
     (www / "broken" / "truncated.bin").write_bytes(b"")
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
-    server.gets = []
+    server.gets, server.slow, server.www = [], set(), www
     server.base = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -252,3 +265,18 @@ def test_local_paths_are_never_touched(tmp_path):
             cache.fetch(uri)
         cache.delete(uri)
     assert (model / "model.joblib").read_bytes() == b"x" and os.listdir(tmp_path / "cache") == []
+
+
+def test_a_slow_download_logs_its_progress(http, root, monkeypatch, caplog):
+    """Past PROGRESS_EVERY seconds a download says how far it is and how fast, then that it ended."""
+    monkeypatch.setattr(artifacts, "PROGRESS_EVERY", 0.2)
+    big = http.www / "slow.bin"
+    big.write_bytes(b"x" * 300_000)
+    http.slow = {"/slow.bin"}
+    with caplog.at_level(logging.INFO, logger="fleetserve.runtime.artifacts"):
+        path = ArtifactCache(root).fetch(f"{http.base}/slow.bin")
+    assert path.read_bytes() == big.read_bytes()
+    lines = [record.getMessage() for record in caplog.records]
+    progress = [line for line in lines if line.startswith(f"downloading {http.base}/slow.bin: ")]
+    assert progress and all(line.endswith("/s)") and " KiB in " in line for line in progress), lines
+    assert lines[-1].startswith(f"downloaded {http.base}/slow.bin: 293.0 KiB in "), lines

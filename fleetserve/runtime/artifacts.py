@@ -22,6 +22,7 @@ and entry names are made from the redacted URI.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import re
@@ -42,12 +43,17 @@ from fsspec.core import url_to_fs
 from fsspec.utils import get_protocol
 
 from fleetserve.errors import InvalidInput, ModelLoadError
+from fleetserve.runtime.memory import format_bytes
+
+log = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".tmp-"  # a name no entry can have: entries start with the URI's protocol
 GIB = 1024**3
 MAX_REDIRECTS = 5
 # A connection or read that waits this long for bytes fails, whatever the overall deadline.
 READ_TIMEOUT = 30.0
+# A download still running after this many seconds logs its progress, then again every as many.
+PROGRESS_EVERY = 5.0
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 _SYSTEM = ("/dev", "/proc", "/sys")
 
@@ -85,11 +91,11 @@ def size_on_disk(path: Path) -> int:
     """Bytes of a file, or of the files under a folder (links to files followed, links to folders
     not); 0 for anything else."""
     if path.is_file():
-        return _file_size(str(path))
-    return sum(_file_size(os.path.join(folder, name)) for folder, _, files in os.walk(path) for name in files)
+        return _fileformat_bytes(str(path))
+    return sum(_fileformat_bytes(os.path.join(folder, name)) for folder, _, files in os.walk(path) for name in files)
 
 
-def _file_size(path: str) -> int:
+def _fileformat_bytes(path: str) -> int:
     try:
         return os.stat(path).st_size
     except OSError:  # a broken link, or gone meanwhile
@@ -141,13 +147,28 @@ class _Refused(Exception):
 
 class _Budget(Callback):
     """The bytes and time left to one download, shared by all its files (fsspec gives each file a
-    child callback, `branched`, told its size when known and every chunk written)."""
+    child callback, `branched`, told its size when known and every chunk written). A download
+    that takes longer than PROGRESS_EVERY logs its progress: bytes so far and the rate."""
 
-    def __init__(self, max_bytes: int, timeout: float):
+    def __init__(self, max_bytes: int, timeout: float, shown: str):
         super().__init__()
-        self.max_bytes, self.timeout = max_bytes, timeout
-        self.deadline = time.monotonic() + timeout
+        self.max_bytes, self.timeout, self.shown = max_bytes, timeout, shown
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.next_report = self.started + PROGRESS_EVERY
         self.written = 0
+        self.announced = 0  # the bytes the files said they would have, where they said
+
+    def report(self, now: float, done: bool = False) -> None:
+        rate = self.written / max(now - self.started, 1e-9)
+        of = f" of {format_bytes(self.announced)}" if self.announced and not done else ""
+        log.info("%s %s: %s%s in %.0f s (%s/s)", "downloaded" if done else "downloading", self.shown,
+                 format_bytes(self.written), of, now - self.started, format_bytes(rate))
+        self.next_report = now + PROGRESS_EVERY
+
+    def finished(self) -> None:
+        if self.next_report > self.started + PROGRESS_EVERY:  # progress was shown: say it ended
+            self.report(time.monotonic(), done=True)
 
     def branched(self, path_1, path_2, **kwargs) -> Callback:
         return _FileBudget(self)
@@ -162,16 +183,20 @@ class _FileBudget(Callback):
         super().__init__()
         self.budget = budget
 
-    def set_size(self, size):
+    def setformat_bytes(self, size):
         if size is not None:  # the announced size: refused before a byte is written
             self.budget.refuse_past(self.budget.written + size)
+            self.budget.announced += size
 
     def relative_update(self, inc=1):
         budget = self.budget
         budget.written += inc
         budget.refuse_past(budget.written)
-        if time.monotonic() > budget.deadline:
+        now = time.monotonic()
+        if now > budget.deadline:
             raise _Refused(f"took longer than --download-timeout ({budget.timeout:g} s)")
+        if now >= budget.next_report:
+            budget.report(now)
 
 
 class ArtifactCache:
@@ -255,10 +280,11 @@ class ArtifactCache:
         """Downloads `key` under `tmp`; returns the folder that becomes its entry."""
         # A fresh filesystem instance: no listing cached from before a delete, current env/config.
         fs, path = url_to_fs(key, skip_instance_cache=True, **self._options(get_protocol(key)))
-        budget = _Budget(self.max_bytes, self.timeout)
+        budget = _Budget(self.max_bytes, self.timeout, redact(key))
         name = _file_name(key)
         if name.lower().endswith(ARCHIVES) or not fs.isdir(path):
             fs.get([path], [str(tmp / name)], callback=budget)
+            budget.finished()
             if not name.lower().endswith(ARCHIVES):
                 return tmp
             unpacked = tmp / "unpacked"  # not a name an archive has
@@ -278,6 +304,7 @@ class ArtifactCache:
                 raise ValueError(f"unsafe file name in the listing: {p}")
             local.append(str(tmp.joinpath(*parts)))
         fs.get(remote, local, callback=budget)
+        budget.finished()
         return tmp
 
     def _options(self, protocol: str) -> dict:
