@@ -13,8 +13,13 @@ port=${PORT:-18080}
 podman=(podman --runtime runc)
 limits=(--ulimit nofile=20000:20000 --ulimit nproc=4096:4096)  # runc here needs them explicit
 build=("${podman[@]}" build -f Dockerfile.cpu --build-arg "BASE_IMAGE=$base" -t "$image")
-# Wheels on this machine's disk (the CPU torch) are offered to pip inside the build.
-if [ -d /opt/wheels ]; then build+=(--volume /opt/wheels:/wheels:ro --build-arg PIP_FIND_LINKS=/wheels); fi
+# Wheels on this machine's disk (the CPU torch) are offered to pip inside the build, in place of
+# PyTorch's own index.
+if [ -d /opt/wheels ]; then
+    build+=(--volume /opt/wheels:/wheels:ro --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_EXTRA_INDEX_URL=)
+fi
+# A machine whose HTTPS goes through a proxy with its own CA gives pip that CA (PIP_CERT) in the build too.
+if [ -n "${PIP_CERT:-}" ]; then build+=(--volume "$PIP_CERT:/etc/pip-ca.crt:ro" --build-arg PIP_CERT=/etc/pip-ca.crt); fi
 "${build[@]}" .
 
 name=fleetserve-image-test

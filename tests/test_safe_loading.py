@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import os
+import re
 import stat
 import tarfile
 import threading
@@ -30,6 +31,7 @@ from sklearn.linear_model import LogisticRegression
 
 from conftest import BUCKET, ECHO_MODEL, http_client, iris_json, repository_index, running_server, write_settings
 from fleetserve.errors import ModelLoadError
+from fleetserve.runtime.artifacts import _unpack
 from fleetserve.runtimes import resolve_runtime
 from fleetserve.settings import ModelSettings
 
@@ -385,6 +387,29 @@ def test_archives_unpack_into_the_cache(guarded, web, name):
 def test_unsafe_archives_are_refused(guarded, web, files, name, fragment):
     refused(guarded, "unsafe-" + name.replace(".", "-"), f"{web.base}/www/archives/{name}", fragment)
     assert not list(files.parent.rglob("escaped.txt")) and not Path("/tmp/escaped.txt").exists()
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("good.tar.gz", None),
+    ("traversal.tar.gz", "'../escaped.txt': it would land outside the folder"),
+    ("absolute.tar", "'/tmp/escaped.txt': an absolute path"),
+    ("symlink.tar.gz", "'link': a link that points outside the folder"),
+    ("hardlink.tar", "'hard': a link that points outside the folder"),
+    ("device.tar", "'zero': a device or other special file"),
+    ("bomb.tar.gz", f"unpacks to more than --max-download-size ({MAX_DOWNLOAD:,} bytes)"),
+])
+def test_without_tarfiles_filters_the_same_members_are_refused(files, tmp_path, monkeypatch, name, fragment):
+    """A Python before 3.11.4 (Debian 12's 3.11.2) has no tarfile filters: the same refusals hold."""
+    monkeypatch.delattr(tarfile, "data_filter")
+    target = tmp_path / "unpacked"
+    if fragment is None:
+        _unpack(files / "www" / "archives" / name, target, MAX_DOWNLOAD)
+        assert sorted(os.listdir(target)) == ["model-settings.json", "model.joblib"]
+        assert all(oct(path.stat().st_mode & 0o777) == "0o644" for path in target.iterdir())
+        return
+    with pytest.raises(Exception, match=re.escape(fragment)):
+        _unpack(files / "www" / "archives" / name, target, MAX_DOWNLOAD)
+    assert not list(tmp_path.rglob("escaped.txt")) and not Path("/tmp/escaped.txt").exists()
 
 
 # --- Credentials ------------------------------------------------------------------------------

@@ -345,11 +345,13 @@ class _Unsafe(Exception):
 
 
 _FILTER_REASONS = {  # tarfile's own messages name the server's temporary paths
-    tarfile.AbsolutePathError: "an absolute path",
-    tarfile.OutsideDestinationError: "it would land outside the folder",
-    tarfile.SpecialFileError: "a device or other special file",
-    tarfile.AbsoluteLinkError: "a link to an absolute path",
-    tarfile.LinkOutsideDestinationError: "a link that points outside the folder",
+    getattr(tarfile, name): reason for name, reason in (
+        ("AbsolutePathError", "an absolute path"),
+        ("OutsideDestinationError", "it would land outside the folder"),
+        ("SpecialFileError", "a device or other special file"),
+        ("AbsoluteLinkError", "a link to an absolute path"),
+        ("LinkOutsideDestinationError", "a link that points outside the folder"),
+    ) if hasattr(tarfile, name)  # Pythons before 3.11.4 (Debian 12's 3.11.2) have no filters
 }
 
 
@@ -390,4 +392,32 @@ def _unpack(archive: Path, target: Path, max_bytes: int) -> None:
         return member
 
     with tarfile.open(archive) as tar:
-        tar.extractall(target, filter=data_only)
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(target, filter=data_only)
+        else:
+            tar.extractall(target, members=[_checked(member, archive.name, target, count) for member in tar])
+
+
+def _checked(member: tarfile.TarInfo, archive: str, target: Path, count) -> tarfile.TarInfo:
+    """What the "data" filter refuses, for a Python without it: names and links that leave the
+    folder, and anything but files, folders and links; what is kept gets plain modes and owner."""
+    def refuse(why: str):
+        raise _Unsafe(f"the archive {archive} has an unsafe member {member.name!r}: {why}")
+
+    root = os.path.realpath(target)
+    if member.name.startswith(("/", "\\")):
+        refuse("an absolute path")
+    if not os.path.realpath(os.path.join(root, member.name)).startswith(root + os.sep):
+        refuse("it would land outside the folder")
+    if member.issym() or member.islnk():
+        if member.linkname.startswith("/"):
+            refuse("a link to an absolute path")
+        base = os.path.dirname(os.path.join(root, member.name)) if member.issym() else root
+        if not os.path.realpath(os.path.join(base, member.linkname)).startswith(root + os.sep):
+            refuse("a link that points outside the folder")
+    elif not (member.isfile() or member.isdir()):
+        refuse("a device or other special file")
+    count(member.size)
+    member.mode = 0o755 if member.isdir() or member.mode & 0o100 else 0o644
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    return member
