@@ -25,7 +25,12 @@ $(BIN)/promtool: | $(STAMP)
 	cp $(VENV)/prometheus-deb/usr/bin/promtool $@
 	rm -rf $(VENV)/prometheus-deb
 
-test: models $(BIN)/promtool
+# KServe's own clients for the tests, in a venv of their own: kserve pins dependencies of its own.
+$(VENV)/kserve/bin/python: | $(STAMP)
+	$(PYTHON) -m venv $(VENV)/kserve
+	$(VENV)/kserve/bin/pip install --quiet "kserve==0.21.0"
+
+test: models $(BIN)/promtool $(VENV)/kserve/bin/python
 	$(BIN)/python -m pytest -q
 
 # The versions the container image installs (Dockerfile.cpu, Dockerfile.gpu): this venv's, frozen.

@@ -64,3 +64,19 @@ def test_mlservers_model_docs_show_one_models_routes(http):
     missing = http.get("/v2/models/no-such-model/docs")
     assert missing.status_code == 404 and "not found" in missing.json()["error"]
     assert http.get("/v2/models/versioned/versions/9/docs/dataplane.json").status_code == 404
+
+
+def test_kserves_own_clients(server):
+    """kserve.InferenceRESTClient (V2: JSON, binary, BYTES, an error) and InferenceGRPCClient, from
+    the venv `make test` gives them (kserve pins dependencies of its own)."""
+    python = ROOT / ".venv" / "kserve" / "bin" / "python"
+    assert python.exists(), "KServe's venv is made by `make test` (.venv/kserve)"
+    ran = subprocess.run([str(python), str(ROOT / "tests" / "kserve_client.py"), server.url, server.grpc_address],
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    answers = json.loads(ran.stdout)
+    assert answers["rest_ready"] is True and answers["grpc_ready"] is True
+    assert answers["rest_json"] == answers["rest_binary"] == answers["grpc"] == [0, 2]
+    assert answers["rest_bytes"]["length"] == [11, 3]
+    assert "model 'nowhere' not found" in answers["rest_error"]
+    assert answers["grpc_model"] == "iris"
