@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import httpx
@@ -123,3 +124,58 @@ def test_one_trace_across_a_pipeline_of_two_models_continued_from_the_callers(re
             client.infer("first", [tensor], headers={"traceparent": f"00-{grpc_trace}-b7ad6b7169203331-01"})
         names = sorted(span.name for span in wait_for_spans(receiver, grpc_trace, 4))
         assert names == ["InferRequest", "compute", "first", "queue"]
+
+
+class _HttpReceiver(BaseHTTPRequestHandler):
+    """OTLP over HTTP (http/protobuf): POST /v1/traces with an ExportTraceServiceRequest."""
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        with self.server.lock:
+            self.server.paths.append(self.path)
+            self.server.spans.extend(span for resource_spans in request.resource_spans
+                                     for scope in resource_spans.scope_spans for span in scope.spans)
+        answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_protobuf_and_mlservers_variable_export_too(receiver, tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "model_repo" / "build.py")], check=True)
+    repository = tmp_path / "repo"
+    shutil.copytree(ROOT / "model_repo" / "iris", repository / "iris")
+    http_receiver = ThreadingHTTPServer(("127.0.0.1", 0), _HttpReceiver)
+    http_receiver.lock, http_receiver.paths, http_receiver.spans = threading.Lock(), [], []
+    threading.Thread(target=http_receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        ways = {  # trace id: the server's environment
+            "11111111111111111111111111111111": {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{http_receiver.server_address[1]}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100"},
+            "22222222222222222222222222222222": {  # as Seldon's chart sets it: host:port, gRPC
+                "MLSERVER_TRACING_SERVER": f"127.0.0.1:{receiver.port}", "OTEL_BSP_SCHEDULE_DELAY": "100"},
+        }
+        for trace_id, env in ways.items():
+            with running_server(repository, tmp_path / f"{trace_id[0]}.log", env) as server:
+                answer = httpx.post(f"{server.url}/v2/models/iris/infer", json=iris_json(), timeout=30,
+                                    headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"})
+                assert answer.status_code == 200, answer.text
+                if "MLSERVER_TRACING_SERVER" in env:
+                    spans = wait_for_spans(receiver, trace_id, 4)
+                else:
+                    deadline = time.monotonic() + 20
+                    while len(spans := [span for span in list(http_receiver.spans) if span.trace_id.hex() == trace_id]) < 4:
+                        assert time.monotonic() < deadline, http_receiver.paths
+                        time.sleep(0.1)
+                    assert set(http_receiver.paths) == {"/v1/traces"}
+                assert sorted(span.name for span in spans) == ["InferRequest", "compute", "iris", "queue"]
+    finally:
+        http_receiver.shutdown()
+        http_receiver.server_close()
