@@ -4,6 +4,8 @@ the caller's traceparent, with Triton's span names."""
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from conftest import ROOT, free_port, iris_json, running_server
@@ -126,12 +129,15 @@ def test_one_trace_across_a_pipeline_of_two_models_continued_from_the_callers(re
         assert names == ["InferRequest", "compute", "first", "queue"]
 
 
-class _HttpReceiver(BaseHTTPRequestHandler):
-    """OTLP over HTTP (http/protobuf): POST /v1/traces with an ExportTraceServiceRequest."""
+class HttpReceiver(BaseHTTPRequestHandler):
+    """OTLP over HTTP: POST /v1/traces with an ExportTraceServiceRequest, as protobuf or as JSON."""
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        if self.headers.get("Content-Type", "").startswith("application/json"):
+            request = json_format.ParseDict(_hex_ids_as_base64(json.loads(body)), trace_service_pb2.ExportTraceServiceRequest())
+        else:
+            request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
         with self.server.lock:
             self.server.paths.append(self.path)
             self.server.spans.extend(span for resource_spans in request.resource_spans
@@ -147,11 +153,21 @@ class _HttpReceiver(BaseHTTPRequestHandler):
         pass
 
 
+def _hex_ids_as_base64(value):
+    """OTLP's JSON writes trace and span ids in hex, where protobuf's JSON mapping has base64."""
+    if isinstance(value, dict):
+        return {key: base64.b64encode(bytes.fromhex(item)).decode() if key in ("traceId", "spanId", "parentSpanId")
+                and isinstance(item, str) else _hex_ids_as_base64(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_hex_ids_as_base64(item) for item in value]
+    return value
+
+
 def test_http_protobuf_and_mlservers_variable_export_too(receiver, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "model_repo" / "build.py")], check=True)
     repository = tmp_path / "repo"
     shutil.copytree(ROOT / "model_repo" / "iris", repository / "iris")
-    http_receiver = ThreadingHTTPServer(("127.0.0.1", 0), _HttpReceiver)
+    http_receiver = ThreadingHTTPServer(("127.0.0.1", 0), HttpReceiver)
     http_receiver.lock, http_receiver.paths, http_receiver.spans = threading.Lock(), [], []
     threading.Thread(target=http_receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:

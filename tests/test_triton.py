@@ -9,18 +9,24 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from conftest import free_port, http_client, repository_index, running_server, write_settings
 from test_memory import metric
+from test_tracing import CALLER_SPAN, Receiver, HttpReceiver, attributes, wait_for_spans
 
 ADDSUB_CONFIG = """
 name: "whatever-the-folder-says"
@@ -60,7 +66,7 @@ class Triton:
     repository: Path
 
 
-def start_triton(workdir: Path, ports: tuple[int, int] | None = None) -> Triton:
+def start_triton(workdir: Path, ports: tuple[int, int] | None = None, args: tuple[str, ...] = ()) -> Triton:
     """tritonserver from the wheel, in explicit model control mode, with a Python backend
     assembled as the wheel needs it here (its stub, and libpython of the venv's own Python)."""
     package = Path(importlib.util.find_spec("pytriton").submodule_search_locations[0])
@@ -80,7 +86,7 @@ def start_triton(workdir: Path, ports: tuple[int, int] | None = None) -> Triton:
     http_port, grpc_port = ports or (free_port(), free_port())
     command = [str(server / "bin/tritonserver"), "--model-repository", str(workdir / "repository"),
                "--backend-directory", str(workdir / "backends"), "--model-control-mode", "explicit",
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(free_port())]
+               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()), *args]
     log = workdir / "triton.log"
     process = subprocess.Popen(command, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
@@ -360,3 +366,43 @@ def test_gpu_models_are_evicted_from_triton_and_reloaded_on_demand(triton, tmp_p
         index = repository_index(client)
         assert index["gpu-d"]["device"] == "gpu" and index["gpu-d"]["state"] == "READY"
         assert client.post("/v2/models/gpu-d/infer", json=addsub_body([1], [1])).json()["outputs"][0]["data"] == [2]
+
+
+def test_a_trace_goes_on_into_triton(tmp_path):
+    """fleetserve's span for the proxied model is the parent of Triton's own (Triton in
+    OpenTelemetry mode, which exports over OTLP/HTTP to a receiver here; fleetserve over gRPC)."""
+    triton_receiver = ThreadingHTTPServer(("127.0.0.1", 0), HttpReceiver)
+    triton_receiver.lock, triton_receiver.paths, triton_receiver.spans = threading.Lock(), [], []
+    threading.Thread(target=triton_receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    ours, collector = Receiver(), grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(ours, collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    traced = start_triton(tmp_path / "triton", args=(
+        "--trace-config", "mode=opentelemetry", "--trace-config", "rate=1", "--trace-config", "level=TIMESTAMPS",
+        "--trace-config", f"opentelemetry,url=127.0.0.1:{triton_receiver.server_address[1]}/v1/traces",
+        "--trace-config", "opentelemetry,bsp_schedule_delay=100"))
+    repo = tmp_path / "repo"
+    addsub_folder(repo, "addsub", {"implementation": "triton"})
+    env = {"FLEETSERVE_TRITON_URL": traced.grpc_url, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    trace_id = "33333333333333333333333333333333"
+    try:
+        with running_server(repo, tmp_path / "server.log", env) as server, http_client(server) as client:
+            answer = client.post("/v2/models/addsub/infer", json=addsub_body([1], [2]),
+                                 headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"})
+            assert answer.status_code == 200, answer.text
+            [model_span] = [span for span in wait_for_spans(ours, trace_id, 4) if span.name == "addsub"]
+            deadline = time.monotonic() + 20
+            while not (theirs := [span for span in list(triton_receiver.spans) if span.trace_id.hex() == trace_id]):
+                assert time.monotonic() < deadline, (triton_receiver.paths, traced.process.poll())
+                time.sleep(0.1)
+        roots = [span for span in theirs if span.parent_span_id == model_span.span_id]
+        assert roots, [(span.name, span.parent_span_id.hex()) for span in theirs]
+        assert attributes(model_span)["model_name"] == "addsub"
+    finally:
+        traced.process.terminate()
+        traced.process.wait(30)
+        collector.stop(0)
+        triton_receiver.shutdown()
+        triton_receiver.server_close()
