@@ -278,5 +278,13 @@ def test_a_slow_download_logs_its_progress(http, root, monkeypatch, caplog):
     assert path.read_bytes() == big.read_bytes()
     lines = [record.getMessage() for record in caplog.records]
     progress = [line for line in lines if line.startswith(f"downloading {http.base}/slow.bin: ")]
-    assert progress and all(line.endswith("/s)") and " KiB in " in line for line in progress), lines
+    assert progress and all(line.endswith("/s)") and " of 293.0 KiB in " in line for line in progress), lines
     assert lines[-1].startswith(f"downloaded {http.base}/slow.bin: 293.0 KiB in "), lines
+
+
+def test_a_file_announced_past_the_cap_is_refused_before_its_bytes():
+    budget = artifacts._Budget(max_bytes=100, timeout=60, shown="http://example/model.bin")
+    budget.branched("http://example/a.bin", "/tmp/a.bin").set_size(60)
+    with pytest.raises(artifacts._Refused, match="larger than --max-download-size"):
+        budget.branched("http://example/b.bin", "/tmp/b.bin").set_size(101)
+    assert budget.written == 0 and budget.announced == 60
