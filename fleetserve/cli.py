@@ -254,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except httpx.TimeoutException:
         print(f"fleetserve at {args.url} did not answer within {args.timeout:g}s", file=sys.stderr)
-    except httpx.TransportError as error:
+    except httpx.ConnectError as error:
         print(f"no fleetserve at {args.url} ({error}): start one with `fleetserve start`, or give --url "
               "(FLEETSERVE_URL)", file=sys.stderr)
+    except httpx.TransportError as error:  # TLS refused, a connection broken mid-answer...
+        print(f"fleetserve at {args.url}: {type(error).__name__}: {error}", file=sys.stderr)
     return 2
 
 

@@ -53,10 +53,13 @@ def configure() -> bool:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     else:
         raise SystemExit(f"OTEL_EXPORTER_OTLP_PROTOCOL is grpc or http/protobuf, not {protocol!r}")
-    # The SDK reads the OTEL_* variables itself; MLServer's variable names a gRPC endpoint.
-    exporter = OTLPSpanExporter(endpoint=mlserver, insecure=True) if mlserver and protocol == "grpc" \
-        and not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else OTLPSpanExporter()
-    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": "fleetserve"}
+    # The SDK reads the OTEL_* variables itself; MLServer's names a gRPC endpoint, used where they name none.
+    standard = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if mlserver and not standard and protocol != "grpc":
+        raise SystemExit("MLSERVER_TRACING_SERVER is an OTLP gRPC endpoint; for http/protobuf set OTEL_EXPORTER_OTLP_ENDPOINT")
+    exporter = OTLPSpanExporter() if standard else OTLPSpanExporter(endpoint=mlserver, insecure=True)
+    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    attributes = {} if named else {"service.name": "fleetserve"}
     _provider = TracerProvider(resource=Resource.create(attributes))  # the sampler from OTEL_TRACES_SAMPLER
     _provider.add_span_processor(BatchSpanProcessor(exporter))
     _propagator = TraceContextTextMapPropagator()
@@ -100,6 +103,14 @@ def annotate(**attributes: Any) -> None:
     from opentelemetry import trace
 
     trace.get_current_span().set_attributes(_present(attributes))
+
+
+def current_ids() -> dict[str, str]:
+    """The current span's trace and span ids, in hex (for log lines); none outside a span."""
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"} if context.is_valid else {}
 
 
 def headers() -> dict[str, str]:

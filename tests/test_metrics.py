@@ -69,6 +69,7 @@ def test_seldon_and_triton_series_count_each_door_and_code(server, http):
     wrong = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
     assert http.post("/v2/models/iris/infer", json=wrong).status_code == 400
     assert http.post("/v2/models/no-such-model/infer", json=iris_json()).status_code == 404
+    assert http.post("/v2/models/iris/versions/99/infer", json=iris_json()).status_code == 404
     assert http.post("/v2/pipelines/flowers/infer", json=iris_json()).status_code == 200
     with grpcclient.InferenceServerClient(server.grpc_address) as client:
         tensor = grpcclient.InferInput("input-0", [1, 4], "FP32")
@@ -95,7 +96,8 @@ def test_seldon_and_triton_series_count_each_door_and_code(server, http):
     assert added("seldon_model_aggregate_infer_total", **SERVER, method_type="rest") == 4
     assert added("seldon_model_aggregate_infer_total", **SERVER, method_type="grpc") == 2
     assert added("seldon_model_aggregate_infer_seconds_total", **SERVER, method_type="grpc") > 0
-    assert not [key for key in after if ("model", "no-such-model") in key[1]]  # a made-up name adds no series
+    # A made-up name or version adds no series.
+    assert not [key for key in after if ("model", "no-such-model") in key[1] or ("model_internal", "iris_99") in key[1]]
     assert value(after, "seldon_loaded_model_gauge", **SERVER, model_internal="iris_1") == 1
 
     # Triton's series for the same model (a CPU model: version 1, as Triton names it).

@@ -15,6 +15,7 @@ deadlines (none if a member has none); a queue policy's refusal or expiry answer
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
@@ -78,7 +79,8 @@ class AdaptiveBatcher:
         batch = [waiting for waiting in self.pending.pop(key, []) if not waiting.answer.done()]
         if batch:
             self.model.in_flight += 1  # the batch outlives callers that give up: it keeps the model loaded
-            task = asyncio.create_task(self._run(batch))
+            # Many requests' batch: no one request's context (log fields, trace) is its own.
+            task = asyncio.create_task(self._run(batch), context=contextvars.Context())
             self.running.add(task)  # the loop holds tasks weakly
             task.add_done_callback(self._ran)
 

@@ -39,7 +39,7 @@ class DataPlane:
         self.executor = executor
         self.inline_below_ns = int(inline_predict_us * 1000)
         self.threaded = 0  # predicts running on worker threads now
-        if tracing.TRACER is not None:  # else not even a check per request
+        if tracing.TRACER is not None:  # else the entry point stays unwrapped
             self.infer = self._traced_infer
 
     async def _traced_infer(self, name: str, version: str | None, request: InferenceRequest) -> InferenceResponse:

@@ -129,10 +129,11 @@ class InferenceCalls:
     seldon_pipeline_infer_* series: by model or pipeline, door (rest or grpc) and code (an HTTP
     status, or a gRPC code as Go names it). A call answered by a fleet peer is counted there.
 
-    A name is counted only while it names a model or pipeline (`known`), so requests for made-up
-    names cannot grow the series without bound; the series of one deleted go at the next scrape."""
+    A name (and version) is counted only while the server has it (`known`), so requests for
+    made-up names cannot grow the series without bound; the series of one deleted go at the next
+    scrape. The version is the one that ran (a request naming none counts as the default's)."""
 
-    def __init__(self, known: Callable[[str, str], bool]):
+    def __init__(self, known: Callable[[str, str, str | None], bool]):
         self.known = known
         self.calls: dict[tuple[str, str, str | None, str, str], list] = {}
 
@@ -140,7 +141,7 @@ class InferenceCalls:
         key = (kind, name, version, door, str(code))
         entry = self.calls.get(key)
         if entry is None:
-            if not self.known(kind, name):
+            if not self.known(kind, name, version):
                 return
             entry = self.calls[key] = [0, 0.0]
         entry[0] += 1
@@ -161,7 +162,7 @@ class InferenceCalls:
         aggregates: dict[tuple[str, str], list] = {}
         for key, (count, seconds) in list(self.calls.items()):
             kind, name, version, door, code = key
-            if not self.known(kind, name):
+            if not self.known(kind, name, version):
                 self.calls.pop(key, None)
                 continue
             prefix = "seldon_model" if kind == "models" else "seldon_pipeline"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import gc
 import inspect
@@ -403,7 +404,8 @@ class Registry:
             return
         if version.reloading is None:
             self.memory.of(version).misses += 1
-            version.reloading = asyncio.ensure_future(self._reload(version))
+            # Shared by every request waiting for it: none of their contexts (log fields, trace) is its own.
+            version.reloading = asyncio.get_running_loop().create_task(self._reload(version), context=contextvars.Context())
             version.reloading.add_done_callback(_forget_reload(version))
         await asyncio.shield(version.reloading)
 

@@ -110,8 +110,7 @@ class FleetServer:
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.router = Router(self.registry, self.dataplane)
-        self.calls = InferenceCalls(
-            lambda kind, name: name in (self.registry.models if kind == "models" else self.router.pipelines))
+        self.calls = InferenceCalls(self._counted_name)
         REGISTRY.register(self.calls)
         self.applied = AppliedManifests(settings.state_dir)
         self.membership = self.fleet_models = self.hops = None
@@ -278,6 +277,14 @@ class FleetServer:
     def fenced(self) -> str:
         """Why this replica is fenced (cut off from an etcd that lives on), or "" (fleet/membership.py)."""
         return self.membership.fenced if self.membership is not None else ""
+
+    def _counted_name(self, kind: str, name: str, version: str | None) -> bool:
+        """Whether Seldon's call series may count this name (and version): one the server has, so
+        made-up names and versions in requests cannot grow the series."""
+        if kind != "models":
+            return name in self.router.pipelines
+        model = self.registry.models.get(name)
+        return model is not None and (version is None or version in model.versions)
 
     def _fleet_record(self) -> dict:
         """This replica as its fleet peers see it (fleet/membership.py)."""

@@ -229,7 +229,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.admission = server.admission
         self.hops = server.hops
         self.calls = server.calls
-        if tracing.TRACER is not None:  # else not even a check per request
+        if tracing.TRACER is not None:  # else the entry point stays unwrapped
             self._infer = self._traced_infer
 
     async def _traced_infer(self, message: service_pb2.ModelInferRequest, context):
@@ -325,14 +325,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                                                       seldon_model, route)
             answer = encode_infer_response(response)
         except Exception as error:
-            self._count(message, error.grpc_code if isinstance(error, FleetError) else grpc.StatusCode.INTERNAL, started)
+            code = error.grpc_code if isinstance(error, FleetError) else grpc.StatusCode.INTERNAL
+            self._count(message.model_name, message.model_version or None, code, started)
             raise
-        self._count(message, grpc.StatusCode.OK, started)
+        self._count(message.model_name, response.model_version, grpc.StatusCode.OK, started)
         return answer, route
 
-    def _count(self, message: service_pb2.ModelInferRequest, code: grpc.StatusCode, started: float) -> None:
-        self.calls.record("models", message.model_name, message.model_version or None, "grpc", grpc_code_name(code),
-                          time.perf_counter() - started)
+    def _count(self, model: str, version: str | None, code: grpc.StatusCode, started: float) -> None:
+        self.calls.record("models", model, version, "grpc", grpc_code_name(code), time.perf_counter() - started)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         # Errors travel in the stream (as Triton does), so one bad request does not end it. The

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import orjson
 
+from fleetserve import tracing
 from fleetserve.runtime.artifacts import redact_text
 
 # (model, version, request id) of the request this task serves.
@@ -56,6 +57,8 @@ class JsonLines(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if tracing.TRACER is not None:
+            document.update(tracing.current_ids())
         request = REQUEST.get()
         if request is not None:
             for key, value in zip(("model", "version", "request_id"), request):
@@ -177,10 +180,10 @@ class GrpcAccess(grpc.aio.ServerInterceptor):
                 started = time.perf_counter()
                 model, version = _named(request)
                 token = REQUEST.set((model, version, request_id))
-                sizes, failed = [_size(request), 0], True
+                sizes, failed = [_size(request) if lines else 0, 0], True
                 try:
                     response = await inner(request, context)
-                    sizes[1], failed = _size(response), False
+                    sizes[1], failed = _size(response) if lines else 0, False
                     return response
                 finally:
                     REQUEST.reset(token)
@@ -197,7 +200,8 @@ class GrpcAccess(grpc.aio.ServerInterceptor):
                 sizes, failed = [0, 0], True
                 try:
                     async for response in inner_stream(requests, context):
-                        sizes[1] += _size(response)
+                        if lines:
+                            sizes[1] += _size(response)
                         yield response
                     failed = False
                 finally:
@@ -210,7 +214,11 @@ class GrpcAccess(grpc.aio.ServerInterceptor):
 
 
 def _size(message) -> int:
-    """A message's bytes on the wire (0 for one that did not decode)."""
+    """About a message's bytes on the wire: its raw tensors' (ByteSize would serialise them all
+    again), else ByteSize; 0 for one that did not decode."""
+    raw = getattr(message, "raw_input_contents", None) or getattr(message, "raw_output_contents", None)
+    if raw:
+        return sum(map(len, raw))
     return message.ByteSize() if hasattr(message, "ByteSize") else 0
 
 

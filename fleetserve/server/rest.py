@@ -450,7 +450,7 @@ class InferenceFastPath:
         self.admission = server.admission
         self.hops = server.hops
         self.calls = server.calls
-        if tracing.TRACER is not None:  # else not even a check per request
+        if tracing.TRACER is not None:  # else the entry point stays unwrapped
             self.infer = self._traced_infer
 
     async def _traced_infer(self, scope, receive, send, headers: dict[str, str], reply: list,
@@ -518,6 +518,7 @@ class InferenceFastPath:
                 if kind == "models":
                     response, route = await self.router.infer(
                         name, version, request, headers.get("seldon-model"), headers.get("x-seldon-route"))
+                    version = response.model_version  # the one that ran, for Seldon's model_internal
                 else:
                     response, route = await self.router.infer_pipeline(name, request, headers.get("x-seldon-route"))
                 if route is not None:
