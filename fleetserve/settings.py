@@ -381,19 +381,23 @@ def _warmup_samples(samples: Any, where: str) -> list[InferenceRequest]:
     requests = []
     for number, sample in enumerate(samples, 1):
         here = f"{where}: warmup sample {number}"
-        inputs = sample.get("inputs") if isinstance(sample, dict) else None
-        count = sample.get("count", 1) if isinstance(sample, dict) else 1
-        if not isinstance(inputs, list) or not inputs or not all(isinstance(tensor, dict) for tensor in inputs):
+        sample = sample if isinstance(sample, dict) else {}
+        inputs, count, parameters = sample.get("inputs"), sample.get("count", 1), sample.get("parameters") or {}
+        if not isinstance(inputs, list) or not inputs or not all(
+                isinstance(tensor, dict) and isinstance(tensor.get("name"), str) for tensor in inputs):
             raise ModelLoadError(f"{here}: needs 'inputs', a list of tensors (name, datatype, shape, data)")
         if type(count) is not int or not 1 <= count <= 1000:
             raise ModelLoadError(f"{here}: 'count' must be an integer from 1 to 1000")
+        if not isinstance(parameters, dict):
+            raise ModelLoadError(f"{here}: 'parameters' must be an object")
         try:
             tensors = [Tensor(tensor.get("name"), array_from_json(tensor.get("data"), tensor.get("datatype"),
                                                                   tensor.get("shape"), tensor.get("name")))
                        for tensor in inputs]
         except InvalidInput as error:
             raise ModelLoadError(f"{here}: {error.message}") from None
-        requests += [InferenceRequest(inputs=tensors, parameters=dict(sample.get("parameters") or {}))] * count
+        # A request each time: a model may change what it was given.
+        requests += [InferenceRequest(inputs=list(tensors), parameters=dict(parameters)) for _ in range(count)]
     return requests
 
 

@@ -5,6 +5,7 @@ as traffic."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from conftest import http_client, repository_index, running_server, write_settings
 
@@ -67,3 +68,17 @@ def test_warmup_runs_after_each_load_and_reload_before_traffic(tmp_path):
         assert "warmup request 1 of 1 failed" in index["cursed"]["reason"] and "devil" in index["cursed"]["reason"]
         assert index["malformed"]["state"] == "UNAVAILABLE" and "warmup sample 1" in index["malformed"]["reason"]
         assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+def test_malformed_warmups_are_refused_with_their_reason(tmp_path):
+    from fleetserve.errors import ModelLoadError
+    from fleetserve.settings import ModelSettings
+
+    tensor = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}
+    for warmup, reason in (({"inputs": []}, "must be a list of V2 requests"), ([{"inputs": []}], "needs 'inputs'"),
+                           ([{"inputs": [{**tensor, "name": 7}]}], "needs 'inputs'"),
+                           ([{"inputs": [tensor], "parameters": [1]}], "'parameters' must be an object"),
+                           ([{"inputs": [tensor], "count": 0}], "'count' must be an integer"),
+                           ([{"inputs": [{**tensor, "datatype": "FP99"}]}], "warmup sample 1")):
+        with pytest.raises(ModelLoadError, match=reason):
+            ModelSettings.parse({"implementation": "sklearn", "warmup": warmup}, tmp_path, "m")
