@@ -28,12 +28,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from conftest import ROOT, free_port, iris_json, spawn_server, start_server, wait_ready, write_settings
 from test_security import _issue
+from test_tracing import CALLER_SPAN, Receiver, wait_for_spans
 from fleetserve.fleet.membership import LEASE_SECONDS
 from fleetserve.fleet.models import HOT_CHECKS
 
@@ -69,7 +71,7 @@ def etcd(tmp_path_factory):
 
 
 def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] = (), args: tuple[str, ...] = (),
-            network: "Namespaces | None" = None):
+            network: "Namespaces | None" = None, env: dict[str, str] | None = None):
     repository = tmp_path / f"repo-{replica_id}"
     repository.mkdir(exist_ok=True)
     for name in models:
@@ -77,7 +79,7 @@ def replica(etcd: str, tmp_path: Path, replica_id: str, models: tuple[str, ...] 
     launcher, host = network.join(replica_id) if network else ((), "127.0.0.1")
     if network:
         args = ("--host", "0.0.0.0", "--advertise-host", host, *args)
-    server = start_server(repository, tmp_path / f"{replica_id}.log", launcher=launcher, host=host,
+    server = start_server(repository, tmp_path / f"{replica_id}.log", env, launcher=launcher, host=host,
                           args=("--etcd", etcd, "--fleet", fleet_name(tmp_path), "--replica-id", replica_id, *args))
     server.replica_id, server.fleet = replica_id, fleet_name(tmp_path)
     return server
@@ -853,6 +855,32 @@ def test_a_rollback_reaches_a_copy_still_loading_the_manifest_it_undoes(etcd, tm
         assert answers() == [[3], [3]]
     finally:
         stop_all(*servers)
+
+
+def test_a_trace_crosses_a_hop(etcd, tmp_path):
+    """The forwarding replica's InferRequest is the parent of the holder's: one trace."""
+    receiver, collector = Receiver(), grpc.server(ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    first, second = replica(etcd, tmp_path, "o1", env=env), replica(etcd, tmp_path, "o2", env=env)
+    try:
+        wait_for(lambda: set(fleet_of(first)) >= {"o1", "o2"}, 10, "both replicas joining")
+        placed_on(second, first, "traced")
+        trace_id = "44444444444444444444444444444444"
+        answer = httpx.post(f"{first.url}/v2/models/traced/infer", json=iris_json(), timeout=30,
+                            headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"})
+        assert answer.status_code == 200, answer.text
+        spans = wait_for_spans(receiver, trace_id, 5)  # two InferRequests, the model's span, queue, compute
+        [forwarder] = [span for span in spans if span.name == "InferRequest" and span.parent_span_id.hex() == CALLER_SPAN]
+        [holder] = [span for span in spans if span.name == "InferRequest" and span is not forwarder]
+        assert holder.parent_span_id == forwarder.span_id
+        [model] = [span for span in spans if span.name == "traced"]
+        assert model.parent_span_id == holder.span_id
+    finally:
+        stop_all(first, second)
+        collector.stop(0)
 
 
 def test_a_placement_on_a_replica_whose_lease_just_ended_goes_elsewhere(etcd, tmp_path):
