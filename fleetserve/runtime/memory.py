@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Protocol, TypeVar
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from fleetserve.errors import CapacityExceeded
-from fleetserve.runtime.metrics import SERVER_LABELS
+from fleetserve.runtime.metrics import SERVER_LABELS, internal_name
 
 
 class Accountable(Protocol):
@@ -467,7 +467,7 @@ class MemoryCollector:
             device = self.memory.of(version)
             if version not in device.registered:
                 continue
-            internal = f"{version.name}_{version.version or 1}"
+            internal = internal_name(version.name, version.version)
             (loaded if version in device.resident else evicted).add_metric([*server, version.device, internal], version.cost)
             for kind in ("declared", "measured"):
                 figures.add_metric([version.name, version.version or "", version.device, kind], getattr(version, kind))

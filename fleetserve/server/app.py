@@ -164,7 +164,7 @@ class FleetServer:
 
         rest = build_rest_app(self)
         front = protect_rest(rest, rest.app.routes, self.tokens)
-        if self.settings.access_log or self.settings.log_format == "json":  # else nothing runs per request
+        if logs.per_request(self.settings):  # else nothing runs per request
             front = logs.RestAccess(front, self.settings.access_log)
         http = self._uvicorn(front, self.settings.http_port)
         metrics = self._uvicorn(build_metrics_app(), self.settings.metrics_port)

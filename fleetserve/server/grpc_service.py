@@ -27,7 +27,7 @@ from fleetserve.errors import ANSWERED, FleetError, InvalidInput, Relayed, descr
 from fleetserve.fleet.forward import FORWARDED
 from fleetserve.runtime.metrics import grpc_code_name
 from fleetserve.server import documents
-from fleetserve.server.logs import GrpcAccess
+from fleetserve.server.logs import GrpcAccess, per_request
 from fleetserve.server.security import grpc_interceptors, unclassified_rpcs
 from fleetserve.server.limits import apply_deadline
 from fleetserve.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor, check_datatype
@@ -414,7 +414,7 @@ def build_grpc_server(server: "FleetServer") -> tuple[grpc.aio.Server, health.ai
     if missing := unclassified_rpcs(SERVICES):
         raise RuntimeError(f"gRPC methods missing from fleetserve.server.security.RPCS: {missing}")
     interceptors = grpc_interceptors(server.tokens) or []
-    if server.settings.access_log or server.settings.log_format == "json":  # else nothing runs per RPC
+    if per_request(server.settings):  # else nothing runs per RPC
         interceptors.insert(0, GrpcAccess(server.settings.access_log))  # outermost: refusals are logged too
     grpc_server = grpc.aio.server(
         interceptors=interceptors or None,

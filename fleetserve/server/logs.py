@@ -73,6 +73,11 @@ class JsonLines(logging.Formatter):
         return orjson.dumps(document, default=str).decode()
 
 
+def per_request(settings) -> bool:
+    """Whether the access layers run for each request: for JSON lines (the request's fields) or the access log."""
+    return settings.access_log or settings.log_format == "json"
+
+
 def configure(level: str, log_format: str) -> None:
     """One handler on the root logger, text or JSON; uvicorn's loggers propagate to it."""
     if log_format not in ("text", "json"):
