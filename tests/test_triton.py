@@ -195,6 +195,11 @@ def test_metadata_and_versions_are_tritons(server, http):
         tensor.set_data_from_numpy(np.array([2.0], dtype=np.float32))
     result = client.infer("addsub", inputs, model_version="1")
     assert result.as_numpy("OUTPUT0").tolist() == [4.0] and result.get_response().model_version == "1"
+    # Seldon's call series count them under the version Triton ran.
+    assert metric(http, "seldon_model_infer_total", model="addsub", model_internal="addsub_1", method_type="rest",
+                  code="200") >= 2
+    assert metric(http, "seldon_model_infer_total", model="addsub", model_internal="addsub_1", method_type="grpc",
+                  code="OK") >= 1
 
 
 def test_bad_input_keeps_its_meaning(http):

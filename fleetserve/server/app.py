@@ -283,8 +283,11 @@ class FleetServer:
         made-up names and versions in requests cannot grow the series."""
         if kind != "models":
             return name in self.router.pipelines
-        model = self.registry.models.get(name)
-        return model is not None and (version is None or version in model.versions)
+        try:
+            self.registry.get(name, version)  # the registry's own resolution: Triton's versions too
+        except FleetError:
+            return False
+        return True
 
     def _fleet_record(self) -> dict:
         """This replica as its fleet peers see it (fleet/membership.py)."""
