@@ -85,3 +85,24 @@ def test_text_logs_by_default_without_access_lines_and_uvicorn_said_once(reposit
     said = [line.split(" ", 2)[2] for line in text.splitlines()]  # without the time
     assert len(said) == len(set(said)), text  # nothing twice (uvicorn serves two ports)
     assert said.count("INFO fleetserve: ready: 1 model version(s) loaded") == 1
+
+
+def test_text_access_lines_name_the_request_in_key_value_pairs(repository, tmp_path):
+    log_path = tmp_path / "server.log"
+    with running_server(repository, log_path, {"FLEETSERVE_DATA_TOKEN": TOKEN}, args=("--access-log",)) as server, \
+            http_client(server) as http:
+        token = {"authorization": f"Bearer {TOKEN}"}
+        assert http.post("/v2/models/iris/infer", json=iris_json(), headers={**token, "x-request-id": "r-9"}).status_code == 200
+        with grpcclient.InferenceServerClient(server.grpc_address) as client:
+            tensor = grpcclient.InferInput("input-0", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+            client.infer("iris", [tensor], headers={**token, "x-request-id": "g-9"})
+    access = [line.split(" fleetserve.access: ", 1)[1] for line in log_path.read_text().splitlines()
+              if " fleetserve.access: " in line]
+    rest = next(line for line in access if line.startswith("POST /v2/models/iris/infer 200 "))
+    fields = dict(pair.split("=", 1) for pair in rest.split(" ")[3:])
+    assert fields["model"] == "iris" and fields["request_id"] == "r-9" and fields["client"].startswith("127.0.0.1:")
+    assert int(fields["bytes_in"]) > 0 and int(fields["bytes_out"]) > 0 and float(fields["ms"]) > 0
+    rpc = next(line for line in access if line.startswith("RPC /inference.GRPCInferenceService/ModelInfer OK "))
+    assert "model=iris" in rpc.split() and "request_id=g-9" in rpc.split()
+    assert TOKEN not in log_path.read_text()

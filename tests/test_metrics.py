@@ -110,6 +110,35 @@ def test_seldon_and_triton_series_count_each_door_and_code(server, http):
     assert value(after, "nv_inference_pending_request_count", **triton) == 0
 
 
+def test_calls_routed_by_seldon_model_count_what_they_reached(server, http):
+    """`seldon-model` and an experiment's choice decide the series, not the path's model."""
+    assert http.post("/v2/pipelines", content=PIPELINE, headers={"Content-Type": "application/yaml"}).status_code == 200
+    experiment = "kind: Experiment\nmetadata: {name: trial}\nspec:\n  resourceType: pipeline\n  candidates:\n  - {name: flowers, weight: 1}\n"
+    assert http.post("/v2/experiments", content=experiment, headers={"Content-Type": "application/yaml"}).status_code == 200
+    before = samples(http)
+    assert http.post("/v2/models/iris/infer", json=iris_json(), headers={"seldon-model": "flowers.pipeline"}).status_code == 200
+    chosen = http.post("/v2/models/iris/infer", json=iris_json(), headers={"seldon-model": "trial.experiment"})
+    assert chosen.status_code == 200 and chosen.headers["x-seldon-route"] == ":flowers.pipeline:"
+    assert http.post("/v2/models/iris/infer", json=iris_json(), headers={"seldon-model": "nothing.experiment"}).status_code == 404
+    with grpcclient.InferenceServerClient(server.grpc_address) as client:
+        tensor = grpcclient.InferInput("input-0", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+        client.infer("iris", [tensor], headers={"seldon-model": "flowers.pipeline"})
+        client.infer("anything", [tensor], headers={"seldon-model": "iris"})
+    after = samples(http)
+
+    def added(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    flowers = {**SERVER, "pipeline": "flowers"}
+    assert added("seldon_pipeline_infer_total", **flowers, method_type="rest", code="200") == 2
+    assert added("seldon_pipeline_infer_total", **flowers, method_type="grpc", code="OK") == 1
+    iris = {**SERVER, "model": "iris", "model_internal": "iris_1"}
+    assert added("seldon_model_infer_total", **iris, method_type="rest", code="200") == 0
+    assert added("seldon_model_infer_total", **iris, method_type="rest", code="404") == 0
+    assert added("seldon_model_infer_total", **iris, method_type="grpc", code="OK") == 1  # the header's model
+
+
 def test_loads_and_unloads_are_counted_as_seldon_counts_them(http):
     before = samples(http)
     assert http.post("/v2/repository/models/iris/unload").status_code == 200

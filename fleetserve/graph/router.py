@@ -36,6 +36,22 @@ MIRRORS_IN_FLIGHT = 256  # copies still running, over all experiments; more are 
 Routed = tuple[InferenceResponse, str | None]
 
 
+def seldon_target(kind: str, name: str, version: str | None, seldon_model: str | None, route: str | None,
+                  response: InferenceResponse | None) -> tuple[str, str, str | None] | None:
+    """What Seldon's call series count a call under, as ("models" or "pipelines", name, version):
+    the candidate an experiment chose (its `route`), else what `seldon-model` names, else the
+    path's; with the version that ran (the path's when the call failed). None for an experiment
+    that failed before it chose."""
+    target = route.strip(":") if route else seldon_model
+    if not target or (target == name and kind == "models"):
+        return kind, name, response.model_version if response is not None else version
+    if target.endswith(EXPERIMENT_SUFFIX):
+        return None
+    if target.endswith(PIPELINE_SUFFIX):
+        return "pipelines", target[: -len(PIPELINE_SUFFIX)], None
+    return "models", target, response.model_version if response is not None else None
+
+
 @dataclass
 class GraphStats:
     """Per pipeline, read by GraphCollector at scrape time."""

@@ -25,6 +25,7 @@ from fleetserve.codecs import json_text
 from fleetserve.codecs.numpy import array_from_buffer, array_from_json, array_to_buffer
 from fleetserve.errors import ANSWERED, FleetError, InvalidInput, Relayed, describe
 from fleetserve.fleet.forward import FORWARDED
+from fleetserve.graph.router import seldon_target
 from fleetserve.runtime.metrics import grpc_code_name
 from fleetserve.server import documents
 from fleetserve.server.logs import GrpcAccess, per_request
@@ -317,22 +318,26 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             if answer is not None:
                 return answer, None
         started = time.perf_counter()
+        response = chosen = None
         try:
             request = decode_infer_request(message)
             if remaining is not None or "timeout" in request.parameters:
                 apply_deadline(request, remaining)
-            response, route = await self.router.infer(message.model_name, message.model_version or None, request,
-                                                      seldon_model, route)
+            response, chosen = await self.router.infer(message.model_name, message.model_version or None, request,
+                                                       seldon_model, route)
             answer = encode_infer_response(response)
         except Exception as error:
             code = error.grpc_code if isinstance(error, FleetError) else grpc.StatusCode.INTERNAL
-            self._count(message.model_name, message.model_version or None, code, started)
+            self._count(message, seldon_model, chosen, response, code, started)
             raise
-        self._count(message.model_name, response.model_version, grpc.StatusCode.OK, started)
-        return answer, route
+        self._count(message, seldon_model, chosen, response, grpc.StatusCode.OK, started)
+        return answer, chosen
 
-    def _count(self, model: str, version: str | None, code: grpc.StatusCode, started: float) -> None:
-        self.calls.record("models", model, version, "grpc", grpc_code_name(code), time.perf_counter() - started)
+    def _count(self, message, seldon_model: str | None, route: str | None, response: InferenceResponse | None,
+               code: grpc.StatusCode, started: float) -> None:
+        counted = seldon_target("models", message.model_name, message.model_version or None, seldon_model, route, response)
+        if counted is not None:
+            self.calls.record(*counted, "grpc", grpc_code_name(code), time.perf_counter() - started)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         # Errors travel in the stream (as Triton does), so one bad request does not end it. The

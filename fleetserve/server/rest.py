@@ -32,6 +32,7 @@ from fleetserve.errors import (
 )
 from fleetserve.fleet.forward import FORWARDED
 from fleetserve.graph.manifests import manifest_name, parse_manifest, parse_manifests
+from fleetserve.graph.router import seldon_target
 from fleetserve.server import documents, openapi
 from fleetserve.server.routes import infer_target
 from fleetserve.server.binary import HEADER_LENGTH, decode_request, encode_response, parse_json_object, refuse_deep_json
@@ -497,6 +498,7 @@ class InferenceFastPath:
         admission = self.admission
         counted = False
         started = 0.0  # once this server answers it itself (a peer counts what it answers)
+        response = route = None
         try:
             body = await read_body(receive, headers, self.limit)
             if admission.in_flight >= admission.limit:
@@ -518,7 +520,6 @@ class InferenceFastPath:
                 if kind == "models":
                     response, route = await self.router.infer(
                         name, version, request, headers.get("seldon-model"), headers.get("x-seldon-route"))
-                    version = response.model_version  # the one that ran, for Seldon's model_internal
                 else:
                     response, route = await self.router.infer_pipeline(name, request, headers.get("x-seldon-route"))
                 if route is not None:
@@ -545,8 +546,9 @@ class InferenceFastPath:
         finally:
             if counted:
                 admission.in_flight -= 1
-        if started:
-            self.calls.record(kind, name, version, "rest", status, time.perf_counter() - started)
+        if started and (counted := seldon_target(kind, name, version, headers.get("seldon-model") if kind == "models" else None,
+                                                 route, response)) is not None:
+            self.calls.record(*counted, "rest", status, time.perf_counter() - started)
         await self._send(send, status, content, reply)
 
     @staticmethod
