@@ -195,3 +195,23 @@ def test_http_protobuf_and_mlservers_variable_export_too(receiver, tmp_path):
     finally:
         http_receiver.shutdown()
         http_receiver.server_close()
+
+
+def test_the_sampler_variables_choose_what_is_traced(receiver, tmp_path):
+    """OTEL_TRACES_SAMPLER[_ARG], read by the SDK: here a caller's decision is followed and a call
+    without a traceparent is sampled at rate 0."""
+    subprocess.run([sys.executable, str(ROOT / "model_repo" / "build.py")], check=True)
+    repository = tmp_path / "repo"
+    shutil.copytree(ROOT / "model_repo" / "iris", repository / "iris")
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}", "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}
+    declined, sampled = "33333333333333333333333333333333", "44444444444444444444444444444444"
+    with running_server(repository, tmp_path / "server.log", env) as server:
+        before = len(receiver.spans)
+        for traceparent in (None, f"00-{declined}-{CALLER_SPAN}-00", f"00-{sampled}-{CALLER_SPAN}-01"):
+            headers = {"traceparent": traceparent} if traceparent else {}
+            assert httpx.post(f"{server.url}/v2/models/iris/infer", json=iris_json(), headers=headers, timeout=30).status_code == 200
+        # Spans leave in the order they end, so the first two calls' would have come with the last's.
+        wait_for_spans(receiver, sampled, 4)
+        with receiver.lock:
+            assert {span.trace_id.hex() for span in receiver.spans[before:]} == {sampled}
