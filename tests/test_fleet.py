@@ -408,6 +408,16 @@ def test_repository_folders_become_the_fleets_each_loaded_once_and_answered_from
         assert len(copies_of(servers[1], "mlflow-iris")) == 1
         own = httpx.get(f"{servers[1].url}/v2/fleet/models/own").json()
         assert own["manifest"] is False and [copy["replica"] for copy in own["copies"]] == ["o1"]
+        # Each replica's repository index: every model READY, a peer's with the peer that serves it.
+        for server, me in zip(servers, ("o1", "o2")):
+            index = {entry["name"]: entry for entry in httpx.post(f"{server.url}/v2/repository/index", timeout=30).json()}
+            assert {index[name]["state"] for name in (*names, "own", "mlflow-iris")} == {"READY"}, index
+            for name in (*names, "own", "mlflow-iris"):
+                [holder] = copies_of(server, name)
+                assert holder == me or index[name]["reason"] == f"served by replica {holder}", index[name]
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{servers[1].grpc_port}") as client:
+            listed = client.get_model_repository_index(as_json=True)["models"]
+            assert {entry["name"]: entry["state"] for entry in listed}["own"] == "READY"
 
         # A folder new to a replica's repository, loaded through the repository API, is the fleet's too.
         iris_folder(servers[1].repository / "late", "late")

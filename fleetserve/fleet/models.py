@@ -40,11 +40,11 @@ from fleetserve.fleet.placement import NoPlace, choose
 from fleetserve.graph.manifests import parse_manifest
 
 from fleetserve.runtime.artifacts import is_remote
+from fleetserve.runtime.registry import LOADING, READY, UNAVAILABLE, Registry
 from fleetserve.runtime.repository import TRITON_CONFIG, is_version_number
 from fleetserve.settings import is_within
 
 if TYPE_CHECKING:
-    from fleetserve.runtime.registry import Registry
     from fleetserve.runtime.repository import Found
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class _Etcd:
 
 
 class FleetModels:
-    def __init__(self, membership: Membership, registry: "Registry"):
+    def __init__(self, membership: Membership, registry: Registry):
         self.membership = membership
         self.registry = registry
         self.here: dict[str, dict[str, Any]] = {}  # fleet models with a copy here -> the manifest it runs
@@ -602,6 +602,26 @@ class FleetModels:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def index_entries(self) -> dict[str, dict[str, Any]]:
+        """The repository index's entries for the fleet's models that have no version here (or
+        only unavailable ones): READY while a peer serves one, since a request for it here is
+        forwarded there."""
+        names = {key.partition("/")[2] for key in self.membership.tables["manifests"] if key.startswith("Model/")}
+        names.update(name for replica, record in self.membership.replicas.items() if replica != self.me
+                     for name in record.get("models") or ())
+        entries = {}
+        held = {version.name for version in self.registry.all_versions() if version.state != UNAVAILABLE}
+        for name in names - held:
+            holders = sorted(record["id"] for record in self.copies(name))
+            if holders:
+                state, reason = READY, f"served by replica {', '.join(holders)}"
+            elif name in self.membership.tables["loads"]:
+                state, reason = LOADING, "loading in the fleet"
+            else:
+                state, reason = UNAVAILABLE, "no copy in the fleet"
+            entries[name] = {"name": name, "state": state, "reason": reason}
+        return entries
 
     def document(self, name: str) -> dict[str, Any]:
         """A model across the fleet: its copies and why each is where it is."""

@@ -221,10 +221,14 @@ class Registry:
     def ready_versions(self) -> list[ModelVersion]:
         return [version for version in self.all_versions() if version.state == READY]
 
-    async def index(self, ready_only: bool = False) -> list[dict]:
-        """Every model the server knows or the repository holds: state, reason and memory."""
-        entries = []
+    async def index(self, ready_only: bool = False, elsewhere: dict[str, dict] | None = None) -> list[dict]:
+        """Every model the server knows or the repository holds: state, reason and memory; and,
+        in a fleet, the entries of the models only peers hold (`elsewhere`, by name)."""
+        elsewhere = elsewhere or {}
+        entries = list(elsewhere.values())
         for model in self.models.values():
+            if model.name in elsewhere:
+                continue
             if not model.versions:
                 entries.append({"name": model.name, "state": UNAVAILABLE, "reason": model.reason})
             for version in model.versions.values():
@@ -239,7 +243,7 @@ class Registry:
                 )
                 entries.append(entry)
         for name, found in (await self.scan()).items():
-            if name not in self.models:
+            if name not in self.models and name not in elsewhere:
                 entries.append({"name": name, "state": UNAVAILABLE, "reason": found.error or "not loaded"})
         if ready_only:
             entries = [entry for entry in entries if entry["state"] == READY]

@@ -273,6 +273,11 @@ class FleetServer:
                 log.warning("model %s loads here, as this replica's own: %s", name, describe(outcome))
         return offered
 
+    async def index(self, ready_only: bool = False) -> list[dict]:
+        """The repository index: this replica's models and, in a fleet, the ones peers hold."""
+        elsewhere = self.fleet_models.index_entries() if self.fleet_models is not None else None
+        return await self.registry.index(ready_only, elsewhere)
+
     @property
     def fenced(self) -> str:
         """Why this replica is fenced (cut off from an etcd that lives on), or "" (fleet/membership.py)."""

@@ -396,7 +396,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_aborts_on_error
     @_counted
     async def RepositoryIndex(self, request, context):
-        entries = await self.registry.index(ready_only=request.ready)
+        entries = await self.server.index(ready_only=request.ready)
         # Memory figures are REST-only: Triton's ModelIndex has no fields for them.
         return json_format.ParseDict({"models": entries}, service_pb2.RepositoryIndexResponse(), ignore_unknown_fields=True)
 

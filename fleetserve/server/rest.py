@@ -259,7 +259,7 @@ def build_rest_app(server: "FleetServer") -> "InferenceFastPath":
     async def repository_index(request: Request) -> Response:
         body = await read_body(request.receive, request.headers, limit)
         options = parse_json_object(body) if body.strip() else {}  # an empty body means no options
-        return json_response(await registry.index(ready_only=bool(options.get("ready", False))))
+        return json_response(await server.index(ready_only=bool(options.get("ready", False))))
 
     @app.post("/v2/repository/models/{name}/load")
     async def repository_load(request: Request, name: str) -> Response:
