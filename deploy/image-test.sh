@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds Dockerfile.cpu and checks the image as a user would run it: as the non-root user it
-# declares, it serves the example models, answers curl, takes a Model manifest over REST, and
+# declares, it serves every example model, answers curl, takes a Model manifest over REST, and
 # stops cleanly on SIGTERM. For developers (it takes minutes); CI does not run it.
 #   deploy/image-test.sh                  # base: python:3.11-slim, pulled
 #   BASE_IMAGE=localhost/debian-python:bookworm deploy/image-test.sh   # no registry: deploy/base-image.sh first
@@ -35,6 +35,11 @@ curl -sf "$url/v2/health/ready" >/dev/null || { "${podman[@]}" logs "$name"; ech
 
 user=$("${podman[@]}" exec "$name" id -u)
 [ "$user" = 10001 ] || { echo "runs as uid $user, not the image's 10001"; exit 1; }
+# Every example model loaded (a runtime whose native library the image lacks fails here).
+index=$(curl -sf -X POST "$url/v2/repository/index")
+expected=$(find model_repo -mindepth 1 -maxdepth 1 -type d | wc -l)
+ready=$(echo "$index" | grep -o '"state":"READY"' | wc -l)
+[ "$ready" = "$expected" ] || { echo "$ready of $expected example models ready: $index"; exit 1; }
 body='{"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [2, 4], "data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}]}'
 answer=$(curl -sf "$url/v2/models/iris/infer" -H 'Content-Type: application/json' -d "$body")
 echo "iris: $answer"
@@ -48,4 +53,4 @@ curl -sf "$url/v2/models/iris-again/infer" -H 'Content-Type: application/json' -
 code=$("${podman[@]}" inspect -f '{{.State.ExitCode}}' "$name")
 "${podman[@]}" logs "$name" 2>&1 | tail -3
 [ "$code" = 0 ] || { echo "exited with $code after SIGTERM"; exit 1; }
-echo "image $image: ready as uid 10001, answered curl and a manifest, stopped cleanly on SIGTERM"
+echo "image $image: ready as uid 10001 with all $expected example models, answered curl and a manifest, stopped cleanly on SIGTERM"
