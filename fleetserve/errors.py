@@ -8,6 +8,8 @@ import grpc
 class FleetError(Exception):
     """Base of every error a client may see; the message is what the client reads."""
 
+    route: str | None = None  # the `x-seldon-route` entry of the experiment candidate that failed
+
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message

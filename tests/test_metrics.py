@@ -139,6 +139,32 @@ def test_calls_routed_by_seldon_model_count_what_they_reached(server, http):
     assert added("seldon_model_infer_total", **iris, method_type="grpc", code="OK") == 1  # the header's model
 
 
+def test_a_failed_candidate_counts_under_it_and_one_version_is_one_series(server, http):
+    model = {"kind": "Model", "metadata": {"name": "iris-b"}, "spec": {"storageUri": str(server.repository / "iris")}}
+    assert http.post("/v2/manifests", json=model, timeout=60).status_code == 200
+    experiment = "kind: Experiment\nmetadata: {name: ab}\nspec:\n  candidates:\n  - {name: iris-b, weight: 1}\n"
+    assert http.post("/v2/experiments", content=experiment, headers={"Content-Type": "application/yaml"}).status_code == 200
+    wrong = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+    before = samples(http)
+    assert http.post("/v2/models/iris/infer", json=wrong, headers={"seldon-model": "ab.experiment"}).status_code == 400
+    assert http.post("/v2/models/iris/infer", json=wrong).status_code == 400
+    assert http.post("/v2/models/iris/versions/1/infer", json=wrong).status_code == 400
+    text = http.get("/metrics").text
+    after = samples(http)
+
+    def added(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    iris_b = {**SERVER, "model": "iris-b", "model_internal": "iris-b_1", "method_type": "rest", "code": "400"}
+    assert added("seldon_model_infer_total", **iris_b) == 1  # the candidate that failed, not the path's model
+    # With and without its version, a call to iris is one series (Prometheus refuses two alike).
+    assert added("seldon_model_infer_total", **{**SERVER, "model": "iris", "model_internal": "iris_1",
+                                                "method_type": "rest", "code": "400"}) == 2
+    listed = [(sample.name, tuple(sorted(sample.labels.items())))
+              for family in text_string_to_metric_families(text) for sample in family.samples]
+    assert len(listed) == len(set(listed))
+
+
 def test_loads_and_unloads_are_counted_as_seldon_counts_them(http):
     before = samples(http)
     assert http.post("/v2/repository/models/iris/unload").status_code == 200

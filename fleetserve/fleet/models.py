@@ -604,20 +604,24 @@ class FleetModels:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def index_entries(self) -> dict[str, dict[str, Any]]:
-        """The repository index's entries for the fleet's models that have no version here (or
-        only unavailable ones): READY while a peer serves one, since a request for it here is
-        forwarded there."""
+        """The repository index's entries for the fleet's models that no version here serves:
+        READY while a peer serves one (a request for it here is forwarded there), LOADING while the
+        fleet loads one, UNAVAILABLE when no copy is anywhere. A model this replica tried and failed
+        to load, with no copy elsewhere, keeps its own entry: its error says why."""
         names = {key.partition("/")[2] for key in self.membership.tables["manifests"] if key.startswith("Model/")}
         names.update(name for replica, record in self.membership.replicas.items() if replica != self.me
                      for name in record.get("models") or ())
+        serving = {version.name for version in self.registry.ready_versions()}
         entries = {}
-        held = {version.name for version in self.registry.all_versions() if version.state != UNAVAILABLE}
-        for name in names - held:
+        for name in names - serving:
             holders = sorted(record["id"] for record in self.copies(name))
+            claim = self.membership.tables["loads"].get(name)
             if holders:
                 state, reason = READY, f"served by replica {', '.join(holders)}"
-            elif name in self.membership.tables["loads"]:
+            elif claim is not None and not claim.get("failed"):
                 state, reason = LOADING, "loading in the fleet"
+            elif name in self.registry.models:
+                continue
             else:
                 state, reason = UNAVAILABLE, "no copy in the fleet"
             entries[name] = {"name": name, "state": state, "reason": reason}

@@ -248,7 +248,11 @@ class Router:
                 task = asyncio.ensure_future(self._mirror(experiment, copy))
                 self.mirroring.add(task)
                 task.add_done_callback(self.mirroring.discard)
-        response = await self._call_target(experiment, candidate, request)
+        try:
+            response = await self._call_target(experiment, candidate, request)
+        except FleetError as error:
+            error.route = experiment.route_entry(candidate)  # Seldon's series count the candidate's failure
+            raise
         return response, experiment.route_entry(candidate)
 
     async def _call_target(self, experiment: Experiment, target: str, request: InferenceRequest) -> InferenceResponse:

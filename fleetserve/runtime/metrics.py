@@ -129,21 +129,25 @@ class InferenceCalls:
     seldon_pipeline_infer_* series: by model or pipeline, door (rest or grpc) and code (an HTTP
     status, or a gRPC code as Go names it). A call answered by a fleet peer is counted there.
 
-    A name (and version) is counted only while the server has it (`known`), so requests for
-    made-up names cannot grow the series without bound; the series of one deleted go at the next
-    scrape. The version is the one that ran (a request naming none counts as the default's)."""
+    `label` names what a call is counted under: a model's `model_internal` (the version a request
+    naming none resolves to, so `iris` and `iris/versions/1` are one series), "" for a pipeline,
+    None for what the server does not have, so requests for made-up names cannot grow the series
+    without bound; the series of one deleted go at the next scrape. Each request's own key is
+    looked up once, then shares its series' counters."""
 
-    def __init__(self, known: Callable[[str, str, str | None], bool]):
-        self.known = known
-        self.calls: dict[tuple[str, str, str | None, str, str], list] = {}
+    def __init__(self, label: Callable[[str, str, str | None], str | None]):
+        self.label = label
+        self.calls: dict[tuple[str, str, str | None, str, str], list] = {}  # a request's key: its series' [count, seconds]
+        self.series: dict[tuple[str, str, str, str, str], list] = {}  # labels: [count, seconds, a version they resolve from]
 
     def record(self, kind: str, name: str, version: str | None, door: str, code, seconds: float) -> None:
         key = (kind, name, version, door, str(code))
         entry = self.calls.get(key)
         if entry is None:
-            if not self.known(kind, name, version):
+            label = self.label(kind, name, version)
+            if label is None:
                 return
-            entry = self.calls[key] = [0, 0.0]
+            entry = self.calls[key] = self.series.setdefault((kind, name, label, door, str(code)), [0, 0.0, version])
         entry[0] += 1
         entry[1] += seconds
 
@@ -160,19 +164,24 @@ class InferenceCalls:
                     CounterMetricFamily(f"{prefix}_{kind}_seconds", f"{text}: their seconds",
                                         labels=[*SERVER_LABELS, *shown]))
         aggregates: dict[tuple[str, str], list] = {}
-        for key, (count, seconds) in list(self.calls.items()):
-            kind, name, version, door, code = key
-            if not self.known(kind, name, version):
-                self.calls.pop(key, None)
+        gone = False
+        for key, (count, seconds, version) in list(self.series.items()):
+            kind, name, label, door, code = key
+            if self.label(kind, name, version) != label:
+                del self.series[key]
+                gone = True
                 continue
             prefix = "seldon_model" if kind == "models" else "seldon_pipeline"
-            labels = [name, internal_name(name, version), door, code] if kind == "models" else [name, door, code]
+            labels = [name, label, door, code] if kind == "models" else [name, door, code]
             calls, duration = families[prefix, "infer"]
             calls.add_metric([*server, *labels], count)
             duration.add_metric([*server, *labels], seconds)
             total = aggregates.setdefault((prefix, door), [0, 0.0])
             total[0] += count
             total[1] += seconds
+        if gone:
+            kept = {id(entry) for entry in self.series.values()}
+            self.calls = {key: entry for key, entry in list(self.calls.items()) if id(entry) in kept}
         for (prefix, door), (count, seconds) in aggregates.items():
             calls, duration = families[prefix, "aggregate_infer"]
             calls.add_metric([*server, door], count)

@@ -32,7 +32,7 @@ from fleetserve.graph.router import GraphCollector, Router
 from fleetserve.runtime.artifacts import ArtifactCache
 from fleetserve.runtime.dataplane import DataPlane
 from fleetserve.runtime.memory import MemoryCollector, MemoryManager, keep_freed_buffers_for_reuse
-from fleetserve.runtime.metrics import (MODEL_CHANGES, DriftCollector, InferenceCalls, InferenceCollector,
+from fleetserve.runtime.metrics import (MODEL_CHANGES, DriftCollector, InferenceCalls, InferenceCollector, internal_name,
                                         configure_server_labels)
 from fleetserve.runtime.registry import Registry
 from fleetserve.runtime.repository import ModelRepository
@@ -110,7 +110,7 @@ class FleetServer:
         disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
         self.dataplane = DataPlane(self.registry, self.executor, settings.inline_predict_us)
         self.router = Router(self.registry, self.dataplane)
-        self.calls = InferenceCalls(self._counted_name)
+        self.calls = InferenceCalls(self._counted_label)
         REGISTRY.register(self.calls)
         self.applied = AppliedManifests(settings.state_dir)
         self.membership = self.fleet_models = self.hops = None
@@ -283,16 +283,18 @@ class FleetServer:
         """Why this replica is fenced (cut off from an etcd that lives on), or "" (fleet/membership.py)."""
         return self.membership.fenced if self.membership is not None else ""
 
-    def _counted_name(self, kind: str, name: str, version: str | None) -> bool:
-        """Whether Seldon's call series may count this name (and version): one the server has, so
-        made-up names and versions in requests cannot grow the series."""
+    def _counted_label(self, kind: str, name: str, version: str | None) -> str | None:
+        """What Seldon's call series count this name (and version) under (metrics.InferenceCalls):
+        a model's `model_internal` with the version the registry resolves a request to, ""
+        for a pipeline, None for a name or version the server does not have."""
         if kind != "models":
-            return name in self.router.pipelines
+            return "" if name in self.router.pipelines else None
         try:
-            self.registry.get(name, version)  # the registry's own resolution: Triton's versions too
+            found = self.registry.get(name, version)
         except FleetError:
-            return False
-        return True
+            return None
+        # A version the registry accepts is the one named (a Triton model's own, too); none, its default.
+        return internal_name(name, version or found.version)
 
     def _fleet_record(self) -> dict:
         """This replica as its fleet peers see it (fleet/membership.py)."""

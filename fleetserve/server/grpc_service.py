@@ -327,7 +327,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                                                        seldon_model, route)
             answer = encode_infer_response(response)
         except Exception as error:
-            code = error.grpc_code if isinstance(error, FleetError) else grpc.StatusCode.INTERNAL
+            if isinstance(error, FleetError):
+                code, chosen = error.grpc_code, chosen or error.route
+            else:
+                code = grpc.StatusCode.INTERNAL
             self._count(message, seldon_model, chosen, response, code, started)
             raise
         self._count(message, seldon_model, chosen, response, grpc.StatusCode.OK, started)

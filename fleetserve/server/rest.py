@@ -536,6 +536,7 @@ class InferenceFastPath:
                     reply.append((HEADER_LENGTH.encode(), str(header_length).encode()))
         except FleetError as error:
             status, content = error.http_status, orjson.dumps({"error": error.message})
+            route = error.route
             reply.append((b"content-type", b"application/json"))
             if isinstance(error, Overloaded):
                 reply.append(RETRY_AFTER)
@@ -546,9 +547,9 @@ class InferenceFastPath:
         finally:
             if counted:
                 admission.in_flight -= 1
-        if started and (counted := seldon_target(kind, name, version, headers.get("seldon-model") if kind == "models" else None,
-                                                 route, response)) is not None:
-            self.calls.record(*counted, "rest", status, time.perf_counter() - started)
+        if started and (target := seldon_target(kind, name, version, headers.get("seldon-model") if kind == "models" else None,
+                                                route, response)) is not None:
+            self.calls.record(*target, "rest", status, time.perf_counter() - started)
         await self._send(send, status, content, reply)
 
     @staticmethod
