@@ -381,13 +381,12 @@ def _unpack(archive: Path, target: Path, max_bytes: int) -> None:
     def data_only(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
         # Python's "data" filter refuses '..', links out and device files (absolute names it would
         # only make relative: refused here, as in a zip).
-        if member.name.startswith(("/", "\\")):
-            raise _Unsafe(f"the archive {archive.name} has an unsafe member {member.name!r}: an absolute path")
+        _refuse_absolute(member, archive.name)
         try:
             member = tarfile.data_filter(member, path)
         except tarfile.FilterError as error:
             why = _FILTER_REASONS.get(type(error), "not a plain file or folder inside it")
-            raise _Unsafe(f"the archive {archive.name} has an unsafe member {member.name!r}: {why}") from None
+            raise _unsafe_member(archive.name, member, why) from None
         count(member.size)
         return member
 
@@ -403,19 +402,24 @@ def _checked(member: tarfile.TarInfo, archive: str, target: Path, count) -> tarf
     anything but files and folders. Links are refused outright, as in a zip: checked before they
     exist on disk, a chain of them could lead a later member outside. What is kept gets plain
     modes and owner."""
-    def refuse(why: str):
-        raise _Unsafe(f"the archive {archive} has an unsafe member {member.name!r}: {why}")
-
+    _refuse_absolute(member, archive)
     root = os.path.realpath(target)
-    if member.name.startswith(("/", "\\")):
-        refuse("an absolute path")
     if not os.path.realpath(os.path.join(root, member.name)).startswith(root + os.sep):
-        refuse("it would land outside the folder")
+        raise _unsafe_member(archive, member, "it would land outside the folder")
     if member.issym() or member.islnk():
-        refuse("a link (refused where this Python's tarfile has no extraction filters)")
+        raise _unsafe_member(archive, member, "a link (refused where this Python's tarfile has no extraction filters)")
     if not (member.isfile() or member.isdir()):
-        refuse("a device or other special file")
+        raise _unsafe_member(archive, member, "a device or other special file")
     count(member.size)
     member.mode = 0o755 if member.isdir() or member.mode & 0o100 else 0o644
     member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
     return member
+
+
+def _refuse_absolute(member: tarfile.TarInfo, archive: str) -> None:
+    if member.name.startswith(("/", "\\")):
+        raise _unsafe_member(archive, member, "an absolute path")
+
+
+def _unsafe_member(archive: str, member: tarfile.TarInfo, why: str) -> _Unsafe:
+    return _Unsafe(f"the archive {archive} has an unsafe member {member.name!r}: {why}")
