@@ -383,7 +383,11 @@ def test_gpu_models_are_evicted_from_triton_and_reloaded_on_demand(triton, tmp_p
 
 def test_a_trace_goes_on_into_triton(tmp_path):
     """fleetserve's span for the proxied model is the parent of Triton's own (Triton in
-    OpenTelemetry mode, which exports over OTLP/HTTP to a receiver here; fleetserve over gRPC)."""
+    OpenTelemetry mode, which exports over OTLP/HTTP to a receiver here; fleetserve over gRPC).
+
+    Triton 2.51 now and then starts a new trace for a gRPC call that carries a valid traceparent
+    (up to one call in 8 under load here, reproduced with tritonclient alone), so five traced calls
+    are made and Triton must continue at least one of them."""
     triton_receiver = ThreadingHTTPServer(("127.0.0.1", 0), HttpReceiver)
     triton_receiver.lock, triton_receiver.paths, triton_receiver.spans = threading.Lock(), [], []
     threading.Thread(target=triton_receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -399,20 +403,25 @@ def test_a_trace_goes_on_into_triton(tmp_path):
     addsub_folder(repo, "addsub", {"implementation": "triton"})
     env = {"FLEETSERVE_TRITON_URL": traced.grpc_url, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
            "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    trace_id = "33333333333333333333333333333333"
+    trace_ids = [f"3333333333333333333333333333333{call}" for call in range(5)]
     try:
         with running_server(repo, tmp_path / "server.log", env) as server, http_client(server) as client:
-            answer = client.post("/v2/models/addsub/infer", json=addsub_body([1], [2]),
-                                 headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"})
-            assert answer.status_code == 200, answer.text
-            [model_span] = [span for span in wait_for_spans(ours, trace_id, 4) if span.name == "addsub"]
+            for trace_id in trace_ids:
+                answer = client.post("/v2/models/addsub/infer", json=addsub_body([1], [2]),
+                                     headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"})
+                assert answer.status_code == 200, answer.text
+            model_spans = {trace_id: span for trace_id in trace_ids
+                           for span in wait_for_spans(ours, trace_id, 4) if span.name == "addsub"}
             deadline = time.monotonic() + 20
-            while not (theirs := [span for span in list(triton_receiver.spans) if span.trace_id.hex() == trace_id]):
-                assert time.monotonic() < deadline, (triton_receiver.paths, traced.process.poll())
+            while len(theirs := list(triton_receiver.spans)) < 3 * len(trace_ids):  # InferRequest, addsub, compute
+                assert time.monotonic() < deadline, (triton_receiver.paths, traced.process.poll(),
+                                                     [(span.name, span.trace_id.hex()) for span in theirs])
                 time.sleep(0.1)
-        roots = [span for span in theirs if span.parent_span_id == model_span.span_id]
-        assert roots, [(span.name, span.parent_span_id.hex()) for span in theirs]
-        assert attributes(model_span)["model_name"] == "addsub"
+        continued = [span for span in theirs if span.trace_id.hex() in model_spans
+                     and span.parent_span_id == model_spans[span.trace_id.hex()].span_id]
+        assert continued, [(span.name, span.trace_id.hex(), span.parent_span_id.hex()) for span in theirs]
+        assert {span.name for span in continued} == {"InferRequest"}
+        assert all(attributes(span)["model_name"] == "addsub" for span in model_spans.values())
     finally:
         traced.process.terminate()
         traced.process.wait(30)
