@@ -179,9 +179,8 @@ class InferenceCalls:
             total = aggregates.setdefault((prefix, door), [0, 0.0])
             total[0] += count
             total[1] += seconds
-        if gone:
-            kept = {id(entry) for entry in self.series.values()}
-            self.calls = {key: entry for key, entry in list(self.calls.items()) if id(entry) in kept}
+        if gone:  # the requests' keys are only a cache of their series: each is looked up again once
+            self.calls.clear()
         for (prefix, door), (count, seconds) in aggregates.items():
             calls, duration = families[prefix, "aggregate_infer"]
             calls.add_metric([*server, door], count)
