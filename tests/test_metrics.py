@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, http_client, iris_json, running_server
+from conftest import ECHO_MODEL, ROOT, http_client, iris_json, running_server, write_settings
 
 PIPELINE = """
 apiVersion: mlops.seldon.io/v1alpha1
@@ -163,6 +164,36 @@ def test_a_failed_candidate_counts_under_it_and_one_version_is_one_series(server
     listed = [(sample.name, tuple(sorted(sample.labels.items())))
               for family in text_string_to_metric_families(text) for sample in family.samples]
     assert len(listed) == len(set(listed))
+
+
+def test_an_answer_that_fails_after_the_choice_counts_under_the_candidate_and_a_deleted_models_series_go(server, http):
+    echo = server.repository.parent / "echo-source"
+    write_settings(echo, {"implementation": "echo_model.Echo"})
+    (echo / "echo_model.py").write_text(ECHO_MODEL)
+    model = {"kind": "Model", "metadata": {"name": "echo"}, "spec": {"storageUri": str(echo)}}
+    assert http.post("/v2/manifests", json=model, timeout=60).status_code == 200
+    experiment = "kind: Experiment\nmetadata: {name: echoes}\nspec:\n  candidates:\n  - {name: echo, weight: 1}\n"
+    assert http.post("/v2/experiments", content=experiment, headers={"Content-Type": "application/yaml"}).status_code == 200
+    # Bytes that are not UTF-8, echoed back and asked for as JSON: the answer fails after the choice.
+    header = json.dumps({"inputs": [{"name": "a", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": 6}}]}).encode()
+    body = header + struct.pack("<I", 2) + b"\xff\xfe"
+    before = samples(http)
+    answer = http.post("/v2/models/iris/infer", content=body, headers={
+        "Inference-Header-Content-Length": str(len(header)), "seldon-model": "echoes.experiment"})
+    assert answer.status_code == 400 and "not UTF-8" in answer.json()["error"], answer.text
+    assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+    counted = samples(http)
+    echo_400 = {**SERVER, "model": "echo", "model_internal": "echo_1", "method_type": "rest", "code": "400"}
+    iris_200 = {**SERVER, "model": "iris", "model_internal": "iris_1", "method_type": "rest", "code": "200"}
+    assert value(counted, "seldon_model_infer_total", **echo_400) - value(before, "seldon_model_infer_total", **echo_400) == 1
+
+    # Deleted, the model's series go; the others keep counting from where they were.
+    assert http.delete("/v2/experiments/echoes").status_code == 200
+    assert http.request("DELETE", "/v2/manifests", json=model, timeout=60).status_code == 200
+    assert not [key for key in samples(http) if ("model", "echo") in key[1]]
+    assert http.post("/v2/models/iris/infer", json=iris_json()).status_code == 200
+    assert value(samples(http), "seldon_model_infer_total", **iris_200) == value(counted, "seldon_model_infer_total", **iris_200) + 1
 
 
 def test_loads_and_unloads_are_counted_as_seldon_counts_them(http):

@@ -536,7 +536,7 @@ class InferenceFastPath:
                     reply.append((HEADER_LENGTH.encode(), str(header_length).encode()))
         except FleetError as error:
             status, content = error.http_status, orjson.dumps({"error": error.message})
-            route = error.route
+            route = route or error.route  # chosen, then its answer failed to encode; or a candidate failed
             reply.append((b"content-type", b"application/json"))
             if isinstance(error, Overloaded):
                 reply.append(RETRY_AFTER)
